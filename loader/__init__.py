@@ -1,0 +1,1 @@
+"""Selective sharded loading of kept experts (installed as moeprune.loader)."""

@@ -1,0 +1,1 @@
+"""Task-adaptive expert pruning for Mixture-of-Experts language models."""

@@ -1,0 +1,88 @@
+"""Few-shot demo sets: read them and turn them into token ids.
+
+Accepted inputs:
+- JSONL, one object per line, with ``text`` (a string), ``messages`` (a chat, rendered with the
+  tokenizer's chat template) or ``input_ids`` (pre-tokenized, for models shipped without a tokenizer);
+- any other file is plain text: demos are separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+Demo = dict[str, Any]
+
+
+class DemoError(ValueError):
+    """A demo file cannot be read."""
+
+
+def read_demos(path: str | Path) -> list[Demo]:
+    """Read a demo file into a list of ``{"text"|"messages"|"input_ids": ...}`` records."""
+    path = Path(path)
+    if not path.exists():
+        raise DemoError(f"demo file {path} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        demos = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DemoError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if isinstance(obj, str):
+                obj = {"text": obj}
+            if not isinstance(obj, dict) or not ({"text", "messages", "input_ids"} & obj.keys()):
+                raise DemoError(f"{path}:{n}: each line needs a 'text', 'messages' or 'input_ids' field")
+            demos.append(obj)
+    else:
+        demos = [{"text": block.strip()} for block in raw.split("\n\n") if block.strip()]
+    if not demos:
+        raise DemoError(f"demo file {path} holds no demos")
+    return demos
+
+
+def encode_demos(demos: Sequence[Demo], tokenizer: Any | None, max_length: int | None = None,
+                 max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids per demo; each demo is cut at ``max_length``, the set at ``max_tokens`` in total."""
+    out: list[list[int]] = []
+    total = 0
+    for i, demo in enumerate(demos):
+        if "input_ids" in demo:
+            ids = [int(t) for t in demo["input_ids"]]
+        elif tokenizer is None:
+            raise DemoError(f"demo {i} is text but the model has no tokenizer: give pre-tokenized 'input_ids'")
+        elif "messages" in demo:
+            if not getattr(tokenizer, "chat_template", None):
+                raise DemoError(f"demo {i} is a chat but the tokenizer has no chat template: use 'text' demos")
+            ids = tokenizer.apply_chat_template(demo["messages"], tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = tokenizer(demo["text"])["input_ids"]
+        if max_length:
+            ids = ids[:max_length]
+        if max_tokens is not None:
+            ids = ids[: max(0, max_tokens - total)]
+        if ids:
+            out.append(ids)
+            total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not out:
+        raise DemoError("the demos encode to no tokens")
+    return out
+
+
+def demo_hash(encoded: Iterable[Sequence[int]]) -> str:
+    """A short hash of the exact token ids a profile was computed from."""
+    h = hashlib.sha256()
+    for ids in encoded:
+        h.update(json.dumps(list(ids)).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,208 @@
+"""Write a pruned checkpoint: only kept experts, in the source's own key layout.
+
+The export streams tensor by tensor from the source shards (one expert of a fused ``[E, ...]``
+tensor is one ``get_slice`` read), so peak memory is about one output shard, not the model.
+Kept experts are renumbered 0..K-1 in original order; router rows and per-expert router
+tensors (GPT-OSS bias, DeepSeek-V3 correction bias) are sliced the same way. Everything is
+written into a temporary folder that is renamed onto ``out`` only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .arch import MoEAdapter
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from .fingerprint import checkpoint_fingerprint
+from .io import atomic_dir
+from .pattern import ExpertPattern
+
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_PER_EXPERT = re.compile(r"^(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one source tensor appears in the pruned checkpoint."""
+
+    source: str
+    target: str
+    rows: list[int] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
+
+
+def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
+    """The pruned checkpoint's tensors, in source order; pruned experts' tensors are absent."""
+    adapter: MoEAdapter = ckpt.adapter
+    layers = ckpt.moe_layers()
+    prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
+    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
+    plans = []
+    for key in ckpt.weight_map:
+        m = layer_of.match(key)
+        layer = int(m.group(1)) if m else None
+        if layer not in prefixes:
+            plans.append(TensorPlan(key, key))
+            continue
+        experts_prefix, router_prefix = prefixes[layer]
+        kept = pattern.kept[layer]
+        if key.startswith(experts_prefix):
+            rest = key[len(experts_prefix):]
+            per_expert = _PER_EXPERT.match(rest)
+            if per_expert:
+                e = int(per_expert.group(1))
+                if e in kept:
+                    plans.append(TensorPlan(key, f"{experts_prefix}{kept.index(e)}.{per_expert.group(2)}"))
+                continue
+        elif not key.startswith(router_prefix):
+            plans.append(TensorPlan(key, key))
+            continue
+        shape = ckpt.shape(key)  # fused expert tensor or router tensor: expert axis first
+        if not shape or shape[0] != layers[layer]:
+            raise ValueError(f"tensor {key} has shape {shape}; expected its first axis to be the "
+                             f"{layers[layer]} experts of layer {layer}")
+        plans.append(TensorPlan(key, key, rows=kept))
+    return plans
+
+
+def _runs(rows: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs [a, b) of sorted row ids: each run is one contiguous slice read."""
+    start = prev = rows[0]
+    for r in rows[1:]:
+        if r != prev + 1:
+            yield start, prev + 1
+            start = r
+        prev = r
+    yield start, prev + 1
+
+
+def read_planned(f: Any, plan: TensorPlan) -> torch.Tensor:
+    if plan.rows is None:
+        return f.get_tensor(plan.source)
+    sl = f.get_slice(plan.source)
+    parts = [sl[a:b] for a, b in _runs(plan.rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAdapter) -> dict[str, Any]:
+    """The source config with the pruned expert count, routing overrides and a ``moeprune`` section."""
+    if not pattern.is_uniform:
+        raise ValueError("this pattern keeps different expert counts per layer; a plain transformers config "
+                         "holds one count, so export needs a uniform pattern (moeprune select --keep K)")
+    new = dict(config)
+    k = next(iter(pattern.counts.values()))
+    original = max(pattern.fingerprint.num_experts)
+    fields = [f for f in EXPERT_COUNT_FIELDS if new.get(f) == original] or [adapter.num_experts_field]
+    for name in fields:  # configs name the count differently (num_experts vs num_local_experts)
+        new[name] = k
+    new.update(pattern.routing)
+    new["moeprune"] = {
+        "version": 1,
+        "task": pattern.task,
+        "method": pattern.method,
+        "source_fingerprint": pattern.fingerprint.to_dict(),
+        "kept_experts": {str(layer): kept for layer, kept in sorted(pattern.kept.items())},
+        "routing": pattern.routing,
+    }
+    return new
+
+
+class _ShardWriter:
+    """Collects tensors and writes numbered shards of at most ``max_bytes`` each."""
+
+    def __init__(self, folder: Path, max_bytes: int, save: Callable = save_file):
+        self.folder, self.max_bytes, self.save = folder, max_bytes, save
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        self.save(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Rename shards to the transformers naming scheme and return the weight map."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files, 1):
+            final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.folder / name).rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        return weight_map
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {size!r} is not like 5GB, 500MB or 1000000")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
+
+
+def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str | Path, out: str | Path,
+                  max_shard_size: str | int = "2GB", overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
+
+    Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
+    """
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    if not isinstance(pattern, ExpertPattern):
+        pattern = ExpertPattern.load(pattern)
+    pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
+    adapter = ckpt.adapter
+    config = pruned_config(ckpt.config, pattern, adapter)
+    plans = plan_tensors(ckpt, pattern)
+    by_shard = ckpt.keys_by_shard(p.source for p in plans)
+    plan_of = {p.source: p for p in plans}
+    read_bytes = 0
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        for shard, keys in tqdm(by_shard.items(), desc="exporting", unit="shard", disable=not progress):
+            with ckpt.open(shard) as f:
+                for key in keys:
+                    tensor = read_planned(f, plan_of[key])
+                    read_bytes += tensor.numel() * tensor.element_size()
+                    writer.add(plan_of[key].target, tensor)
+        weight_map = writer.finish()
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in sorted(ckpt.path.iterdir()):
+            if (extra.is_file() and extra.name not in ("config.json", INDEX_NAME)
+                    and not extra.name.startswith(".") and not extra.name.endswith(WEIGHT_SUFFIXES)):
+                shutil.copy2(extra, tmp / extra.name)
+    return {
+        "out": str(out),
+        "tensors": len(plans),
+        "bytes_read": read_bytes,
+        "bytes_written": writer.total_bytes,
+        "shards": len(set(weight_map.values())),
+        "kept_per_layer": pattern.counts,
+        "routing": pattern.routing,
+    }

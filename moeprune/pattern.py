@@ -1,0 +1,183 @@
+"""Expert patterns: which experts a task keeps, per MoE layer, for one model.
+
+On disk a pattern is a small JSON document::
+
+    {"format": "moeprune.pattern", "version": 1, "fingerprint": {...}, "task": "math",
+     "method": "tcess", "layers": {"3": "<base64 bitset>", ...}, "routing": {...},
+     "signature": [...], "bits": {...}, "meta": {...}, "checksum": "<sha256 of the rest>"}
+
+Bit e of a layer's bitset (little-endian within each byte) is set iff expert e is kept.
+Loading validates everything: format and version, checksum, layers and expert counts against
+the fingerprint, and that each layer keeps at least the router's top-k experts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .fingerprint import Fingerprint
+from .io import write_text_atomic
+
+PATTERN_FORMAT = "moeprune.pattern"
+PATTERN_VERSION = 1
+
+
+class PatternError(ValueError):
+    """A pattern is corrupt, malformed or made for another model."""
+
+
+def encode_bitset(kept: Sequence[int], num_experts: int) -> str:
+    bits = np.zeros(num_experts, dtype=bool)
+    bits[list(kept)] = True
+    return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode()
+
+
+def decode_bitset(data: str, num_experts: int) -> list[int]:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise PatternError(f"bitset {data!r} is not valid base64") from exc
+    if len(raw) != (num_experts + 7) // 8:
+        raise PatternError(f"bitset has {len(raw)} bytes, expected {(num_experts + 7) // 8} for {num_experts} experts")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    if bits[num_experts:].any():
+        raise PatternError(f"bitset sets experts beyond the layer's {num_experts}")
+    return np.flatnonzero(bits[:num_experts]).tolist()
+
+
+@dataclass
+class ExpertPattern:
+    """Kept experts per MoE layer (original expert ids, sorted) for one model and task."""
+
+    fingerprint: Fingerprint
+    kept: dict[int, list[int]]  # decoder-layer index -> kept expert ids
+    task: str = ""
+    method: str = ""
+    routing: dict[str, Any] = field(default_factory=dict)  # config overrides, e.g. {"n_group": 1}
+    signature: list[float] | None = None
+    bits: dict[int, list[int]] | None = None  # per layer, bit width of each kept expert
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kept = {int(k): sorted(int(e) for e in v) for k, v in self.kept.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        fp = self.fingerprint
+        if set(self.kept) != set(fp.moe_layers):
+            raise PatternError(f"pattern covers layers {sorted(self.kept)} but the model's MoE layers are "
+                               f"{list(fp.moe_layers)}")
+        for layer, n in zip(fp.moe_layers, fp.num_experts):
+            kept = self.kept[layer]
+            if len(set(kept)) != len(kept) or (kept and (kept[0] < 0 or kept[-1] >= n)):
+                raise PatternError(f"layer {layer}: kept experts {kept} are not distinct ids in [0, {n})")
+            if len(kept) < fp.top_k:
+                raise PatternError(f"layer {layer} keeps {len(kept)} experts, fewer than the router's top-k "
+                                   f"({fp.top_k}); every layer must keep at least top-k experts")
+        if self.bits is not None:
+            for layer, widths in self.bits.items():
+                if len(widths) != len(self.kept.get(int(layer), [])):
+                    raise PatternError(f"layer {layer}: {len(widths)} bit widths for {len(self.kept[layer])} experts")
+
+    # --- views -------------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[int, int]:
+        return {layer: len(v) for layer, v in self.kept.items()}
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.counts.values())) == 1
+
+    def kept_fraction(self) -> float:
+        return sum(self.counts.values()) / sum(self.fingerprint.num_experts)
+
+    def mask(self) -> np.ndarray:
+        """Boolean ``[L, E]`` keep mask, rows in MoE-layer order."""
+        m = np.zeros((len(self.kept), max(self.fingerprint.num_experts)), dtype=bool)
+        for row, layer in enumerate(self.fingerprint.moe_layers):
+            m[row, self.kept[layer]] = True
+        return m
+
+    def expert_map(self) -> dict[int, list[int]]:
+        """Per layer, original expert id -> new id (-1 for pruned)."""
+        out = {}
+        for layer, n in zip(self.fingerprint.moe_layers, self.fingerprint.num_experts):
+            new = [-1] * n
+            for i, e in enumerate(self.kept[layer]):
+                new[e] = i
+            out[layer] = new
+        return out
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        E = dict(zip(self.fingerprint.moe_layers, self.fingerprint.num_experts))
+        body: dict[str, Any] = {
+            "format": PATTERN_FORMAT,
+            "version": PATTERN_VERSION,
+            "fingerprint": self.fingerprint.to_dict(),
+            "task": self.task,
+            "method": self.method,
+            "layers": {str(layer): encode_bitset(kept, E[layer]) for layer, kept in sorted(self.kept.items())},
+            "routing": self.routing,
+            "signature": self.signature,
+            "bits": None if self.bits is None else {str(k): list(v) for k, v in sorted(self.bits.items())},
+            "meta": self.meta,
+        }
+        body["checksum"] = _checksum(body)
+        return body
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "pattern") -> "ExpertPattern":
+        if not isinstance(d, Mapping) or d.get("format") != PATTERN_FORMAT:
+            raise PatternError(f"{source} is not a moeprune pattern (missing format {PATTERN_FORMAT!r})")
+        if not isinstance(d.get("version"), int) or d["version"] > PATTERN_VERSION:
+            raise PatternError(f"{source} has pattern version {d.get('version')!r}; this moeprune reads "
+                               f"up to {PATTERN_VERSION}: upgrade moeprune")
+        body = {k: v for k, v in d.items() if k != "checksum"}
+        if d.get("checksum") != _checksum(body):
+            raise PatternError(f"{source} is corrupt: its checksum does not match its content; "
+                               "regenerate it with `moeprune select`")
+        try:
+            fp = Fingerprint.from_dict(d["fingerprint"])
+            E = dict(zip(fp.moe_layers, fp.num_experts))
+            layers = {int(k): v for k, v in d["layers"].items()}
+            unknown = set(layers) - set(E)
+            if unknown:
+                raise PatternError(f"{source} names layers {sorted(unknown)} that are not MoE layers of its model")
+            kept = {layer: decode_bitset(bits, E[layer]) for layer, bits in layers.items()}
+            bits = d.get("bits")
+            return cls(
+                fingerprint=fp, kept=kept, task=str(d.get("task", "")), method=str(d.get("method", "")),
+                routing=dict(d.get("routing") or {}), signature=d.get("signature"),
+                bits=None if bits is None else {int(k): [int(b) for b in v] for k, v in bits.items()},
+                meta=dict(d.get("meta") or {}),
+            )
+        except PatternError as exc:
+            raise PatternError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PatternError(f"{source} is malformed ({type(exc).__name__}: {exc})") from exc
+
+    def save(self, path: str | Path) -> Path:
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpertPattern":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PatternError(f"pattern file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PatternError(f"{path} is corrupt: not valid JSON ({exc})") from exc
+        return cls.from_dict(d, source=str(path))
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]

@@ -1,0 +1,246 @@
+"""Router profiles: streaming per-(layer, expert) statistics over demo tokens.
+
+A :class:`RouterProfile` holds sums over tokens, so profiles of two demo sets add up to the
+profile of their union, and memory is O(layers x experts^2) whatever the demo length.
+
+Signals per MoE layer l and expert e (t runs over demo tokens, z are raw router logits,
+g the routing weights the model actually used, k its top-k):
+
+- ``count[l,e]``      tokens routed to e (e in the top-k);
+- ``soft[l,e]``       sum of g_{t,e};
+- ``top1_count[l,e]`` tokens whose arg-max logit is e;
+- ``top1_logit[l,e]`` sum of z_{t,e} over those tokens (TCESS numerator);
+- ``out_aware[l,e]``  sum of g_{t,e} * ||E_e(x_t)|| * max(0, 1 - cos(h_t, h_t + r_t)), h_t the
+  residual stream entering the MoE block, r_t the routed-experts output (EASY-EP);
+- ``logit_sum[l,e]``  sum of z_{t,e} (``logit_mean`` is the retrieval signature);
+- ``coact[l,e,f]``    tokens routing to both e and f (diagonal = count).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .arch import MoEAdapter, get_adapter, moe_blocks
+from .fingerprint import Fingerprint
+from .io import atomic_path
+
+PROFILE_FORMAT = "moeprune.profile"
+PROFILE_VERSION = 1
+LAYER_SIGNALS = ("count", "soft", "top1_count", "top1_logit", "out_aware", "logit_sum")
+PAIR_SIGNALS = ("coact",)
+
+
+@dataclass
+class RouterProfile:
+    """Per-(MoE layer, expert) sums over ``tokens`` demo tokens of one model."""
+
+    fingerprint: Fingerprint
+    stats: dict[str, torch.Tensor]  # float64: [L, E] signals and [L, E, E] coact
+    tokens: int = 0
+    task: str = ""
+    demo_hash: str = ""
+    num_demos: int = 0
+
+    @classmethod
+    def empty(cls, fingerprint: Fingerprint, task: str = "") -> "RouterProfile":
+        L, E = len(fingerprint.moe_layers), max(fingerprint.num_experts)
+        stats = {name: torch.zeros(L, E, dtype=torch.float64) for name in LAYER_SIGNALS}
+        stats["coact"] = torch.zeros(L, E, E, dtype=torch.float64)
+        return cls(fingerprint=fingerprint, stats=stats, task=task)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        stats = self.__dict__.get("stats", {})
+        if name in stats:
+            return stats[name]
+        raise AttributeError(name)
+
+    @property
+    def logit_mean(self) -> torch.Tensor:
+        return self.stats["logit_sum"] / max(self.tokens, 1)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.fingerprint.moe_layers)
+
+    @property
+    def num_experts(self) -> int:
+        return max(self.fingerprint.num_experts)
+
+    def __add__(self, other: "RouterProfile") -> "RouterProfile":
+        other.fingerprint.check_compatible(self.fingerprint, what="profile")
+        return RouterProfile(
+            fingerprint=self.fingerprint,
+            stats={k: v + other.stats[k] for k, v in self.stats.items()},
+            tokens=self.tokens + other.tokens,
+            task=self.task if self.task == other.task else "+".join(t for t in (self.task, other.task) if t),
+            demo_hash="+".join(h for h in (self.demo_hash, other.demo_hash) if h),
+            num_demos=self.num_demos + other.num_demos,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "format": PROFILE_FORMAT, "version": str(PROFILE_VERSION),
+            "fingerprint": json.dumps(self.fingerprint.to_dict()), "task": self.task,
+            "demo_hash": self.demo_hash, "tokens": str(self.tokens), "num_demos": str(self.num_demos),
+        }
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.stats.items()}, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RouterProfile":
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            stats = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable moeprune profile ({exc})") from exc
+        if meta.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{path} is not a moeprune profile (format {meta.get('format')!r})")
+        if int(meta.get("version", 0)) > PROFILE_VERSION:
+            raise ValueError(f"{path} has profile version {meta['version']}; upgrade moeprune to read it")
+        fp = Fingerprint.from_dict(json.loads(meta["fingerprint"]))
+        missing = set(LAYER_SIGNALS + PAIR_SIGNALS) - stats.keys()
+        if missing:
+            raise ValueError(f"{path} lacks profile signals {sorted(missing)}")
+        return cls(fingerprint=fp, stats=stats, tokens=int(meta["tokens"]), task=meta.get("task", ""),
+                   demo_hash=meta.get("demo_hash", ""), num_demos=int(meta.get("num_demos", 0)))
+
+
+def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    """Un-weighted output of every (token, routed expert) pair, ``[T, k, H]``.
+
+    Works on any transformers experts module built with ``use_experts_implementation``
+    (gate/up fused or not, transposed or not, biases, the module's own gating function).
+    """
+    T, k = top_k_index.shape
+    out = x.new_zeros(T * k, x.shape[-1])
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    has_gate = getattr(experts, "has_gate", True)
+    transposed = getattr(experts, "is_transposed", False)
+    has_bias = getattr(experts, "has_bias", False)
+    up_w = experts.gate_up_proj if has_gate else experts.up_proj
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        h = x[pairs // k]
+        h = h @ up_w[e] if transposed else F.linear(h, up_w[e])
+        if has_bias:
+            h = h + (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias)[e]
+        h = experts._apply_gate(h) if has_gate else experts.act_fn(h)
+        h = h @ experts.down_proj[e] if transposed else F.linear(h, experts.down_proj[e])
+        if has_bias:
+            h = h + experts.down_proj_bias[e]
+        out[pairs] = h.to(out.dtype)
+    return out.view(T, k, -1)
+
+
+@dataclass
+class _LayerState:
+    row: int
+    router: torch.nn.Module
+    residual: torch.Tensor | None = None
+    acc: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RouterProfiler:
+    """Hooks on a transformers MoE model that stream router statistics into a profile."""
+
+    def __init__(self, model: Any, fingerprint: Fingerprint, task: str = ""):
+        self.model = model
+        self.adapter: MoEAdapter = get_adapter(model.config)
+        self.profile = RouterProfile.empty(fingerprint, task)
+        self.blocks = moe_blocks(model, self.adapter)
+        if tuple(self.blocks) != fingerprint.moe_layers:
+            raise ValueError(f"model MoE layers {tuple(self.blocks)} differ from the fingerprint's {fingerprint.moe_layers}")
+
+    @contextmanager
+    def attached(self) -> Iterator["RouterProfiler"]:
+        handles, patched = [], []
+        layers = self.model.model.layers
+        try:
+            for row, (i, block) in enumerate(self.blocks.items()):
+                state = _LayerState(row=row, router=getattr(block, self.adapter.router))
+                norm = getattr(layers[i], self.adapter.residual_norm)
+                handles.append(norm.register_forward_pre_hook(self._residual_hook(state)))
+                experts = block.experts
+                experts.forward = self._experts_forward(experts, state)
+                patched.append(experts)
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for experts in patched:
+                del experts.forward
+
+    @staticmethod
+    def _residual_hook(state: _LayerState):
+        def hook(module, args):
+            state.residual = args[0].detach().reshape(-1, args[0].shape[-1])
+        return hook
+
+    def _experts_forward(self, experts: torch.nn.Module, state: _LayerState):
+        stats = self.profile.stats
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            x = hidden_states
+            pair_out = expert_pair_outputs(experts, x, top_k_index)  # [T, k, H]
+            w = top_k_weights.to(pair_out.dtype)
+            routed = (pair_out * w.unsqueeze(-1)).sum(1)
+            with torch.no_grad():
+                self._accumulate(stats, state, x, top_k_index, top_k_weights, pair_out, routed)
+            return routed.to(hidden_states.dtype)
+
+        return forward
+
+    @staticmethod
+    def _accumulate(stats, state, x, idx, weights, pair_out, routed) -> None:
+        row, router = state.row, state.router
+        E = router.weight.shape[0]
+        z = F.linear(x.float(), router.weight.float(), None if getattr(router, "bias", None) is None
+                     else router.bias.float()).double()  # raw router logits [T, E]
+        flat = idx.reshape(-1)
+        stats["count"][row, :E] += torch.bincount(flat, minlength=E).double()
+        stats["soft"][row, :E].index_add_(0, flat, weights.reshape(-1).double())
+        top1 = z.argmax(-1)
+        stats["top1_count"][row, :E] += torch.bincount(top1, minlength=E).double()
+        stats["top1_logit"][row, :E].index_add_(0, top1, z.gather(1, top1[:, None])[:, 0])
+        stats["logit_sum"][row, :E] += z.sum(0)
+        onehot = torch.zeros(z.shape, dtype=torch.float64).scatter_(1, idx, 1.0)
+        stats["coact"][row, :E, :E] += onehot.T @ onehot
+        h = state.residual.double() if state.residual is not None else x.double()
+        drift = (1 - F.cosine_similarity(h, h + routed.double(), dim=-1)).clamp_min(0)  # [T]
+        signal = weights.double() * pair_out.double().norm(dim=-1) * drift[:, None]
+        stats["out_aware"][row, :E].index_add_(0, flat, signal.reshape(-1))
+
+
+def profile_model(model: Any, encoded_demos: Sequence[Sequence[int]], fingerprint: Fingerprint,
+                  task: str = "", demo_hash: str = "", progress: bool = True) -> RouterProfile:
+    """Run the demos through the model (one at a time, no padding) and return their router profile."""
+    profiler = RouterProfiler(model, fingerprint, task)
+    device = next(model.parameters()).device
+    with torch.inference_mode(), profiler.attached():
+        for ids in tqdm(encoded_demos, desc="profiling", unit="demo", disable=not progress):
+            model(torch.tensor([list(ids)], device=device), use_cache=False)
+            profiler.profile.tokens += len(ids)
+            profiler.profile.num_demos += 1
+    profiler.profile.demo_hash = demo_hash
+    return profiler.profile

@@ -1,0 +1,89 @@
+"""Expert-importance scorers behind one registry.
+
+A scorer maps a :class:`~moeprune.profile.RouterProfile` (and, for scorers that need them, the
+model and the encoded demos) to scores ``[L, E]``: higher means more important to keep.
+Register a new one with ``@register_scorer("name")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from .profile import RouterProfile
+
+
+class Scorer(Protocol):
+    def __call__(self, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
+                 **params: Any) -> torch.Tensor: ...
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    def deco(fn: Scorer) -> Scorer:
+        SCORERS[name] = fn
+        return fn
+    return deco
+
+
+def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
+          **params: Any) -> torch.Tensor:
+    """Scores ``[L, E]`` (float64) of ``method`` on ``profile``."""
+    try:
+        scorer = SCORERS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}") from None
+    scores = scorer(profile, model=model, demos=demos, **params).to(torch.float64)
+    if scores.shape != (profile.num_layers, profile.num_experts):
+        raise RuntimeError(f"scorer {method!r} returned shape {tuple(scores.shape)}, "
+                           f"expected {(profile.num_layers, profile.num_experts)}")
+    return scores
+
+
+@register_scorer("random")
+def random_scores(profile: RouterProfile, seed: int = 0, **_: Any) -> torch.Tensor:
+    """Seeded random scores: the floor every real method must beat."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(profile.num_layers, profile.num_experts, generator=g, dtype=torch.float64)
+
+
+@register_scorer("frequency")
+def frequency_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """How many demo tokens chose each expert in their top-k."""
+    return profile.stats["count"].clone()
+
+
+@register_scorer("soft-count")
+def soft_count_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """Sum of the routing weights each expert received."""
+    return profile.stats["soft"].clone()
+
+
+@register_scorer("tcess")
+def tcess_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """PreMoe's TCESS: (1/N) * sum of z_{t,e} over tokens whose arg-max router logit is e.
+
+    Raw logits can be negative, so an expert that some token ranks first could score below one
+    no token ranks first; moeprune keeps the paper's order among first-ranked experts and places
+    every never-first expert below all of them, ordered among themselves by soft count.
+    """
+    s = profile.stats["top1_logit"] / max(profile.tokens, 1)
+    first = profile.stats["top1_count"] > 0
+    floor = torch.where(first, s, torch.full_like(s, float("inf"))).amin(dim=1, keepdim=True)
+    floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
+    soft = profile.stats["soft"]
+    rest = floor - 1 + 0.5 * soft / soft.sum(dim=1, keepdim=True).clamp_min(1e-30)  # below floor
+    return torch.where(first, s, rest)
+
+
+@register_scorer("output-aware")
+def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """EASY-EP's output-aware importance: g * ||E(x)|| * (1 - cos(h, h + r)), summed over tokens.
+
+    Each layer is normalised to sum 1, so scores of several domains' profiles can be added.
+    """
+    s = profile.stats["out_aware"]
+    return s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)

@@ -1,0 +1,93 @@
+"""Turn expert scores into a kept-expert pattern.
+
+Uniform selection keeps the K best-scored experts of every MoE layer; ties go to the lower
+expert id. Every layer keeps at least the router's top-k (else routing breaks). For DeepSeek
+group-limited routing the K experts are spread equally over the groups (the K/n_group best of
+each) so routing semantics are unchanged; when K does not allow that, the pattern falls back to
+ungrouped routing (n_group = topk_group = 1 in the exported config) and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fingerprint import Fingerprint
+from .pattern import ExpertPattern
+
+
+class SelectionError(ValueError):
+    """A keep budget cannot be honoured."""
+
+
+def resolve_keep(keep: str | float | int, num_experts: int, top_k: int) -> int:
+    """Experts to keep per layer from ``keep``: a fraction in (0, 1] (``0.5``) or a count (``32``)."""
+    text = str(keep).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32") from None
+    is_count = isinstance(keep, int) or ("." not in text and "e" not in text.lower() and value >= 1)
+    if is_count:
+        k = int(value)
+    elif 0 < value <= 1:
+        k = int(math.floor(value * num_experts + 0.5))
+    else:
+        raise SelectionError(f"--keep {keep} must be a fraction in (0, 1] or a whole count of experts")
+    if k > num_experts:
+        raise SelectionError(f"--keep {keep} asks for {k} experts but layers have only {num_experts}")
+    if k < top_k:
+        raise SelectionError(
+            f"--keep {keep} keeps {k} experts per layer, below the router's top-k ({top_k}): every token "
+            f"routes to {top_k} experts, so keep at least {top_k} (a fraction >= {top_k / num_experts:.3g})"
+        )
+    return k
+
+
+def _top(scores: np.ndarray, k: int) -> list[int]:
+    order = np.lexsort((np.arange(len(scores)), -scores))  # best score first, ties to lower id
+    return sorted(order[:k].tolist())
+
+
+def _grouped_ok(k: int, fp: Fingerprint, adapter_family: str) -> bool:
+    n_group, topk_group = fp.groups
+    per_group = k // n_group
+    need = 2 if adapter_family == "deepseek_v3" else 1  # V3 scores a group by its top-2 experts
+    return k % n_group == 0 and per_group >= need and per_group * topk_group >= fp.top_k
+
+
+def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
+    """Kept experts per layer, routing overrides and notes for a uniform keep budget."""
+    fp = fingerprint
+    E = max(fp.num_experts)
+    k = resolve_keep(keep, E, fp.top_k)
+    s = scores.detach().cpu().numpy().astype(np.float64)
+    n_group, _ = fp.groups
+    routing: dict[str, Any] = {}
+    notes: list[str] = []
+    grouped = n_group > 1 and _grouped_ok(k, fp, fp.model_type)
+    if n_group > 1 and not grouped:
+        routing = {"n_group": 1, "topk_group": 1}
+        notes.append(f"keep {k} cannot be split over {n_group} routing groups; routing falls back to "
+                     "n_group=1 (ungrouped) in the pruned model")
+    elif grouped:
+        notes.append(f"group-limited routing kept: {k // n_group} experts in each of {n_group} groups")
+    kept = {}
+    for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts)):
+        if grouped:
+            size = n // n_group
+            kept[layer] = sorted(g * size + e for g in range(n_group)
+                                 for e in _top(s[row, g * size:(g + 1) * size], k // n_group))
+        else:
+            kept[layer] = _top(s[row, :n], k)
+    return kept, routing, notes
+
+
+def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int, task: str = "",
+                 method: str = "", signature: list[float] | None = None) -> ExpertPattern:
+    kept, routing, notes = select_uniform(scores, fingerprint, keep)
+    return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
+                         signature=signature, meta={"keep": str(keep), "notes": notes})

@@ -1,0 +1,102 @@
+"""Tiny random models of every supported MoE family, saved as sharded safetensors (Hub key layouts)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moeprune.arch import get_adapter, moe_blocks
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1,
+            moe_intermediate_size=16, n_routed_experts=8, n_group=2, topk_group=1)
+FAMILIES = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0),
+    "deepseek_v2": dict(_MLA, num_experts_per_tok=2, topk_method="group_limited_greedy"),
+    "deepseek_v3": dict(_MLA, num_experts_per_tok=2, rope_interleave=True),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+}
+
+
+def make_model(family: str, seed: int = 0, **overrides):
+    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random init leaves some biases at zero: make routing non-trivial
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight")):
+                p.mul_(20)  # token-dependent routing (else biases alone decide)
+        for b in model.buffers():
+            if b.dtype.is_floating_point and b.dim() == 1 and b.numel() == 8:  # e_score_correction_bias
+                b.copy_(0.01 * torch.randn_like(b))
+    return model
+
+
+def save_model(model, path: Path, shard_size: str = "20KB") -> Path:
+    model.save_pretrained(path, max_shard_size=shard_size)
+    return path
+
+
+def write_token_demos(path: Path, n: int = 6, length: int = 24, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"input_ids": torch.randint(2, VOCAB, (length,), generator=g).tolist()}) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def masked_routers(model, kept: dict[int, list[int]]):
+    """Reference: the full model with pruned experts' router logits set to -inf.
+
+    Sigmoid routers with a selection bias (DeepSeek-V3) get the bias masked too, since
+    sigmoid(-inf) + bias would still be selectable.
+    """
+    adapter = get_adapter(model.config)
+    restore = []
+    for layer, block in moe_blocks(model, adapter).items():
+        router = getattr(block, adapter.router)
+        pruned = torch.ones(router.weight.shape[0], dtype=torch.bool)
+        pruned[kept[layer]] = False
+        original = router.forward
+
+        def forward(*args, _orig=original, _pruned=pruned, **kwargs):
+            real = F.linear
+
+            def linear(x, w, b=None):
+                return real(x, w, b).masked_fill(_pruned.to(x.device), float("-inf"))
+
+            torch.nn.functional.linear = linear
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                torch.nn.functional.linear = real
+
+        router.forward = forward
+        bias = getattr(router, "e_score_correction_bias", None)
+        saved = None if bias is None else bias.clone()
+        if bias is not None:
+            bias.data.masked_fill_(pruned, float("-inf"))
+        restore.append((router, bias, saved))
+    try:
+        yield model
+    finally:
+        for router, bias, saved in restore:
+            del router.forward
+            if bias is not None:
+                bias.data.copy_(saved)
