@@ -1,0 +1,275 @@
+"""The ``moeprune`` command line: profile, select, export, prune, inspect, demo.
+
+Human-readable tables by default, one JSON document on stdout with ``--json``. Progress bars go
+to stderr and are silenced by ``--quiet`` (and by ``--json``). Errors print one line naming the
+problem and exit with status 2; set ``MOEPRUNE_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .scoring import SCORERS
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.4g}"
+    return str(c)
+
+
+def _ids(ids: Sequence[int], limit: int = 16) -> str:
+    s = ",".join(map(str, ids[:limit]))
+    return s + (f",…(+{len(ids) - limit})" if len(ids) > limit else "")
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=1, default=str) if args.json else human)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .pipeline import profile_checkpoint
+
+    prof = profile_checkpoint(args.model, args.demos, task=args.task or "", max_tokens=args.max_tokens,
+                              device=args.device, dtype=args.dtype, progress=_progress(args))
+    prof.save(args.out)
+    used = (prof.stats["count"] > 0).sum(1).tolist()
+    data = {"out": str(args.out), "task": prof.task, "tokens": prof.tokens, "demos": prof.num_demos,
+            "moe_layers": list(prof.fingerprint.moe_layers), "experts_used_per_layer": used}
+    _emit(args, data, f"profiled {prof.num_demos} demos ({prof.tokens} tokens) of task {prof.task!r} on "
+                      f"{prof.fingerprint.describe()}\nwrote {args.out}")
+
+
+def _pattern_table(pattern) -> str:
+    rows = [(layer, f"{len(k)}/{n}", _ids(k)) for (layer, k), n in
+            zip(sorted(pattern.kept.items()), pattern.fingerprint.num_experts)]
+    notes = "".join(f"\nnote: {n}" for n in pattern.meta.get("notes", []))
+    return (f"task {pattern.task!r}, method {pattern.method!r}, keeps {pattern.kept_fraction():.1%} of experts\n"
+            + _table(rows, ["layer", "kept", "experts"]) + notes)
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .pipeline import select_pattern
+    from .profile import RouterProfile
+
+    profiles = [RouterProfile.load(p) for p in args.profile]
+    prof = profiles[0]
+    for other in profiles[1:]:
+        prof = prof + other
+    params = {"seed": args.seed} if args.seed is not None else {}
+    pattern = select_pattern(prof, args.method, args.keep, task=args.task, **params)
+    pattern.save(args.out)
+    data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
+            "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
+            "notes": pattern.meta.get("notes", [])}
+    _emit(args, data, _pattern_table(pattern) + f"\nwrote {args.out}")
+
+
+def _export_human(summary: dict[str, Any]) -> str:
+    counts = sorted(set(summary["kept_per_layer"].values()))
+    return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
+            f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
+            f"experts per MoE layer: {', '.join(map(str, counts))}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_pruned
+
+    summary = export_pruned(args.model, args.pattern, args.out, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, progress=_progress(args))
+    _emit(args, summary, _export_human(summary))
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .pipeline import prune
+
+    pattern, summary = prune(args.model, args.demos, args.method, args.keep, args.out, task=args.task or "",
+                             max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
+                             overwrite=args.overwrite, progress=_progress(args),
+                             max_shard_size=args.max_shard_size)
+    if args.save_pattern:
+        pattern.save(args.save_pattern)
+    data = dict(summary, task=pattern.task, method=pattern.method,
+                kept={str(k): v for k, v in pattern.kept.items()})
+    _emit(args, data, _pattern_table(pattern) + "\n" + _export_human(summary))
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .pattern import ExpertPattern
+    from .profile import RouterProfile
+
+    path = Path(args.file)
+    if path.suffix == ".json":
+        pattern = ExpertPattern.load(path)
+        matrix = pattern.mask().astype(float)
+        data = {"kind": "pattern", "task": pattern.task, "method": pattern.method,
+                "fingerprint": pattern.fingerprint.to_dict(), "kept": {str(k): v for k, v in pattern.kept.items()},
+                "routing": pattern.routing, "meta": pattern.meta}
+        human, title = _pattern_table(pattern), f"kept experts: {pattern.task}"
+    else:
+        prof = RouterProfile.load(path)
+        freq = prof.stats["count"] / max(prof.tokens, 1)
+        matrix = freq.numpy()
+        rows = []
+        for row, layer in enumerate(prof.fingerprint.moe_layers):
+            f = freq[row]
+            p = f / f.sum().clamp_min(1e-30)
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum().exp())  # effective number of experts
+            top = f.argsort(descending=True)[:8].tolist()
+            rows.append((layer, int((f > 0).sum()), round(entropy, 2), _ids(top, 8)))
+        data = {"kind": "profile", "task": prof.task, "tokens": prof.tokens, "demos": prof.num_demos,
+                "fingerprint": prof.fingerprint.to_dict(), "frequency": freq.tolist()}
+        human = (f"profile of task {prof.task!r}: {prof.num_demos} demos, {prof.tokens} tokens, "
+                 f"{prof.fingerprint.describe()}\n"
+                 + _table(rows, ["layer", "experts used", "effective experts", "most used"]))
+        title = f"expert usage (fraction of tokens): {prof.task}"
+    if args.plot:
+        _heatmap(matrix, list(data["fingerprint"]["moe_layers"]), title, args.plot)
+        human += f"\nwrote {args.plot}"
+        data["plot"] = str(args.plot)
+    _emit(args, data, human)
+
+
+def _heatmap(matrix, layers: list[int], title: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.25 * matrix.shape[1]), min(12, 1.5 + 0.3 * matrix.shape[0])))
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    results = run_demo(method=args.method, keep=args.keep, model=args.model, progress=_progress(args))
+    rows = []
+    for r in results:
+        first = min(r.kept)
+        rows.append((r.domain, f"{len(r.kept[first])}", _ids(r.kept[first]), r.ppl_full, r.ppl_pruned, r.ratio))
+    human = (f"method {args.method}, keep {args.keep} (kept experts shown for MoE layer {min(results[0].kept)})\n"
+             + _table(rows, ["domain", "kept/layer", "kept experts", "ppl full", "ppl pruned", "ratio"]))
+    _emit(args, [r.to_dict() for r in results], human)
+
+
+# --- parser --------------------------------------------------------------------------------
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.quiet or args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    methods = sorted(SCORERS)
+    p = argparse.ArgumentParser(prog="moeprune", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+        c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return c
+
+    def runtime(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
+        c.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+
+    def demos(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--demos", required=True, help="demo file: JSONL (text | messages | input_ids) or plain text")
+        c.add_argument("--task", help="task name (default: the demo file's name)")
+        c.add_argument("--max-tokens", type=int, help="stop after this many demo tokens")
+
+    def selection(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
+        c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
+        c.add_argument("--seed", type=int, help="seed for the random method")
+
+    def output_dir(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")
+        c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        c.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+
+    c = command("profile", "collect router statistics of MODEL on few-shot demos")
+    c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
+    demos(c)
+    c.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    runtime(c)
+    c.set_defaults(func=cmd_profile)
+
+    c = command("select", "score experts from profile(s) and write a pattern")
+    c.add_argument("profile", nargs="+", help="profile file(s); several are added up")
+    selection(c)
+    c.add_argument("--task", help="task name stored in the pattern (default: the profile's)")
+    c.add_argument("--out", required=True, help="pattern file to write (.json)")
+    c.set_defaults(func=cmd_select)
+
+    c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")
+    c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
+    c.add_argument("--pattern", required=True, help="pattern file from `moeprune select`")
+    output_dir(c)
+    c.set_defaults(func=cmd_export)
+
+    c = command("prune", "profile + select + export in one go")
+    c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
+    demos(c)
+    selection(c)
+    output_dir(c)
+    c.add_argument("--save-pattern", help="also write the pattern here")
+    runtime(c)
+    c.set_defaults(func=cmd_prune)
+
+    c = command("inspect", "show a profile or pattern per layer (optionally as a heatmap)")
+    c.add_argument("file", help="profile (.safetensors) or pattern (.json)")
+    c.add_argument("--plot", help="write a heatmap of expert usage / kept experts to this PNG")
+    c.set_defaults(func=cmd_inspect)
+
+    c = command("demo", "prune the embedded model per domain; compare perplexity full vs pruned")
+    c.add_argument("--method", default="tcess", choices=methods)
+    c.add_argument("--keep", default="0.5", help="fraction or count of experts kept per layer (default 0.5)")
+    c.add_argument("--model", help="another checkpoint with the embedded model's domains (default: embedded)")
+    c.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+        if os.environ.get("MOEPRUNE_DEBUG"):
+            raise
+        msg = str(exc)
+        if args.json:
+            print(json.dumps({"error": msg, "type": type(exc).__name__}))
+        print(f"moeprune {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The main job on the embedded model: per domain, prune to the experts it needs and compare
+in-domain perplexity of the full and the pruned model. Also the engine of the quality benchmark."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import embedded
+from .checkpoint import open_checkpoint
+from .demos import demo_hash, encode_demos, read_demos
+from .evaluate import perplexity
+from .export import export_pruned
+from .fingerprint import checkpoint_fingerprint
+from .pattern import ExpertPattern
+from .pipeline import load_model, max_context, select_pattern
+from .profile import RouterProfile, profile_model
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    method: str
+    keep: str
+    ppl_full: float
+    ppl_pruned: float
+    kept: dict[int, list[int]]
+    cross: dict[str, float] | None = None  # other domain -> ppl of this domain's pruned model there
+
+    @property
+    def ratio(self) -> float:
+        return self.ppl_pruned / self.ppl_full
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "method": self.method, "keep": self.keep, "ppl_full": self.ppl_full,
+                "ppl_pruned": self.ppl_pruned, "ratio": self.ratio,
+                "kept": {str(k): v for k, v in self.kept.items()}, "cross": self.cross}
+
+
+class EmbeddedBench:
+    """The embedded model with its domains' profiles and eval sets, loaded once."""
+
+    def __init__(self, model: str | Path | None = None, domains: Iterable[str] | None = None,
+                 progress: bool = False):
+        self.path = Path(model) if model else embedded.model_dir()
+        self.ckpt = open_checkpoint(self.path)
+        self.fingerprint = checkpoint_fingerprint(self.ckpt)
+        self.model, self.tokenizer = load_model(self.ckpt, "cpu", "float32")
+        self.domains = list(domains or embedded.domains())
+        self.progress = progress
+        ctx = max_context(self.model)
+        self.demos = {d: encode_demos(read_demos(embedded.demo_file(d)), self.tokenizer, ctx) for d in self.domains}
+        self.evals = {d: encode_demos(read_demos(embedded.demo_file(d, "eval")), self.tokenizer, ctx)
+                      for d in self.domains}
+        self.profiles: dict[str, RouterProfile] = {
+            d: profile_model(self.model, self.demos[d], self.fingerprint, task=d, demo_hash=demo_hash(self.demos[d]),
+                             progress=progress)
+            for d in self.domains
+        }
+        self.full_ppl = {d: perplexity(self.model, self.evals[d]) for d in self.domains}
+
+    def pruned_model(self, pattern: ExpertPattern):
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_pruned(self.ckpt, pattern, Path(tmp) / "pruned", progress=False)
+            return AutoModelForCausalLM.from_pretrained(Path(tmp) / "pruned", dtype="float32").eval()
+
+    def run(self, domain: str, method: str, keep: str, cross: bool = False, **params: Any) -> DomainResult:
+        pattern = select_pattern(self.profiles[domain], method, keep, **params)
+        pruned = self.pruned_model(pattern)
+        others = None
+        if cross:
+            others = {d: perplexity(pruned, self.evals[d]) / self.full_ppl[d] for d in self.domains if d != domain}
+        return DomainResult(domain, method, str(keep), self.full_ppl[domain], perplexity(pruned, self.evals[domain]),
+                            pattern.kept, others)
+
+
+def run_demo(method: str = "tcess", keep: str = "0.5", model: str | Path | None = None,
+             progress: bool = True) -> list[DomainResult]:
+    bench = EmbeddedBench(model, progress=progress)
+    return [bench.run(d, method, keep) for d in bench.domains]

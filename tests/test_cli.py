@@ -1,0 +1,171 @@
+"""The CLI contract, refusals with clear errors, atomic export, and the Hub code path."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from moeprune.checkpoint import CheckpointError, open_checkpoint
+from moeprune.cli import main
+from moeprune.export import export_pruned
+from moeprune.pattern import ExpertPattern
+from tiny_models import write_token_demos
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
+    _, src = family_checkpoints["olmoe"]
+    demos = write_token_demos(tmp_path / "math.jsonl")
+    code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 144 and json.loads(out)["task"] == "math"
+    code, out, _ = run(capsys, "select", tmp_path / "p.safetensors", "--method", "soft-count", "--keep", "0.5",
+                       "--out", tmp_path / "pat.json")
+    assert code == 0 and "4/8" in out
+    code, out, _ = run(capsys, "export", src, "--pattern", tmp_path / "pat.json", "--out", tmp_path / "out", "--json")
+    assert code == 0 and json.loads(out)["kept_per_layer"] == {"0": 4, "1": 4}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    code, out, _ = run(capsys, "inspect", tmp_path / "p.safetensors", "--plot", tmp_path / "p.png")
+    assert code == 0 and "effective experts" in out and (tmp_path / "p.png").stat().st_size > 1000
+    code, out, _ = run(capsys, "inspect", tmp_path / "pat.json", "--json")
+    assert code == 0 and json.loads(out)["kind"] == "pattern"
+    # the same export again is refused (nothing overwritten) unless --overwrite
+    code, out, err = run(capsys, "export", src, "--pattern", tmp_path / "pat.json", "--out", tmp_path / "out")
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+
+
+def test_prune_one_shot_and_refusals(family_checkpoints, tmp_path, capsys):
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    code, out, _ = run(capsys, "prune", src, "--demos", demos, "--method", "tcess", "--keep", "2", "--out",
+                       tmp_path / "o", "--json", "--save-pattern", tmp_path / "pat.json")
+    assert code == 0 and json.loads(out)["kept_per_layer"] == {"0": 2, "1": 2}
+    assert ExpertPattern.load(tmp_path / "pat.json").method == "tcess"
+    code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "1", "--out", tmp_path / "o2")
+    assert code == 2 and "below the router's top-k (2)" in err and not (tmp_path / "o2").exists()
+
+
+def test_foreign_pattern_refused(family_checkpoints, tmp_path, capsys):
+    _, mixtral = family_checkpoints["mixtral"]
+    _, olmoe = family_checkpoints["olmoe"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert run(capsys, "profile", mixtral, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")[0] == 0
+    assert run(capsys, "select", tmp_path / "p.safetensors", "--keep", "4", "--out", tmp_path / "pat.json")[0] == 0
+    code, _, err = run(capsys, "export", olmoe, "--pattern", tmp_path / "pat.json", "--out", tmp_path / "x")
+    assert code == 2 and "made for mixtral" in err and "olmoe" in err
+    # same architecture, other weights: refused by the router hash
+    from tiny_models import make_model, save_model
+    other = save_model(make_model("mixtral", seed=5), tmp_path / "other")
+    code, _, err = run(capsys, "export", other, "--pattern", tmp_path / "pat.json", "--out", tmp_path / "x")
+    assert code == 2 and "made for" in err and not (tmp_path / "x").exists()
+
+
+def test_unknown_and_dense_architectures_refused(tmp_path, capsys):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    code, _, err = run(capsys, "profile", tmp_path / "llama", "--demos", demos, "--out", tmp_path / "p.safetensors")
+    assert code == 2 and "'llama' is not a supported Mixture-of-Experts family" in err
+    assert "mixtral" in err and "deepseek_v3" in err
+
+
+def test_missing_and_corrupt_shards_are_named(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["qwen2_moe"]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shards = sorted(broken.glob("model-*.safetensors"))
+    pattern = _any_pattern(src, tmp_path)
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[1].name}.*missing"):
+        export_pruned(broken, pattern, tmp_path / "o", progress=False)
+    shards[1].write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match=f"{shards[1].name}.*corrupt"):
+        export_pruned(broken, pattern, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def _any_pattern(src, tmp_path):
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    return select_pattern(profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False),
+                          "frequency", "0.5")
+
+
+def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monkeypatch):
+    import moeprune.export as export_mod
+
+    _, src = family_checkpoints["mixtral"]
+    pattern = _any_pattern(src, tmp_path)
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        from safetensors.torch import save_file
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export_mod._ShardWriter.__init__, "__defaults__", (failing_save,))
+    with pytest.raises(OSError, match="disk full"):
+        export_pruned(src, pattern, tmp_path / "out", max_shard_size="8KB", progress=False)
+    assert len(calls) == 3 and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+KILL_SCRIPT = """
+import sys, time
+import moeprune.export as e
+from safetensors.torch import save_file
+def slow(t, p, metadata=None):
+    save_file(t, p, metadata=metadata); print("shard", flush=True); time.sleep(0.5)
+e._ShardWriter.__init__.__defaults__ = (slow,)
+e.export_pruned(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size="8KB", progress=False)
+"""
+
+
+def test_export_killed_midway_leaves_no_output(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["mixtral"]
+    _any_pattern(src, tmp_path).save(tmp_path / "pat.json")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(tmp_path / "pat.json"), str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "shard"  # at least one shard written, export in progress
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+
+def test_hub_model_id_through_huggingface_hub(family_checkpoints, tmp_path, monkeypatch, capsys):
+    """A Hub id resolves through huggingface_hub (here an offline cache laid out as the Hub's)."""
+    _, src = family_checkpoints["qwen3_moe"]
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-qwen3-moe"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(src, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    ckpt = open_checkpoint("tiny-org/tiny-qwen3-moe")
+    assert ckpt.repo_id == "tiny-org/tiny-qwen3-moe" and ckpt.path == snapshot
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    code, out, err = run(capsys, "prune", "tiny-org/tiny-qwen3-moe", "--demos", demos, "--keep", "0.5",
+                         "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    assert json.loads(out)["kept_per_layer"] == {"0": 4, "1": 4}
+    code, _, err = run(capsys, "profile", "tiny-org/not-there", "--demos", demos, "--out", tmp_path / "p")
+    assert code == 2 and "neither a local folder nor a reachable Hub repo" in err
