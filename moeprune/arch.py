@@ -35,6 +35,13 @@ class MoEAdapter:
     shared_expert: str | None = None  # shared expert module (kept untouched)
     residual_norm: str = "post_attention_layernorm"  # norm whose input is the residual stream h
     memory_block: str = "mlp"  # MoE block attribute on the in-memory decoder layer
+    # in-memory expert parameter -> the checkpoint tensors (per expert, under experts.{e}.) that are
+    # concatenated along dim 0 to form one expert's slice of it; fused checkpoints name the [E, ...] tensor
+    expert_params: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
+        ("down_proj", ("down_proj.weight",)),
+    )
+    fused_experts: bool = False  # checkpoint stores experts as [E, ...] tensors
 
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."
@@ -45,9 +52,24 @@ class MoEAdapter:
     def experts_prefix(self, layer: int) -> str:
         return f"{self.block_prefix(layer)}experts."
 
+    def memory_name(self, checkpoint_key: str) -> str:
+        """In-memory parameter name of a non-expert checkpoint tensor."""
+        return checkpoint_key.replace(f".{self.checkpoint_block}.", f".{self.memory_block}.", 1)
+
+    def expert_sources(self, layer: int, expert: int) -> dict[str, list[tuple[str, int | None]]]:
+        """In-memory expert param -> checkpoint (key, row) pieces holding expert ``expert``.
+
+        ``row`` is None for a per-expert tensor and the expert's index into a fused ``[E, ...]`` tensor.
+        """
+        prefix = self.experts_prefix(layer)
+        if self.fused_experts:
+            return {p: [(prefix + name, expert) for name in names] for p, names in self.expert_params}
+        return {p: [(f"{prefix}{expert}.{name}", None) for name in names] for p, names in self.expert_params}
+
 
 ADAPTERS: tuple[MoEAdapter, ...] = (
-    MoEAdapter("mixtral", ("mixtral",), "block_sparse_moe", "gate", "num_local_experts"),
+    MoEAdapter("mixtral", ("mixtral",), "block_sparse_moe", "gate", "num_local_experts",
+               expert_params=(("gate_up_proj", ("w1.weight", "w3.weight")), ("down_proj", ("w2.weight",)))),
     MoEAdapter("qwen2_moe", ("qwen2_moe",), "mlp", "gate", "num_experts", shared_expert="shared_expert"),
     MoEAdapter("qwen3_moe", ("qwen3_moe",), "mlp", "gate", "num_experts"),
     MoEAdapter("olmoe", ("olmoe",), "mlp", "gate", "num_experts"),
@@ -55,7 +77,9 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
                grouped=True, shared_expert="shared_experts"),
     MoEAdapter("deepseek_v3", ("deepseek_v3",), "mlp", "gate", "n_routed_experts", scoring="sigmoid",
                grouped=True, shared_expert="shared_experts"),
-    MoEAdapter("gpt_oss", ("gpt_oss",), "mlp", "router", "num_local_experts"),
+    MoEAdapter("gpt_oss", ("gpt_oss",), "mlp", "router", "num_local_experts", fused_experts=True,
+               expert_params=tuple((p, (p,)) for p in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                          "down_proj_bias"))),
 )
 
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS for mt in a.model_types}

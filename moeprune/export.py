@@ -14,13 +14,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .arch import MoEAdapter
+from .loader.reader import TensorReader
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
@@ -37,7 +38,7 @@ class TensorPlan:
 
     source: str
     target: str
-    rows: list[int] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
+    rows: tuple[int, ...] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
 
 
 def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
@@ -70,27 +71,8 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
         if not shape or shape[0] != layers[layer]:
             raise ValueError(f"tensor {key} has shape {shape}; expected its first axis to be the "
                              f"{layers[layer]} experts of layer {layer}")
-        plans.append(TensorPlan(key, key, rows=kept))
+        plans.append(TensorPlan(key, key, rows=tuple(kept)))
     return plans
-
-
-def _runs(rows: list[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive runs [a, b) of sorted row ids: each run is one contiguous slice read."""
-    start = prev = rows[0]
-    for r in rows[1:]:
-        if r != prev + 1:
-            yield start, prev + 1
-            start = r
-        prev = r
-    yield start, prev + 1
-
-
-def read_planned(f: Any, plan: TensorPlan) -> torch.Tensor:
-    if plan.rows is None:
-        return f.get_tensor(plan.source)
-    sl = f.get_slice(plan.source)
-    parts = [sl[a:b] for a, b in _runs(plan.rows)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAdapter) -> dict[str, Any]:
@@ -177,17 +159,13 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     adapter = ckpt.adapter
     config = pruned_config(ckpt.config, pattern, adapter)
     plans = plan_tensors(ckpt, pattern)
-    by_shard = ckpt.keys_by_shard(p.source for p in plans)
-    plan_of = {p.source: p for p in plans}
-    read_bytes = 0
+    target = {(p.source, p.rows): p.target for p in plans}
+    reader = TensorReader(ckpt)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
-        for shard, keys in tqdm(by_shard.items(), desc="exporting", unit="shard", disable=not progress):
-            with ckpt.open(shard) as f:
-                for key in keys:
-                    tensor = read_planned(f, plan_of[key])
-                    read_bytes += tensor.numel() * tensor.element_size()
-                    writer.add(plan_of[key].target, tensor)
+        for request, tensor in tqdm(reader.iter_read(target), total=len(target), desc="exporting",
+                                    unit="tensor", disable=not progress):
+            writer.add(target[request], tensor)
         weight_map = writer.finish()
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -200,7 +178,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     return {
         "out": str(out),
         "tensors": len(plans),
-        "bytes_read": read_bytes,
+        "bytes_read": reader.stats.bytes,
         "bytes_written": writer.total_bytes,
         "shards": len(set(weight_map.values())),
         "kept_per_layer": pattern.counts,

@@ -86,13 +86,14 @@ def test_fingerprint_same_from_checkpoint_and_memory_in_any_dtype(family_checkpo
 
 def test_export_reads_only_kept_experts(family_checkpoints, tmp_path, monkeypatch):
     """No pruned expert tensor is ever read from the shards."""
-    import moeprune.export as export_mod
+    from moeprune.loader.reader import TensorReader
 
     _, src = family_checkpoints["qwen3_moe"]
     pattern, _ = _least_used_pattern(src, write_token_demos(tmp_path / "d.jsonl"), keep=0.25)
     read = []
-    real = export_mod.read_planned
-    monkeypatch.setattr(export_mod, "read_planned", lambda f, plan: read.append(plan.source) or real(f, plan))
+    real = TensorReader._read_one
+    monkeypatch.setattr(TensorReader, "_read_one", lambda self, f, shard, key, rows: read.append(key) or
+                        real(self, f, shard, key, rows))
     export_pruned(src, pattern, tmp_path / "p", progress=False)
     ckpt = open_checkpoint(src)
     pruned_keys = [k for k in ckpt.weight_map for layer, kept in pattern.kept.items()

@@ -1,0 +1,89 @@
+"""Pruning quality on the embedded model: per method x keep x domain, the in-domain perplexity
+ratio pruned/full, the cross-domain ratio (experts picked for another domain), and the cost.
+
+Run: ``python benchmarks/quality.py`` (writes the "Quality" section of BENCHMARKS.md and a PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
+
+from moeprune.demo import EmbeddedBench  # noqa: E402
+from moeprune.scoring import SCORERS  # noqa: E402
+
+DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--methods", nargs="+", default=[m for m in DEFAULT_METHODS if m in SCORERS] +
+                    [m for m in sorted(SCORERS) if m not in DEFAULT_METHODS])
+    ap.add_argument("--keeps", nargs="+", default=["0.75", "0.5", "0.25"])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    bench = EmbeddedBench(args.model)
+    profile_s = time.perf_counter() - t0
+    rows, per_domain = [], []
+    results = {}
+    for keep in args.keeps:
+        for method in args.methods:
+            t = time.perf_counter()
+            res = [bench.run(d, method, keep, cross=True) for d in bench.domains]
+            sec = (time.perf_counter() - t) / len(res)
+            in_dom = statistics.geometric_mean([r.ratio for r in res])
+            cross = statistics.geometric_mean([v for r in res for v in r.cross.values()])
+            results[(method, keep)] = in_dom
+            rows.append((keep, method, f"{in_dom:.3f}", f"{cross:.3f}", f"{sec:.2f}"))
+            per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
+            print(rows[-1], flush=True)
+    full = ", ".join(f"{d} {p:.2f}" for d, p in bench.full_ppl.items())
+    plot = BENCHMARKS_MD.parent / "benchmarks" / "quality.png"
+    _plot(results, args.methods, args.keeps, plot)
+    body = (f"Machine: {machine()}. Embedded model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
+            f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
+            "pass per demo); scoring methods here need no further passes.\n\n"
+            "Perplexity ratio pruned/full on held-out in-domain texts (geometric mean over domains; 1.0 = "
+            "no loss), and on the other domains' texts (cross); s = seconds per domain (select + export + "
+            "load + eval).\n\n"
+            + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "s/domain"])
+            + "\n\nPer domain (in-domain ratio):\n\n"
+            + table(per_domain, ["keep", "method", *bench.domains])
+            + f"\n\n![quality]({plot.relative_to(BENCHMARKS_MD.parent)})\n")
+    print(body)
+    if not args.no_write:
+        write_section("Quality", body)
+
+
+def _plot(results, methods, keeps, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [float(k) for k in keeps]
+    for m in methods:
+        ax.plot(xs, [results[(m, k)] for k in keeps], marker="o", label=m)
+    ax.set_xlabel("fraction of experts kept")
+    ax.set_ylabel("in-domain perplexity ratio (pruned / full)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Selective tensor reads from a sharded safetensors checkpoint, counted.
+
+Requests are grouped by shard and issued in file-offset order; a request for rows of a tensor
+whose first axis is the expert axis reads only those rows (``get_slice``), one contiguous slice
+per run of consecutive rows. Every read is counted, so callers can prove what they touched.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from moeprune.checkpoint import Checkpoint, CheckpointError
+
+Request = tuple[str, tuple[int, ...] | None]  # (checkpoint key, expert-axis rows or None for the whole tensor)
+
+
+@dataclass
+class ReadStats:
+    tensors: int = 0  # tensor reads (a whole tensor or one run of rows)
+    bytes: int = 0
+    keys: set[str] = field(default_factory=set)
+    shards: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tensors_read": self.tensors, "bytes_read": self.bytes, "shards_opened": len(self.shards)}
+
+
+def tensor_offsets(path: Path) -> dict[str, int]:
+    """Data offset of each tensor in a safetensors file (from its JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"shard {path} is truncated (no safetensors header); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise CheckpointError(f"shard {path} has a corrupt safetensors header; re-download it") from exc
+    return {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+class TensorReader:
+    """Reads requested tensors (or expert rows of them) from a checkpoint, counting every byte."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.stats = ReadStats()
+        self._offsets: dict[str, dict[str, int]] = {}
+
+    def _offset(self, shard: str, key: str) -> int:
+        if shard not in self._offsets:
+            self._offsets[shard] = tensor_offsets(self.ckpt.shard_path(shard))
+        return self._offsets[shard].get(key, 0)
+
+    def read(self, requests: Iterable[Request]) -> dict[Request, torch.Tensor]:
+        """The tensors of ``requests`` (rows keep their leading axis: shape ``[len(rows), ...]``)."""
+        return dict(self.iter_read(requests))
+
+    def iter_read(self, requests: Iterable[Request]) -> Iterator[tuple[Request, torch.Tensor]]:
+        """Yield ``(request, tensor)`` one at a time, shard by shard in file-offset order."""
+        requests = list(dict.fromkeys(requests))
+        wanted: dict[str, list[Request]] = {}
+        for req in requests:
+            wanted.setdefault(req[0], []).append(req)
+        for shard, keys in self.ckpt.keys_by_shard(wanted).items():
+            self.stats.shards.add(shard)
+            with self.ckpt.open(shard) as f:
+                for key in sorted(keys, key=lambda k: self._offset(shard, k)):
+                    for req in wanted[key]:
+                        yield req, self._read_one(f, shard, key, req[1])
+
+    def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
+        try:
+            if rows is None:
+                parts = [f.get_tensor(key)]
+            else:
+                sl = f.get_slice(key)
+                parts = [sl[a:b] for a, b in _runs(rows)]
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from shard {shard!r}: {exc}") from exc
+        self.stats.tensors += len(parts)
+        self.stats.bytes += sum(p.numel() * p.element_size() for p in parts)
+        self.stats.keys.add(key)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,121 @@
+"""Materialize a model with only a pattern's experts, straight from the original checkpoint.
+
+The transformers model is built on the meta device (accelerate ``init_empty_weights``) from the
+pruned config, then filled tensor by tensor: non-expert weights whole, router tensors and fused
+expert tensors by their kept rows, per-expert tensors only for kept experts. A pruned expert is
+never read, and the full model never exists in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+
+from moeprune.arch import MoEAdapter
+from moeprune.checkpoint import Checkpoint, CheckpointError
+from moeprune.export import plan_tensors, pruned_config
+from moeprune.pattern import ExpertPattern
+
+from .reader import ReadStats, TensorReader
+
+
+@dataclass
+class LoadReport:
+    """What a load read and built."""
+
+    stats: ReadStats
+    kept_per_layer: dict[int, int]
+    param_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.stats.to_dict(), "kept_per_layer": self.kept_per_layer, "param_bytes": self.param_bytes,
+                "notes": self.notes}
+
+
+def expert_requests(adapter: MoEAdapter, layer: int, experts: Iterable[int]) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Checkpoint reads that hold the given experts of one layer (one row per expert for fused tensors)."""
+    reqs = []
+    for e in experts:
+        for pieces in adapter.expert_sources(layer, e).values():
+            reqs += [(key, None if row is None else (row,)) for key, row in pieces]
+    return reqs
+
+
+def assemble_expert(adapter: MoEAdapter, layer: int, expert: int,
+                    tensors: dict[tuple[str, tuple[int, ...] | None], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One expert's in-memory slices (``param -> tensor`` without the expert axis) from read tensors."""
+    out = {}
+    for param, pieces in adapter.expert_sources(layer, expert).items():
+        parts = [tensors[(key, None if row is None else (row,))] for key, row in pieces]
+        parts = [p if row is None else p[0] for p, (_, row) in zip(parts, pieces)]
+        out[param] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out
+
+
+def empty_model(config: Any, dtype: torch.dtype | None = None):
+    """The transformers model for ``config`` with parameters on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _config_object(config_dict: dict[str, Any]):
+    from transformers import AutoConfig
+
+    d = dict(config_dict)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.device, dtype: torch.dtype | None) -> None:
+    if dtype is not None and value.is_floating_point():
+        value = value.to(dtype)
+    set_module_tensor_to_device(model, name, device, value=value)
+
+
+def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict[str, torch.Tensor]],
+                 device: str | torch.device, dtype: torch.dtype | None) -> None:
+    """Set a layer's expert parameters to the stack of the given per-expert slices."""
+    prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
+    for param in experts[0]:
+        set_tensor(model, prefix + param, torch.stack([e[param] for e in experts]), device, dtype)
+
+
+def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[Any, LoadReport]:
+    """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report."""
+    adapter = ckpt.adapter
+    config = _config_object(pruned_config(ckpt.config, pattern, adapter))
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = empty_model(config, dtype)
+    reader = TensorReader(ckpt)
+    moe_layers = set(pattern.kept)
+    plans = [p for p in plan_tensors(ckpt, pattern)
+             if not any(p.source.startswith(adapter.experts_prefix(layer)) for layer in moe_layers)]
+    for (key, rows), tensor in reader.iter_read((p.source, p.rows) for p in plans):
+        name = adapter.memory_name(key)
+        try:
+            set_tensor(model, name, tensor, device, dtype)
+        except (AttributeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint tensor {key} does not fit the {adapter.family} model "
+                                  f"({type(exc).__name__}: {exc})") from exc
+    for layer, kept in sorted(pattern.kept.items()):
+        tensors = reader.read(expert_requests(adapter, layer, kept))
+        fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in kept], device, dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.path} lacks tensors for {missing[:5]}"
+                              f"{' …' if len(missing) > 5 else ''}")
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.moeprune_pattern = pattern
+    return model, LoadReport(reader.stats, pattern.counts, param_bytes, list(pattern.meta.get("notes", [])))

@@ -1,0 +1,54 @@
+"""The Python API serving frameworks call: load a model with only the experts a task needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .fingerprint import checkpoint_fingerprint
+from .pattern import ExpertPattern
+from .pipeline import parse_dtype
+
+
+def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | None = None) -> ExpertPattern:
+    """A pattern object, a pattern file, or the name of a task in a pattern store."""
+    if isinstance(pattern, ExpertPattern):
+        return pattern
+    path = Path(pattern)
+    if path.suffix == ".json" or path.exists():
+        return ExpertPattern.load(path)
+    from .store import PatternStore
+
+    return PatternStore(store).get(str(pattern))
+
+
+def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | None = None,
+                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                    store: str | Path | None = None, return_report: bool = False) -> Any:
+    """Load ``model`` (local folder or Hub id) keeping only ``pattern``'s experts.
+
+    ``pattern`` is an :class:`ExpertPattern`, a pattern file, or a task name in ``store`` (default
+    store: ``profiles/patterns``). Only the tensors of kept experts are read; from the Hub only the
+    shards holding them are downloaded. Without a pattern, ``model`` is loaded as it is (e.g. an
+    exported pruned checkpoint). With ``return_report=True`` returns ``(model, LoadReport)``.
+    """
+    from .loader.selective import LoadReport, load_with_pattern
+
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    ckpt = open_checkpoint(model)
+    if pattern is None:
+        from transformers import AutoModelForCausalLM
+
+        from .checkpoint import local_model_dir
+
+        net = AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=torch_dtype or "auto",
+                                                   device_map=device).eval()
+        return (net, None) if return_report else net
+    pat = resolve_pattern(pattern, store)
+    pat.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
+    net, report = load_with_pattern(ckpt, pat, device=device,
+                                    dtype=None if torch_dtype in (None, "auto") else torch_dtype)
+    return (net, report) if return_report else net
