@@ -13,14 +13,16 @@ from typing import Any, Iterable
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
 
-from moeprune.arch import MoEAdapter
+from moeprune.arch import MoEAdapter, moe_blocks
 from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.pattern import ExpertPattern
 
 from .reader import ReadStats, TensorReader
+
+# config fields a pattern may override -> the router attribute transformers reads them from
+ROUTER_ATTRS = {"n_group": "num_group", "topk_group": "topk_group"}
 
 
 @dataclass
@@ -73,10 +75,33 @@ def _config_object(config_dict: dict[str, Any]):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.device, dtype: torch.dtype | None) -> None:
-    if dtype is not None and value.is_floating_point():
-        value = value.to(dtype)
-    set_module_tensor_to_device(model, name, device, value=value)
+def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.device,
+               dtype: torch.dtype | None) -> None:
+    """Replace parameter or buffer ``name`` by ``value`` (any shape: expert counts change)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    if old is None and attr not in module._buffers:
+        raise AttributeError(f"{type(module).__name__} {module_name!r} has no parameter or buffer {attr!r}")
+    if value.is_floating_point():
+        value = value.to(dtype or (old.dtype if old is not None else value.dtype))
+    value = value.to(device)
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def resize_block(block: Any, adapter: MoEAdapter, num_experts: int, routing: dict[str, Any],
+                 base_config: dict[str, Any]) -> None:
+    """Tell a MoE block's router and experts how many experts they now hold, and the routing groups."""
+    router = getattr(block, adapter.router)
+    for module in (router, block.experts):
+        if hasattr(module, "num_experts"):
+            module.num_experts = num_experts
+    for field, attr in ROUTER_ATTRS.items():
+        if hasattr(router, attr):
+            setattr(router, attr, routing.get(field, base_config.get(field, getattr(router, attr))))
 
 
 def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict[str, torch.Tensor]],
@@ -107,9 +132,11 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
         except (AttributeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint tensor {key} does not fit the {adapter.family} model "
                                   f"({type(exc).__name__}: {exc})") from exc
+    blocks = moe_blocks(model, adapter)
     for layer, kept in sorted(pattern.kept.items()):
         tensors = reader.read(expert_requests(adapter, layer, kept))
         fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in kept], device, dtype)
+        resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

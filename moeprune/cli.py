@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, LookupError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
         msg = str(exc)

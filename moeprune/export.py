@@ -77,11 +77,8 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
 
 def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAdapter) -> dict[str, Any]:
     """The source config with the pruned expert count, routing overrides and a ``moeprune`` section."""
-    if not pattern.is_uniform:
-        raise ValueError("this pattern keeps different expert counts per layer; a plain transformers config "
-                         "holds one count, so export needs a uniform pattern (moeprune select --keep K)")
     new = dict(config)
-    k = next(iter(pattern.counts.values()))
+    k = max(pattern.counts.values())  # non-uniform: the config holds the largest count (see moeprune section)
     original = max(pattern.fingerprint.num_experts)
     fields = [f for f in EXPERT_COUNT_FIELDS if new.get(f) == original] or [adapter.num_experts_field]
     for name in fields:  # configs name the count differently (num_experts vs num_local_experts)
@@ -93,6 +90,8 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
         "method": pattern.method,
         "source_fingerprint": pattern.fingerprint.to_dict(),
         "kept_experts": {str(layer): kept for layer, kept in sorted(pattern.kept.items())},
+        "num_experts_per_layer": {str(layer): n for layer, n in sorted(pattern.counts.items())},
+        "uniform": pattern.is_uniform,
         "routing": pattern.routing,
     }
     return new

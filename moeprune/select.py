@@ -59,6 +59,22 @@ def _grouped_ok(k: int, fp: Fingerprint, adapter_family: str) -> bool:
     return k % n_group == 0 and per_group >= need and per_group * topk_group >= fp.top_k
 
 
+def group_routing(kept: dict[int, list[int]], fp: Fingerprint) -> tuple[dict[str, Any], list[str]]:
+    """Routing overrides for an arbitrary kept set: grouped routing survives only if every layer keeps
+    the same number of experts in each group (enough for the router's group scoring)."""
+    n_group, _ = fp.groups
+    if n_group <= 1:
+        return {}, []
+    for layer, n in zip(fp.moe_layers, fp.num_experts):
+        size = n // n_group
+        per_group = {sum(1 for e in kept[layer] if e // size == g) for g in range(n_group)}
+        if len(per_group) != 1 or not _grouped_ok(len(kept[layer]), fp, fp.model_type):
+            return {"n_group": 1, "topk_group": 1}, [
+                f"layer {layer} keeps unequal expert counts across the {n_group} routing groups; routing "
+                "falls back to n_group=1 (ungrouped) in the pruned model"]
+    return {}, [f"group-limited routing kept ({n_group} groups)"]
+
+
 def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
     """Kept experts per layer, routing overrides and notes for a uniform keep budget."""
     fp = fingerprint

@@ -1,0 +1,209 @@
+"""The task-adaptive runtime: one model whose experts follow the task of each query.
+
+Non-expert weights are loaded once. The active pattern's experts live in the model; experts of
+earlier patterns stay in an LRU cache bounded in bytes, so switching to a pattern reads from the
+checkpoint only the experts neither active nor cached, and switching back is free while cached.
+The full router of every MoE layer is kept (it is small) so any pattern's router rows can be
+sliced and query signatures use every expert. All switches and generations hold one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from moeprune.arch import moe_blocks
+from moeprune.checkpoint import open_checkpoint
+from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.pattern import ExpertPattern
+from moeprune.retrieval import Match, Retriever, query_signatures
+
+from .reader import ReadStats, TensorReader
+from .selective import assemble_expert, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
+
+ExpertKey = tuple[int, int]  # (layer, original expert id)
+
+
+class ExpertCache:
+    """LRU cache of inactive experts' tensors, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[ExpertKey, dict[str, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def size(tensors: dict[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def put(self, key: ExpertKey, tensors: dict[str, torch.Tensor]) -> None:
+        if key in self._items:
+            self.bytes -= self.size(self._items.pop(key))
+        if self.size(tensors) > self.max_bytes:
+            return
+        self._items[key] = tensors
+        self.bytes += self.size(tensors)
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= self.size(old)
+
+    def pop(self, key: ExpertKey) -> dict[str, torch.Tensor] | None:
+        tensors = self._items.pop(key, None)
+        if tensors is not None:
+            self.bytes -= self.size(tensors)
+        return tensors
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class TaskAdaptiveModel:
+    """A MoE model that loads, per query, only the experts of the query's task pattern."""
+
+    def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
+                 store: str | Path | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, cache_bytes: int = 2**30, initial: str | None = None,
+                 threshold: float | None = 1.0):
+        self.ckpt = open_checkpoint(model)
+        self.fingerprint = checkpoint_fingerprint(self.ckpt)
+        if patterns is None:
+            from moeprune.store import PatternStore
+
+            patterns = PatternStore(store).patterns(self.fingerprint)
+        patterns = list(patterns)
+        for p in patterns:
+            p.fingerprint.check_compatible(self.fingerprint)
+        self.adapter = self.ckpt.adapter
+        self.device, self.dtype = device, dtype
+        self.cache = ExpertCache(cache_bytes)
+        self.lock = threading.RLock()
+        self.switch_stats: list[dict[str, Any]] = []
+        self.retriever = Retriever(patterns, "first", threshold) if patterns else None
+        by_task = {p.task: p for p in patterns}
+        start = by_task[initial] if initial else (self.retriever.general if self.retriever else None)
+        if start is None:
+            raise ValueError("TaskAdaptiveModel needs at least one pattern (patterns=... or a store)")
+        self.model, report = load_with_pattern(self.ckpt, start, device, dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        self.load_report = report
+        self.active = start
+        self._keep_full_routers()
+        self.tokenizer = self._tokenizer()
+
+    # --- hooks for serving engines ----------------------------------------------------------
+    def retrieve(self, query: str | Sequence[int]) -> Match:
+        """The stored pattern for ``query`` (text or token ids) and its signature distance."""
+        if self.retriever is None:
+            raise ValueError("no stored patterns to retrieve from")
+        ids = self._encode(query)
+        with self.lock:
+            sig = query_signatures(self.model, [ids], "first")
+        return self.retriever.match(sig)[0]
+
+    def activate(self, pattern: ExpertPattern | str) -> dict[str, Any]:
+        """Make ``pattern`` (or a stored task name) the active one; returns what the switch read."""
+        if isinstance(pattern, str):
+            pattern = self._by_task(pattern)
+        pattern.fingerprint.check_compatible(self.fingerprint)
+        with self.lock:
+            if pattern.kept == self.active.kept and pattern.routing == self.active.routing:
+                return {"task": pattern.task, "experts_read": 0, "bytes_read": 0, "from_cache": 0}
+            stats = self._switch(pattern)
+            self.switch_stats.append(stats)
+            return stats
+
+    def expert_map(self) -> dict[int, list[int]]:
+        """Per MoE layer: original expert id -> loaded id, -1 where the expert is absent."""
+        return self.active.expert_map()
+
+    @torch.inference_mode()
+    def generate(self, query: str, **generate_kwargs: Any) -> str:
+        """Route ``query`` to its task pattern, activate it, and generate a continuation."""
+        match = self.retrieve(query)
+        with self.lock:
+            self.activate(match.pattern)
+            ids = torch.tensor([self._encode(query)], device=self.device)
+            generate_kwargs.setdefault("max_new_tokens", 32)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _by_task(self, task: str) -> ExpertPattern:
+        if self.retriever is None:
+            raise ValueError(f"unknown task {task!r}: no patterns")
+        if task == self.retriever.general.task:
+            return self.retriever.general
+        for p in self.retriever.patterns:
+            if p.task == task:
+                return p
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(p.task for p in self.retriever.patterns)}")
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.ckpt.path)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _encode(self, query: str | Sequence[int]) -> list[int]:
+        if isinstance(query, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+            return self.tokenizer(query)["input_ids"]
+        return list(query)
+
+    def _keep_full_routers(self) -> None:
+        reader = TensorReader(self.ckpt)
+        prefixes = tuple(self.adapter.router_prefix(layer) for layer in self.active.kept)
+        keys = [k for k in self.ckpt.weight_map if k.startswith(prefixes)]
+        self.full_router = {k: t for (k, _), t in reader.read((k, None) for k in keys).items()}
+        self._mark_full_routers()
+
+    def _mark_full_routers(self) -> None:
+        for layer, block in moe_blocks(self.model, self.adapter).items():
+            prefix = self.adapter.router_prefix(layer)
+            router = getattr(block, self.adapter.router)
+            bias = self.full_router.get(prefix + "bias")
+            router.moeprune_full_router = (self.full_router[prefix + "weight"], bias)
+
+    def _switch(self, pattern: ExpertPattern) -> dict[str, Any]:
+        blocks = moe_blocks(self.model, self.adapter)
+        reader = TensorReader(self.ckpt)
+        live: dict[ExpertKey, dict[str, torch.Tensor]] = {}
+        for layer, kept in self.active.kept.items():
+            experts = blocks[layer].experts
+            names = [p for p, _ in self.adapter.expert_params]
+            for i, e in enumerate(kept):
+                live[(layer, e)] = {n: getattr(experts, n)[i].detach().clone() for n in names}
+        need = {(layer, e) for layer, kept in pattern.kept.items() for e in kept}
+        from_cache = sum(1 for key in need if key not in live and key in self.cache)
+        missing = sorted(key for key in need if key not in live and key not in self.cache)
+        requests = [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
+        read = reader.read(requests)
+        fresh = {(layer, e): assemble_expert(self.adapter, layer, e, read) for layer, e in missing}
+        for layer, kept in sorted(pattern.kept.items()):
+            experts = [live.get((layer, e)) or self.cache.pop((layer, e)) or fresh[(layer, e)] for e in kept]
+            fill_experts(self.model, self.adapter, layer, experts, self.device, self.dtype)
+            self._set_router(blocks[layer], layer, kept, pattern.routing)
+        for key, tensors in live.items():
+            if key not in need:
+                self.cache.put(key, tensors)
+        self.active = pattern
+        return {"task": pattern.task, "experts_read": len(missing), "bytes_read": reader.stats.bytes,
+                "from_cache": from_cache, "cache_bytes": self.cache.bytes}
+
+    def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:
+        prefix = self.adapter.router_prefix(layer)
+        rows = torch.tensor(kept)
+        for key, full in self.full_router.items():
+            if key.startswith(prefix):
+                set_tensor(self.model, self.adapter.memory_name(key), full[rows], self.device, None)
+        resize_block(block, self.adapter, len(kept), routing, self.ckpt.config)

@@ -1,0 +1,133 @@
+"""Task-adaptive expert retrieval (PreMoe's TAER): pick the stored pattern a query needs.
+
+A signature is the mean raw router logit per expert over a text's tokens at some MoE layers.
+A pattern's signature comes from its demos' profile (``RouterProfile.logit_mean``); a query's from
+one pass over the query that stops right after the last layer it needs. ``layers="first"`` uses
+the first MoE layer only, as PreMoe does: its router input does not depend on any expert, so the
+signature is exact whichever pattern is loaded. ``layers="all"`` uses every MoE layer (needs the
+full model). Signatures are compared by cosine distance after subtracting the mean signature of
+the stored patterns (the component all tasks share), nearest neighbour by scikit-learn; beyond
+``threshold`` the query falls back to the general pattern, the union of all stored patterns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .arch import get_adapter, moe_blocks
+from .pattern import ExpertPattern
+
+GENERAL_TASK = "general"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _rows(layers: str | Sequence[int], num_layers: int) -> list[int]:
+    if layers == "first":
+        return [0]
+    if layers == "all":
+        return list(range(num_layers))
+    return [int(r) for r in layers]
+
+
+@torch.inference_mode()
+def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str | Sequence[int] = "first") -> np.ndarray:
+    """Signature ``[n, len(rows) * E]`` of each encoded query, stopping after the last needed layer."""
+    adapter = get_adapter(model.config)
+    blocks = list(moe_blocks(model, adapter).values())
+    rows = _rows(layers, len(blocks))
+    device = next(model.parameters()).device
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for row in rows:
+        router = getattr(blocks[row], adapter.router)
+        # A pattern's router may hold only kept rows; signatures use the full router (see full_routers).
+        def hook(module, args, row=row, router=router):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            w, b = getattr(router, "moeprune_full_router", (router.weight, getattr(router, "bias", None)))
+            captured[row] = F.linear(x, w.float(), None if b is None else b.float()).mean(0)
+            if row == rows[-1]:
+                raise _Stop
+        handles.append(router.register_forward_pre_hook(hook))
+    out = []
+    try:
+        for ids in encoded:
+            captured.clear()
+            try:
+                model(torch.tensor([list(ids)], device=device), use_cache=False)
+            except _Stop:
+                pass
+            out.append(torch.cat([captured[r] for r in rows]).double().cpu().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return np.stack(out)
+
+
+def pattern_signature(pattern: ExpertPattern, layers: str | Sequence[int] = "first") -> np.ndarray:
+    if pattern.signature is None:
+        raise ValueError(f"pattern {pattern.task!r} has no retrieval signature: make it from a profile "
+                         "(moeprune select / store add)")
+    L = len(pattern.fingerprint.moe_layers)
+    sig = np.asarray(pattern.signature, dtype=np.float64).reshape(L, -1)
+    return sig[_rows(layers, L)].reshape(-1)
+
+
+def general_pattern(patterns: Sequence[ExpertPattern]) -> ExpertPattern:
+    """The union of the patterns' kept experts: the fallback for queries far from every task."""
+    from .select import group_routing
+
+    fp = patterns[0].fingerprint
+    kept = {layer: sorted(set().union(*(p.kept[layer] for p in patterns))) for layer in fp.moe_layers}
+    routing, notes = group_routing(kept, fp)
+    return ExpertPattern(fp, kept, task=GENERAL_TASK, method="union", routing=routing,
+                         meta={"tasks": [p.task for p in patterns], "notes": notes})
+
+
+@dataclass
+class Match:
+    task: str
+    distance: float
+    pattern: ExpertPattern
+    nearest: str  # nearest stored task, even when the general pattern was chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "distance": self.distance, "nearest": self.nearest}
+
+
+class Retriever:
+    """Nearest stored pattern for query signatures."""
+
+    def __init__(self, patterns: Sequence[ExpertPattern], layers: str | Sequence[int] = "first",
+                 threshold: float | None = 1.0):
+        from sklearn.neighbors import NearestNeighbors
+
+        if not patterns:
+            raise ValueError("no patterns to retrieve from: add some with `moeprune store add`")
+        fps = {p.fingerprint for p in patterns}
+        if len(fps) > 1:
+            raise ValueError("the patterns belong to different models; retrieve among one model's patterns")
+        self.patterns = list(patterns)
+        self.layers, self.threshold = layers, threshold
+        sigs = np.stack([pattern_signature(p, layers) for p in self.patterns])
+        self.center = sigs.mean(0) if len(sigs) > 1 else np.zeros(sigs.shape[1])
+        self.nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(sigs - self.center)
+        self.general = general_pattern(self.patterns)
+
+    def match(self, signatures: np.ndarray) -> list[Match]:
+        dist, idx = self.nn.kneighbors(np.atleast_2d(signatures) - self.center)
+        out = []
+        for d, i in zip(dist[:, 0], idx[:, 0]):
+            p = self.patterns[int(i)]
+            if self.threshold is not None and d > self.threshold:
+                out.append(Match(GENERAL_TASK, float(d), self.general, p.task))
+            else:
+                out.append(Match(p.task, float(d), p, p.task))
+        return out

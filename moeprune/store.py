@@ -1,0 +1,104 @@
+"""A pattern store: a folder with one pattern file per task and an index.
+
+Layout::
+
+    STORE/index.json      {"format": "moeprune.store", "version": 1, "patterns": {task: entry}}
+    STORE/<task>.json     the ExpertPattern of that task
+    STORE/.lock           file lock held by writers
+
+Every write is atomic (temp file + rename) and made under a file lock, so concurrent writers
+(several ``moeprune store add`` at once) lose nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .fingerprint import Fingerprint
+from .io import write_text_atomic
+from .pattern import ExpertPattern, PatternError
+
+STORE_FORMAT = "moeprune.store"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(LookupError):
+    """A task is not in the store."""
+
+
+def default_store() -> Path:
+    from .embedded import profiles_dir
+
+    return profiles_dir() / "patterns"
+
+
+class PatternStore:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_store()
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def _lock(self) -> FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / ".lock"), timeout=120)
+
+    def _read_index(self) -> dict[str, Any]:
+        if not self.index_path.exists():
+            return {"format": STORE_FORMAT, "version": 1, "patterns": {}}
+        try:
+            index = json.loads(self.index_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PatternError(f"store index {self.index_path} is corrupt ({exc}); rebuild it with "
+                               "`moeprune store add` for each pattern file") from exc
+        if index.get("format") != STORE_FORMAT:
+            raise PatternError(f"{self.index_path} is not a moeprune store index")
+        return index
+
+    def list(self) -> dict[str, dict[str, Any]]:
+        """Task -> index entry (file, method, model, kept fraction, signature present)."""
+        return dict(sorted(self._read_index()["patterns"].items()))
+
+    def add(self, pattern: ExpertPattern, task: str | None = None, overwrite: bool = True) -> Path:
+        task = task or pattern.task
+        if not task or not _TASK_NAME.match(task):
+            raise ValueError(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        pattern.task = task
+        with self._lock():
+            index = self._read_index()
+            if task in index["patterns"] and not overwrite:
+                raise FileExistsError(f"store {self.root} already has task {task!r}; remove it first")
+            path = pattern.save(self.root / f"{task}.json")
+            index["patterns"][task] = {
+                "file": path.name, "method": pattern.method, "model": pattern.fingerprint.describe(),
+                "router_hash": pattern.fingerprint.router_hash, "kept_fraction": round(pattern.kept_fraction(), 4),
+                "signature": pattern.signature is not None,
+            }
+            write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
+        return path
+
+    def get(self, task: str) -> ExpertPattern:
+        entry = self.list().get(task)
+        if entry is None:
+            raise StoreError(f"store {self.root} has no task {task!r}; it has: {', '.join(self.list()) or 'none'}")
+        return ExpertPattern.load(self.root / entry["file"])
+
+    def remove(self, task: str) -> None:
+        with self._lock():
+            index = self._read_index()
+            entry = index["patterns"].pop(task, None)
+            if entry is None:
+                raise StoreError(f"store {self.root} has no task {task!r}")
+            write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
+            (self.root / entry["file"]).unlink(missing_ok=True)
+
+    def patterns(self, fingerprint: Fingerprint | None = None) -> list[ExpertPattern]:
+        """All stored patterns, or those made for the model with ``fingerprint``."""
+        out = [self.get(task) for task in self.list()]
+        return [p for p in out if fingerprint is None or p.fingerprint == fingerprint]

@@ -1,0 +1,142 @@
+"""Selective loader and task-adaptive runtime: equivalence, reads, cache, switches, threads."""
+
+import threading
+
+import pytest
+import torch
+
+import moeprune
+from moeprune.arch import get_adapter
+from moeprune.loader.reader import TensorReader
+from moeprune.loader.runtime import ExpertCache, TaskAdaptiveModel
+from moeprune.pipeline import profile_checkpoint, select_pattern
+from moeprune.select import make_pattern
+from tiny_models import FAMILIES, VOCAB, masked_routers, write_token_demos
+
+
+def _patterns(src, tmp_path, n=3, keep=0.5):
+    out = []
+    for i in range(n):
+        prof = profile_checkpoint(src, write_token_demos(tmp_path / f"t{i}.jsonl", seed=i), task=f"t{i}",
+                                  progress=False)
+        out.append(select_pattern(prof, "random", keep, seed=i))
+    return out
+
+
+def _logits(model, x, kept=None):
+    with torch.no_grad():
+        if kept is None:
+            return model(x).logits
+        with masked_routers(model, kept):
+            return model(x).logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_loaded_model_equals_masked_full_model(family, family_checkpoints, tmp_path, monkeypatch):
+    full, src = family_checkpoints[family]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = make_pattern(-prof.stats["count"], prof.fingerprint, 0.5)
+    keys_read = []
+    real = TensorReader._read_one
+    monkeypatch.setattr(TensorReader, "_read_one",
+                        lambda self, f, shard, key, rows: keys_read.append((key, rows)) or real(self, f, shard, key, rows))
+    model, report = moeprune.from_pretrained(src, pattern, return_report=True)
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(model, x), _logits(full, x, pattern.kept), rtol=1e-5, atol=1e-5)
+    # nothing of a pruned expert was read: per-expert keys of pruned ids never, fused rows only kept ones
+    adapter = get_adapter(full.config)
+    for key, rows in keys_read:
+        for layer, kept in pattern.kept.items():
+            prefix = adapter.experts_prefix(layer)
+            if key.startswith(prefix):
+                head = key[len(prefix):].split(".")[0]
+                assert (int(head) in kept) if head.isdigit() else (rows is not None and set(rows) <= set(kept))
+    assert report.stats.bytes <= 1.05 * report.param_bytes + 1024
+
+
+def test_exported_checkpoint_loads_as_is(family_checkpoints, tmp_path):
+    from moeprune.export import export_pruned
+
+    full, src = family_checkpoints["qwen2_moe"]
+    pattern = _patterns(src, tmp_path, 1)[0]
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    x = torch.randint(0, VOCAB, (1, 10))
+    torch.testing.assert_close(_logits(moeprune.from_pretrained(tmp_path / "out"), x), _logits(full, x, pattern.kept),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"])
+def test_task_switch_reads_only_the_difference(family, family_checkpoints, tmp_path):
+    full, src = family_checkpoints[family]
+    a, b, c = _patterns(src, tmp_path)
+    rt = TaskAdaptiveModel(src, patterns=[a, b, c], initial="t0", cache_bytes=10**9)
+    x = torch.randint(0, VOCAB, (1, 12))
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, a.kept), rtol=1e-5, atol=1e-5)
+    stats = rt.activate(b)
+    new = sum(len(set(b.kept[l]) - set(a.kept[l])) for l in a.kept)
+    assert stats["experts_read"] == new and stats["from_cache"] == 0
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, b.kept), rtol=1e-5, atol=1e-5)
+    assert rt.activate(a)["experts_read"] == 0  # switching back is free while cached
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, a.kept), rtol=1e-5, atol=1e-5)
+    assert rt.activate(a)["bytes_read"] == 0
+    emap = rt.expert_map()
+    for layer, kept in a.kept.items():
+        assert [i for i in emap[layer] if i >= 0] == list(range(len(kept)))
+        assert all(emap[layer][e] == i for i, e in enumerate(kept))
+
+
+def test_general_pattern_is_the_union(family_checkpoints, tmp_path):
+    full, src = family_checkpoints["mixtral"]
+    pats = _patterns(src, tmp_path)
+    rt = TaskAdaptiveModel(src, patterns=pats)
+    assert rt.active.task == "general"
+    for layer in pats[0].kept:
+        assert rt.active.kept[layer] == sorted(set().union(*(p.kept[layer] for p in pats)))
+    x = torch.randint(0, VOCAB, (1, 12))
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, rt.active.kept), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_respects_its_byte_bound():
+    cache = ExpertCache(max_bytes=3 * 400)
+    for e in range(10):
+        cache.put((0, e), {"w": torch.zeros(100)})  # 400 bytes each
+        assert cache.bytes <= cache.max_bytes
+    assert len(cache) == 3 and (0, 9) in cache and (0, 6) not in cache
+    cache.put((1, 0), {"w": torch.zeros(1000)})  # larger than the bound: not cached
+    assert (1, 0) not in cache and cache.bytes == 1200
+
+
+def test_small_cache_rereads_evicted_experts(family_checkpoints, tmp_path):
+    full, src = family_checkpoints["olmoe"]
+    a, b, _ = _patterns(src, tmp_path)
+    rt = TaskAdaptiveModel(src, patterns=[a, b], initial="t0", cache_bytes=0)
+    rt.activate(b)
+    back = rt.activate(a)
+    assert back["experts_read"] == sum(len(set(a.kept[l]) - set(b.kept[l])) for l in a.kept)
+    x = torch.randint(0, VOCAB, (1, 12))
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, a.kept), rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tmp_path):
+    full, src = family_checkpoints["mixtral"]
+    pats = _patterns(src, tmp_path)
+    rt = TaskAdaptiveModel(src, patterns=pats, initial="t0")
+    x = torch.randint(0, VOCAB, (1, 8))
+    expected = {p.task: _logits(full, x, p.kept) for p in pats}
+    errors = []
+
+    def worker(i):
+        for j in range(6):
+            p = pats[(i + j) % 3]
+            with rt.lock:
+                rt.activate(p)
+                out = _logits(rt.model, x)
+            if not torch.allclose(out, expected[p.task], rtol=1e-5, atol=1e-5):
+                errors.append((i, j))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
