@@ -20,10 +20,11 @@ from moeprune.arch import moe_blocks
 from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.pattern import ExpertPattern
+from moeprune.pipeline import load_tokenizer
 from moeprune.retrieval import Match, Retriever, query_signatures
 
-from .reader import ReadStats, TensorReader
-from .selective import assemble_expert, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
+from .reader import TensorReader
+from .selective import assemble_expert, attach_full_routers, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
 
 ExpertKey = tuple[int, int]  # (layer, original expert id)
 
@@ -94,8 +95,8 @@ class TaskAdaptiveModel:
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
         self.active = start
-        self._keep_full_routers()
-        self.tokenizer = self._tokenizer()
+        self.full_router = attach_full_routers(self.model, self.ckpt)
+        self.tokenizer = load_tokenizer(self.ckpt)
 
     # --- hooks for serving engines ----------------------------------------------------------
     def retrieve(self, query: str | Sequence[int]) -> Match:
@@ -145,34 +146,12 @@ class TaskAdaptiveModel:
                 return p
         raise ValueError(f"unknown task {task!r}; known: {', '.join(p.task for p in self.retriever.patterns)}")
 
-    def _tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.ckpt.path)
-        except (OSError, ValueError, TypeError):
-            return None
-
     def _encode(self, query: str | Sequence[int]) -> list[int]:
         if isinstance(query, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer(query)["input_ids"]
         return list(query)
-
-    def _keep_full_routers(self) -> None:
-        reader = TensorReader(self.ckpt)
-        prefixes = tuple(self.adapter.router_prefix(layer) for layer in self.active.kept)
-        keys = [k for k in self.ckpt.weight_map if k.startswith(prefixes)]
-        self.full_router = {k: t for (k, _), t in reader.read((k, None) for k in keys).items()}
-        self._mark_full_routers()
-
-    def _mark_full_routers(self) -> None:
-        for layer, block in moe_blocks(self.model, self.adapter).items():
-            prefix = self.adapter.router_prefix(layer)
-            router = getattr(block, self.adapter.router)
-            bias = self.full_router.get(prefix + "bias")
-            router.moeprune_full_router = (self.full_router[prefix + "weight"], bias)
 
     def _switch(self, pattern: ExpertPattern) -> dict[str, Any]:
         blocks = moe_blocks(self.model, self.adapter)

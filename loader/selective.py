@@ -8,6 +8,7 @@ never read, and the full model never exists in memory.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -21,6 +22,7 @@ from moeprune.pattern import ExpertPattern
 
 from .reader import ReadStats, TensorReader
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # config fields a pattern may override -> the router attribute transformers reads them from
 ROUTER_ATTRS = {"n_group": "num_group", "topk_group": "topk_group"}
 
@@ -113,18 +115,27 @@ def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict
 
 
 def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> tuple[Any, LoadReport]:
-    """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report."""
+                      dtype: torch.dtype | None = None, num_layers: int | None = None) -> tuple[Any, LoadReport]:
+    """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report.
+
+    ``num_layers`` builds only the first decoder layers (e.g. for a router-signature pass).
+    """
     adapter = ckpt.adapter
-    config = _config_object(pruned_config(ckpt.config, pattern, adapter))
+    config_dict = pruned_config(ckpt.config, pattern, adapter)
+    if num_layers is not None:
+        config_dict["num_hidden_layers"] = num_layers
+        if isinstance(config_dict.get("layer_types"), list):
+            config_dict["layer_types"] = config_dict["layer_types"][:num_layers]
+    config = _config_object(config_dict)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = empty_model(config, dtype)
     reader = TensorReader(ckpt)
-    moe_layers = set(pattern.kept)
+    kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items()) if num_layers is None or layer < num_layers}
+    experts_prefixes = tuple(adapter.experts_prefix(layer) for layer in pattern.kept)
     plans = [p for p in plan_tensors(ckpt, pattern)
-             if not any(p.source.startswith(adapter.experts_prefix(layer)) for layer in moe_layers)]
+             if not p.source.startswith(experts_prefixes) and _within(p.source, num_layers)]
     for (key, rows), tensor in reader.iter_read((p.source, p.rows) for p in plans):
         name = adapter.memory_name(key)
         try:
@@ -133,7 +144,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
             raise CheckpointError(f"checkpoint tensor {key} does not fit the {adapter.family} model "
                                   f"({type(exc).__name__}: {exc})") from exc
     blocks = moe_blocks(model, adapter)
-    for layer, kept in sorted(pattern.kept.items()):
+    for layer, kept in kept_layers.items():
         tensors = reader.read(expert_requests(adapter, layer, kept))
         fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in kept], device, dtype)
         resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
@@ -145,4 +156,24 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
                               f"{' …' if len(missing) > 5 else ''}")
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.moeprune_pattern = pattern
-    return model, LoadReport(reader.stats, pattern.counts, param_bytes, list(pattern.meta.get("notes", [])))
+    counts = {layer: len(kept) for layer, kept in kept_layers.items()}
+    return model, LoadReport(reader.stats, counts, param_bytes, list(pattern.meta.get("notes", [])))
+
+
+def _within(key: str, num_layers: int | None) -> bool:
+    m = _LAYER.match(key)
+    return num_layers is None or m is None or int(m.group(1)) < num_layers
+
+
+def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | None = None) -> dict[str, torch.Tensor]:
+    """Read every router tensor of the model's MoE layers whole, and attach (weight, bias) to each router
+    as ``moeprune_full_router`` so signatures can use all experts, whichever are loaded."""
+    adapter = ckpt.adapter
+    blocks = moe_blocks(model, adapter)
+    prefixes = tuple(adapter.router_prefix(layer) for layer in blocks)
+    reader = reader or TensorReader(ckpt)
+    full = {k: t for (k, _), t in reader.read((k, None) for k in ckpt.weight_map if k.startswith(prefixes)).items()}
+    for layer, block in blocks.items():
+        prefix = adapter.router_prefix(layer)
+        getattr(block, adapter.router).moeprune_full_router = (full[prefix + "weight"], full.get(prefix + "bias"))
+    return full

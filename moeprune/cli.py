@@ -176,6 +176,97 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(args, [r.to_dict() for r in results], human)
 
 
+def cmd_store(args: argparse.Namespace) -> None:
+    from .store import PatternStore
+
+    store = PatternStore(args.store)
+    if args.action == "add":
+        _store_add(args, store)
+    elif args.action == "list":
+        entries = store.list()
+        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e["model"])
+                for t, e in entries.items()]
+        _emit(args, entries, _table(rows, ["task", "method", "kept", "signature", "model"]) if rows
+              else f"store {store.root} is empty")
+    elif args.action == "show":
+        pattern = store.get(_need_task(args))
+        _emit(args, pattern.to_dict(), _pattern_table(pattern))
+    elif args.action == "remove":
+        task = _need_task(args)
+        store.remove(task)
+        _emit(args, {"removed": task}, f"removed {task!r} from {store.root}")
+
+
+def _need_task(args: argparse.Namespace) -> str:
+    task = args.target or args.task
+    if not task:
+        raise ValueError(f"`moeprune store {args.action} STORE TASK` needs a task name")
+    return task
+
+
+def _store_add(args: argparse.Namespace, store) -> None:
+    from .pattern import ExpertPattern
+
+    if args.pattern:
+        pattern = ExpertPattern.load(args.pattern)
+    else:
+        from .pipeline import profile_checkpoint, select_pattern
+
+        if not (args.target and args.demos and args.task):
+            raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
+        prof = profile_checkpoint(args.target, args.demos, task=args.task, max_tokens=args.max_tokens,
+                                  device=args.device, dtype=args.dtype, progress=_progress(args))
+        pattern = select_pattern(prof, args.method, args.keep, task=args.task)
+    path = store.add(pattern, task=args.task or pattern.task)
+    _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
+          _pattern_table(pattern) + f"\nstored as {path}")
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from .demos import encode_demos, read_demos
+    from .retrieval import Retriever, load_signature_model, query_signatures
+    from .store import PatternStore
+
+    patterns = PatternStore(args.store).patterns()
+    if not patterns:
+        raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
+    model = args.model or patterns[0].meta.get("model")
+    if not model:
+        raise ValueError("the stored patterns do not say which model they belong to: pass --model")
+    if args.query is not None:
+        queries = [{"text": q} for q in args.query]
+    elif Path(args.queries).suffix in (".jsonl", ".json"):
+        queries = read_demos(args.queries)
+    else:
+        queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
+    if args.layers == "first":
+        net, tokenizer, fp = load_signature_model(model, args.device)
+    else:
+        from .checkpoint import open_checkpoint
+        from .fingerprint import checkpoint_fingerprint
+        from .pipeline import load_model
+
+        ckpt = open_checkpoint(model)
+        fp = checkpoint_fingerprint(ckpt)
+        net, tokenizer = load_model(ckpt, args.device, args.dtype)
+    patterns = [p for p in patterns if p.fingerprint == fp]
+    if not patterns:
+        raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
+    retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
+    matches = retriever.match(query_signatures(net, encode_demos(queries, tokenizer), args.layers))
+    data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
+    rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
+    _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
+
+
+def _query_text(q: dict[str, Any]) -> str:
+    if "text" in q:
+        return q["text"]
+    if "messages" in q:
+        return " ".join(m.get("content", "") for m in q["messages"])
+    return f"<{len(q['input_ids'])} tokens>"
+
+
 # --- parser --------------------------------------------------------------------------------
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -184,7 +275,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     methods = sorted(SCORERS)
-    p = argparse.ArgumentParser(prog="moeprune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moeprune", description="Task-adaptive expert pruning for MoE language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -245,6 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", help="profile (.safetensors) or pattern (.json)")
     c.add_argument("--plot", help="write a heatmap of expert usage / kept experts to this PNG")
     c.set_defaults(func=cmd_inspect)
+
+    c = command("store", "manage a pattern store: add, list, show, remove")
+    c.add_argument("action", choices=["add", "list", "show", "remove"])
+    c.add_argument("store", help="store folder")
+    c.add_argument("target", nargs="?", metavar="MODEL|TASK",
+                   help="add: the checkpoint to profile; show/remove: the task")
+    c.add_argument("--task", help="add: the task name to store under")
+    c.add_argument("--pattern", help="(add) store an existing pattern file instead of profiling")
+    c.add_argument("--demos", help="(add) demo file to profile")
+    c.add_argument("--max-tokens", type=int)
+    c.add_argument("--method", default="tcess", choices=methods)
+    c.add_argument("--keep", default="0.5", help="(add) experts kept per layer (default 0.5)")
+    runtime(c)
+    c.set_defaults(func=cmd_store)
+
+    c = command("retrieve", "pick the stored task pattern for each query (router-signature nearest neighbour)")
+    c.add_argument("store", help="store folder")
+    q = c.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query", action="append", help="query text (repeatable)")
+    q.add_argument("--queries", help="JSONL (text | messages | input_ids) or a text file, one query per line")
+    c.add_argument("--model", help="checkpoint (default: the one the patterns were profiled on)")
+    c.add_argument("--layers", default="first", choices=["first", "all"],
+                   help="router layers in the signature: first MoE layer (PreMoe, cheap) or all (full model)")
+    c.add_argument("--threshold", type=float, default=1.0,
+                   help="centred cosine distance beyond which the general (union) pattern is used; <0 disables")
+    runtime(c)
+    c.set_defaults(func=cmd_retrieve)
 
     c = command("demo", "prune the embedded model per domain; compare perplexity full vs pruned")
     c.add_argument("--method", default="tcess", choices=methods)

@@ -31,16 +31,22 @@ def parse_dtype(dtype: str | torch.dtype | None) -> Any:
 
 def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
     """The full transformers model and its tokenizer (None when the checkpoint ships none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = local_model_dir(ckpt)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device)
     model.eval()
+    return model, load_tokenizer(ckpt)
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    """The checkpoint's tokenizer, or None when it ships none (demos then need ``input_ids``)."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(ckpt.path)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+        return None
 
 
 def max_context(model: Any) -> int | None:
@@ -55,8 +61,10 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     fingerprint = checkpoint_fingerprint(ckpt)
     net, tokenizer = load_model(ckpt, device, dtype)
     encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens)
-    return profile_model(net, encoded, fingerprint, task=task or Path(demos).stem,
-                         demo_hash=demo_hash(encoded), progress=progress)
+    profile = profile_model(net, encoded, fingerprint, task=task or Path(demos).stem,
+                            demo_hash=demo_hash(encoded), progress=progress)
+    profile.model = str(model)
+    return profile
 
 
 def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
@@ -66,7 +74,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
     signature = profile.logit_mean.flatten().tolist()
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
                            signature=signature)
-    pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash})
+    pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
     return pattern
 
 

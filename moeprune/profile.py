@@ -49,6 +49,7 @@ class RouterProfile:
     task: str = ""
     demo_hash: str = ""
     num_demos: int = 0
+    model: str = ""  # where the model was loaded from (folder or Hub id), informational
 
     @classmethod
     def empty(cls, fingerprint: Fingerprint, task: str = "") -> "RouterProfile":
@@ -84,6 +85,7 @@ class RouterProfile:
             task=self.task if self.task == other.task else "+".join(t for t in (self.task, other.task) if t),
             demo_hash="+".join(h for h in (self.demo_hash, other.demo_hash) if h),
             num_demos=self.num_demos + other.num_demos,
+            model=self.model or other.model,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -91,6 +93,7 @@ class RouterProfile:
             "format": PROFILE_FORMAT, "version": str(PROFILE_VERSION),
             "fingerprint": json.dumps(self.fingerprint.to_dict()), "task": self.task,
             "demo_hash": self.demo_hash, "tokens": str(self.tokens), "num_demos": str(self.num_demos),
+            "model": self.model,
         }
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -117,7 +120,8 @@ class RouterProfile:
         if missing:
             raise ValueError(f"{path} lacks profile signals {sorted(missing)}")
         return cls(fingerprint=fp, stats=stats, tokens=int(meta["tokens"]), task=meta.get("task", ""),
-                   demo_hash=meta.get("demo_hash", ""), num_demos=int(meta.get("num_demos", 0)))
+                   demo_hash=meta.get("demo_hash", ""), num_demos=int(meta.get("num_demos", 0)),
+                   model=meta.get("model", ""))
 
 
 def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
