@@ -40,13 +40,18 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
     if pattern is None:
-        from transformers import AutoModelForCausalLM
+        if ckpt.config.get("moeprune", {}).get("uniform", True):
+            from transformers import AutoModelForCausalLM
 
-        from .checkpoint import local_model_dir
+            from .checkpoint import local_model_dir
 
-        net = AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=torch_dtype or "auto",
-                                                   device_map=device).eval()
-        return (net, None) if return_report else net
+            net = AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=torch_dtype or "auto",
+                                                       device_map=device).eval()
+            return (net, None) if return_report else net
+        # a non-uniform export: per-layer expert counts that a plain config cannot hold
+        fp = checkpoint_fingerprint(ckpt)
+        pattern = ExpertPattern(fp, {layer: list(range(n)) for layer, n in zip(fp.moe_layers, fp.num_experts)},
+                                task=ckpt.config["moeprune"].get("task", ""))
     pat = resolve_pattern(pattern, store)
     pat.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     net, report = load_with_pattern(ckpt, pat, device=device,

@@ -72,7 +72,16 @@ def cmd_select(args: argparse.Namespace) -> None:
     for other in profiles[1:]:
         prof = prof + other
     params = {"seed": args.seed} if args.seed is not None else {}
-    pattern = select_pattern(prof, args.method, args.keep, task=args.task, **params)
+    demos = None
+    if args.demos:
+        from .checkpoint import open_checkpoint
+        from .demos import encode_demos, read_demos
+        from .pipeline import load_tokenizer
+
+        demos = encode_demos(read_demos(args.demos), load_tokenizer(open_checkpoint(args.model or prof.model)))
+    pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
+                             min_per_layer=args.min_per_layer, checkpoint=args.model, demos=demos,
+                             progress=_progress(args), **params)
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
@@ -98,10 +107,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     from .pipeline import prune
 
+    params = {"seed": args.seed} if args.seed is not None else {}
     pattern, summary = prune(args.model, args.demos, args.method, args.keep, args.out, task=args.task or "",
                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                              overwrite=args.overwrite, progress=_progress(args),
-                             max_shard_size=args.max_shard_size)
+                             max_shard_size=args.max_shard_size, budget=args.budget,
+                             min_per_layer=args.min_per_layer, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -296,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     def selection(c: argparse.ArgumentParser) -> None:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
-        c.add_argument("--seed", type=int, help="seed for the random method")
+        c.add_argument("--seed", type=int, help="seed for random, diep")
+        c.add_argument("--budget", choices=["uniform", "global"],
+                       help="uniform: K per layer; global: K x layers over the model, counts per layer differ "
+                            "(default: the method's own; stun and diep are global)")
+        c.add_argument("--min-per-layer", type=int, help="global budget: each layer keeps at least this many "
+                       "(never below the router's top-k)")
 
     def output_dir(c: argparse.ArgumentParser) -> None:
         c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")
@@ -315,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     selection(c)
     c.add_argument("--task", help="task name stored in the pattern (default: the profile's)")
     c.add_argument("--out", required=True, help="pattern file to write (.json)")
+    c.add_argument("--model", help="checkpoint, for methods that read weights (default: the profiled one)")
+    c.add_argument("--demos", help="demo file, for methods that run the model (diep, enumerate)")
     c.set_defaults(func=cmd_select)
 
     c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")

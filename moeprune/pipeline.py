@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .checkpoint import Checkpoint, local_model_dir, open_checkpoint
 from .demos import demo_hash, encode_demos, read_demos
 from .export import export_pruned
-from .fingerprint import checkpoint_fingerprint
+from .fingerprint import Fingerprint, checkpoint_fingerprint
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
-from .scoring import score
+from .scoring import default_budget, needs_checkpoint, score
 from .select import make_pattern
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -53,27 +54,61 @@ def max_context(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max_tokens: int | None = None,
-                       device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-                       progress: bool = True) -> RouterProfile:
-    """Profile a checkpoint (local folder or Hub id) on a demo file."""
+@dataclass
+class Workspace:
+    """A checkpoint with its loaded model and encoded demos: what profiling and model-reading scorers use."""
+
+    ckpt: Checkpoint
+    fingerprint: Fingerprint
+    model: Any
+    tokenizer: Any
+    demos: list[list[int]]
+    demo_path: Path
+
+
+def open_workspace(model: str | Path, demos: str | Path, max_tokens: int | None = None, device: str = "cpu",
+                   dtype: str | torch.dtype | None = "auto") -> Workspace:
     ckpt = open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
     net, tokenizer = load_model(ckpt, device, dtype)
     encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens)
-    profile = profile_model(net, encoded, fingerprint, task=task or Path(demos).stem,
-                            demo_hash=demo_hash(encoded), progress=progress)
-    profile.model = str(model)
+    return Workspace(ckpt, fingerprint, net, tokenizer, encoded, Path(demos))
+
+
+def profile_workspace(ws: Workspace, task: str = "", progress: bool = True) -> RouterProfile:
+    profile = profile_model(ws.model, ws.demos, ws.fingerprint, task=task or ws.demo_path.stem,
+                            demo_hash=demo_hash(ws.demos), progress=progress)
+    profile.model = str(ws.ckpt.repo_id or ws.ckpt.path)
     return profile
 
 
+def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max_tokens: int | None = None,
+                       device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                       progress: bool = True) -> RouterProfile:
+    """Profile a checkpoint (local folder or Hub id) on a demo file."""
+    return profile_workspace(open_workspace(model, demos, max_tokens, device, dtype), task, progress)
+
+
 def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
-                   **params: Any) -> ExpertPattern:
-    """Score a profile with ``method`` and keep ``keep`` experts per layer."""
-    scores = score(method, profile, **params)
+                   budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
+                   demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
+                   progress: bool = False, **params: Any) -> ExpertPattern:
+    """Score a profile with ``method`` and keep ``keep`` experts per layer (on average for a global budget).
+
+    ``budget`` is ``uniform`` or ``global`` (default: the method's own). Scorers that read weights
+    get ``checkpoint`` (default: the checkpoint the profile was made on); scorers that run the
+    model get ``model`` (a loaded transformers model) and ``demos`` (encoded demos).
+    """
+    budget = budget or default_budget(method)
+    if checkpoint is None and profile.model and needs_checkpoint(method):
+        checkpoint = profile.model
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    scores = score(method, profile, model=model, demos=demos, checkpoint=checkpoint, keep=keep, budget=budget,
+                   min_per_layer=min_per_layer, progress=progress, **params)
     signature = profile.logit_mean.flatten().tolist()
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
-                           signature=signature)
+                           signature=signature, budget=budget, min_per_layer=min_per_layer)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
     return pattern
 
@@ -81,11 +116,14 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
 def prune(model: str | Path, demos: str | Path, method: str, keep: str | float | int, out: str | Path,
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
-          max_shard_size: str | int = "2GB") -> tuple[ExpertPattern, dict[str, Any]]:
+          max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
+          **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary."""
-    profile = profile_checkpoint(model, demos, task=task, max_tokens=max_tokens, device=device, dtype=dtype,
-                                 progress=progress)
-    pattern = select_pattern(profile, method, keep)
+    ws = open_workspace(model, demos, max_tokens, device, dtype)
+    profile = profile_workspace(ws, task, progress)
+    pattern = select_pattern(profile, method, keep, budget=budget, min_per_layer=min_per_layer, model=ws.model,
+                             demos=ws.demos, checkpoint=ws.ckpt, progress=progress, **params)
+    del ws
     summary = export_pruned(model, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size)
     return pattern, summary

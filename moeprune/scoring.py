@@ -20,13 +20,28 @@ class Scorer(Protocol):
 
 
 SCORERS: dict[str, Scorer] = {}
+_BUDGETS: dict[str, str] = {}
+_READS_CHECKPOINT: set[str] = set()
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False) -> Callable[[Scorer], Scorer]:
+    """Register a scorer; ``budget`` is how its scores are meant to be cut (``uniform`` or ``global``),
+    ``reads_checkpoint`` whether it needs the model's weights (passed as ``checkpoint=``)."""
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
+        _BUDGETS[name] = budget
+        if reads_checkpoint:
+            _READS_CHECKPOINT.add(name)
         return fn
     return deco
+
+
+def default_budget(method: str) -> str:
+    return _BUDGETS.get(method, "uniform")
+
+
+def needs_checkpoint(method: str) -> bool:
+    return method in _READS_CHECKPOINT
 
 
 def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,

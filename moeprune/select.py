@@ -1,7 +1,9 @@
 """Turn expert scores into a kept-expert pattern.
 
-Uniform selection keeps the K best-scored experts of every MoE layer; ties go to the lower
-expert id. Every layer keeps at least the router's top-k (else routing breaks). For DeepSeek
+Uniform selection keeps the K best-scored experts of every MoE layer; global selection keeps the
+K x L best-scored experts of the whole model (so layers keep different counts), after giving every
+layer its minimum. Ties go to the lower layer, then the lower expert id. Every layer keeps at least
+the router's top-k (else routing breaks). For DeepSeek
 group-limited routing the K experts are spread equally over the groups (the K/n_group best of
 each) so routing semantics are unchanged; when K does not allow that, the pattern falls back to
 ungrouped routing (n_group = topk_group = 1 in the exported config) and says so.
@@ -102,8 +104,41 @@ def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | f
     return kept, routing, notes
 
 
+def select_global(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int,
+                  min_per_layer: int | None = None) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
+    """Kept experts per layer for a global budget of ``keep`` x layers experts (non-uniform counts)."""
+    fp = fingerprint
+    E, L = max(fp.num_experts), len(fp.moe_layers)
+    budget = resolve_keep(keep, E, fp.top_k) * L
+    floor = max(fp.top_k, min_per_layer or 0)
+    if floor > min(fp.num_experts):
+        raise SelectionError(f"--min-per-layer {floor} exceeds the {min(fp.num_experts)} experts of a layer")
+    if budget < floor * L:
+        raise SelectionError(f"--keep {keep} gives {budget} experts in all, below {floor} per layer x {L} layers")
+    s = scores.detach().cpu().numpy().astype(np.float64)
+    kept = {layer: set(_top(s[row, :n], floor)) for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts))}
+    rest = [(-s[row, e], row, e) for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts))
+            for e in range(n) if e not in kept[layer]]
+    for _, row, e in sorted(rest)[: budget - floor * L]:
+        kept[fp.moe_layers[row]].add(e)
+    kept_sorted = {layer: sorted(v) for layer, v in kept.items()}
+    routing, notes = group_routing(kept_sorted, fp)
+    counts = [len(v) for v in kept_sorted.values()]
+    notes.append(f"global budget {budget} experts: {min(counts)}-{max(counts)} per layer")
+    return kept_sorted, routing, notes
+
+
 def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int, task: str = "",
-                 method: str = "", signature: list[float] | None = None) -> ExpertPattern:
-    kept, routing, notes = select_uniform(scores, fingerprint, keep)
+                 method: str = "", signature: list[float] | None = None, budget: str = "uniform",
+                 min_per_layer: int | None = None) -> ExpertPattern:
+    """Select experts from ``scores`` with a ``uniform`` (per-layer) or ``global`` budget."""
+    if budget == "uniform":
+        if min_per_layer and resolve_keep(keep, max(fingerprint.num_experts), fingerprint.top_k) < min_per_layer:
+            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
+        kept, routing, notes = select_uniform(scores, fingerprint, keep)
+    elif budget == "global":
+        kept, routing, notes = select_global(scores, fingerprint, keep, min_per_layer)
+    else:
+        raise SelectionError(f"--budget {budget!r} is not 'uniform' or 'global'")
     return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
-                         signature=signature, meta={"keep": str(keep), "notes": notes})
+                         signature=signature, meta={"keep": str(keep), "budget": budget, "notes": notes})
