@@ -102,3 +102,11 @@ def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """
     s = profile.stats["out_aware"]
     return s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _register_builtin_modules() -> None:
+    """Scorers living in their own modules register themselves on import."""
+    from . import stun  # noqa: F401
+
+
+_register_builtin_modules()

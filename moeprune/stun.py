@@ -1,0 +1,149 @@
+"""STUN's expert stage: cluster experts that behave alike, keep one representative per cluster.
+
+Per MoE layer the behaviour distance between experts i and j mixes two signals:
+
+- router rows: ``||W_i - W_j||`` (optionally divided by the mean row norm of the pair), normalised by
+  its mean over pairs of the layer;
+- co-activation: ``-C_ij / |mean C|`` with C the profile's co-selection counts (experts that fire
+  together behave alike, so they are closer).
+
+``D = (1 - mix) * D_router + mix * D_coact`` (``mix`` default 0.5). Each layer is clustered by
+average-linkage agglomeration (scipy). One distance threshold is shared by all layers: merges of
+all layers are taken in order of merge distance until the global budget of clusters is met
+exactly, never merging a layer below its minimum (top-k). This is the shared-threshold cut of
+STUN, found exactly rather than by bisection. In each cluster the member nearest the centroid of
+the cluster's flattened expert weights is kept (distances from a streamed Gram matrix, so
+expert weights are never all in memory at once). O(1) forward passes: only the profile and weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
+
+from .checkpoint import Checkpoint
+from .profile import RouterProfile
+from .scoring import register_scorer
+from .select import resolve_keep
+
+CHUNK_ELEMENTS = 1 << 24  # expert-weight elements per Gram-matrix step (bounds memory)
+
+
+def behaviour_distance(router_weight: torch.Tensor, coact: torch.Tensor, mix: float = 0.5,
+                       normalize_rows: bool = False) -> np.ndarray:
+    """Pairwise behaviour distance ``[E, E]`` between the experts of one layer."""
+    W = router_weight.double()
+    d_router = torch.cdist(W, W)
+    if normalize_rows:
+        norms = W.norm(dim=1)
+        d_router = d_router / ((norms[:, None] + norms[None, :]) / 2).clamp_min(1e-12)
+    E = W.shape[0]
+    off = ~torch.eye(E, dtype=torch.bool)
+    d_router = d_router / d_router[off].mean().clamp_min(1e-12)
+    C = coact.double()
+    d_coact = -C / C[off].mean().abs().clamp_min(1e-12)
+    D = (1 - mix) * d_router + mix * d_coact
+    D = D - D[off].min() if E > 1 else D  # a common shift keeps linkage order; distances become >= 0
+    D.fill_diagonal_(0)
+    return ((D + D.T) / 2).numpy()
+
+
+def _clusters(merges: np.ndarray, n: int, steps: int) -> list[list[int]]:
+    """Members of each cluster after the first ``steps`` merges of a scipy linkage matrix."""
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    for step in range(steps):
+        a, b = int(merges[step, 0]), int(merges[step, 1])
+        members[n + step] = members.pop(a) + members.pop(b)
+    return [sorted(m) for m in members.values()]
+
+
+def shared_threshold_cut(linkages: list[np.ndarray], sizes: list[int], budget: int, floor: int) -> list[int]:
+    """Merges to apply per layer so that the layers hold ``budget`` clusters in all, taking merges of all
+    layers in order of distance (one shared threshold) and never going below ``floor`` per layer."""
+    need = sum(sizes) - budget
+    events = sorted((z[s, 2], layer, s) for layer, z in enumerate(linkages) for s in range(len(z)))
+    taken = [0] * len(linkages)
+    for _, layer, _ in events:
+        if need == 0:
+            break
+        if sizes[layer] - taken[layer] > floor:
+            taken[layer] += 1
+            need -= 1
+    if need:
+        raise ValueError(f"cannot reach {budget} experts with at least {floor} per layer")
+    return taken
+
+
+def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
+    """Gram matrix ``[E, E]`` of the flattened expert weights of one layer, streamed in chunks."""
+    adapter = ckpt.adapter
+    G = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    sources = [adapter.expert_sources(layer, e) for e in range(num_experts)]
+    for param, pieces in sources[0].items():
+        for j, (key, row) in enumerate(pieces):
+            if row is not None:  # fused [E, ...] tensor: chunk over its second axis
+                with ckpt.open(ckpt.weight_map[key]) as f:
+                    sl = f.get_slice(key)
+                    shape = sl.get_shape()
+                    step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[2:]))))
+                    for a in range(0, shape[1], step):
+                        X = sl[:, a:a + step].reshape(num_experts, -1).double()
+                        G += X @ X.T
+                continue
+            keys = [src[param][j][0] for src in sources]  # one tensor per expert: chunk over rows
+            shape = ckpt.shape(keys[0])
+            step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[1:]))))
+            for a in range(0, shape[0], step):
+                X = torch.stack([_rows(ckpt, k, a, a + step).reshape(-1).double() for k in keys])
+                G += X @ X.T
+    return G
+
+
+def _rows(ckpt: Checkpoint, key: str, a: int, b: int) -> torch.Tensor:
+    with ckpt.open(ckpt.weight_map[key]) as f:
+        return f.get_slice(key)[a:b]
+
+
+def nearest_to_centroid(gram: torch.Tensor, cluster: list[int]) -> int:
+    """Member with the least ||w_i - mean(w_C)||^2 = G_ii - 2 mean_j G_ij + mean_jk G_jk (ties: lowest id)."""
+    idx = torch.tensor(cluster)
+    sub = gram[idx][:, idx]
+    d = sub.diagonal() - 2 * sub.mean(1) + sub.mean()
+    return cluster[int(torch.argmin(d))]
+
+
+def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | int, mix: float = 0.5,
+                  normalize_rows: bool = False, min_per_layer: int | None = None) -> dict[int, list[list[int]]]:
+    """Clusters of experts per MoE layer meeting the global budget of ``keep`` x layers clusters."""
+    fp = profile.fingerprint
+    routers = ckpt.router_weights()
+    sizes = list(fp.num_experts)
+    floor = max(fp.top_k, min_per_layer or 0)
+    budget = resolve_keep(keep, max(sizes), fp.top_k) * len(sizes)
+    linkages = []
+    for row, layer in enumerate(fp.moe_layers):
+        D = behaviour_distance(routers[layer], profile.stats["coact"][row, :sizes[row], :sizes[row]], mix,
+                               normalize_rows)
+        linkages.append(linkage(squareform(D, checks=False), method="average"))
+    steps = shared_threshold_cut(linkages, sizes, budget, floor)
+    return {layer: _clusters(z, n, s) for layer, z, n, s in zip(fp.moe_layers, linkages, sizes, steps)}
+
+
+@register_scorer("stun", budget="global", reads_checkpoint=True)
+def stun_scores(profile: RouterProfile, checkpoint: Checkpoint | None = None, keep: Any = None,
+                mix: float = 0.5, normalize_rows: bool = False, min_per_layer: int | None = None,
+                **_: Any) -> torch.Tensor:
+    """1 for each cluster's representative, 0 otherwise: a global cut of these scores keeps exactly them."""
+    if checkpoint is None or keep is None:
+        raise ValueError("stun reads router and expert weights: give the checkpoint (--model) and --keep")
+    clusters = stun_clusters(profile, checkpoint, keep, mix, normalize_rows, min_per_layer)
+    scores = torch.zeros(profile.num_layers, profile.num_experts, dtype=torch.float64)
+    for row, layer in enumerate(profile.fingerprint.moe_layers):
+        gram = expert_gram(checkpoint, layer, profile.fingerprint.num_experts[row])
+        for cluster in clusters[layer]:
+            scores[row, nearest_to_centroid(gram, cluster)] = 1.0
+    return scores

@@ -1,0 +1,91 @@
+"""STUN, DiEP and the exact enumeration baseline; non-uniform patterns end to end."""
+
+import pytest
+import torch
+
+import moeprune
+from moeprune.checkpoint import open_checkpoint
+from moeprune.export import export_pruned
+from moeprune.pipeline import profile_checkpoint, select_pattern
+from moeprune.stun import expert_gram
+from tiny_models import FAMILIES, VOCAB, make_model, masked_routers, save_model, write_token_demos
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stun_meets_the_global_budget_exactly(family, family_checkpoints, tmp_path):
+    _, src = family_checkpoints[family]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    for keep in ("0.5", "0.375", "3"):
+        pattern = select_pattern(prof, "stun", keep, checkpoint=src)
+        L = len(prof.fingerprint.moe_layers)
+        per_layer = {"0.5": 4, "0.375": 3, "3": 3}[keep]
+        assert sum(pattern.counts.values()) == per_layer * L, keep
+        assert min(pattern.counts.values()) >= prof.fingerprint.top_k
+
+
+def test_stun_collapses_duplicate_experts_to_one(tmp_path):
+    model = make_model("mixtral", seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            moe = layer.mlp
+            moe.gate.weight[5] = moe.gate.weight[2]
+            moe.experts.gate_up_proj[5] = moe.experts.gate_up_proj[2]
+            moe.experts.down_proj[5] = moe.experts.down_proj[2]
+    src = save_model(model, tmp_path / "dup")
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl", n=8), progress=False)
+    pattern = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0)  # one merge per layer
+    for layer, kept in pattern.kept.items():
+        assert 2 in kept and 5 not in kept and len(kept) == 7
+
+
+def test_expert_gram_matches_flattened_weights(family_checkpoints):
+    for family in ("qwen2_moe", "gpt_oss"):
+        model, src = family_checkpoints[family]
+        ckpt = open_checkpoint(src)
+        layer = ckpt.moe_layers()
+        first = min(layer)
+        experts = model.model.layers[first].mlp.experts
+        flat = torch.cat([p.detach().reshape(p.shape[0], -1).double() for p in experts.parameters()], dim=1)
+        torch.testing.assert_close(expert_gram(ckpt, first, layer[first]), flat @ flat.T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_non_uniform_export_loads_and_equals_masked_full_model(family, family_checkpoints, tmp_path):
+    full, src = family_checkpoints[family]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    scores = torch.randn(prof.num_layers, prof.num_experts, generator=torch.Generator().manual_seed(0))
+    scores[0] += 10  # the first MoE layer wins most of the global budget
+    from moeprune.select import make_pattern
+    pattern = make_pattern(scores.double(), prof.fingerprint, "0.5", budget="global")
+    assert not pattern.is_uniform
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    loaded = moeprune.from_pretrained(tmp_path / "out")
+    if pattern.routing:  # grouped routing fell back to ungrouped: the reference must route the same way
+        for layer in full.model.layers:
+            if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "num_group"):
+                layer.mlp.gate.num_group = layer.mlp.gate.topk_group = 1
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    try:
+        with torch.no_grad(), masked_routers(full, pattern.kept):
+            ref = full(x).logits
+    finally:
+        for layer in full.model.layers:
+            if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "num_group"):
+                layer.mlp.gate.num_group, layer.mlp.gate.topk_group = full.config.n_group, full.config.topk_group
+    with torch.no_grad():
+        out = loaded(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    counts = {int(k): v for k, v in open_checkpoint(tmp_path / "out").config["moeprune"]["num_experts_per_layer"].items()}
+    assert counts == pattern.counts
+
+
+def test_min_per_layer_guard(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["olmoe"]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    scores = torch.zeros(prof.num_layers, prof.num_experts, dtype=torch.float64)
+    scores[0] = 1
+    from moeprune.select import SelectionError, make_pattern
+    p = make_pattern(scores, prof.fingerprint, "0.5", budget="global", min_per_layer=3)
+    assert p.counts == {0: 5, 1: 3}
+    with pytest.raises(SelectionError, match="below 5 per layer"):
+        make_pattern(scores, prof.fingerprint, "0.5", budget="global", min_per_layer=5)
