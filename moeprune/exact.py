@@ -1,0 +1,132 @@
+"""NAEE-style exact baseline: per layer, try every kept subset and keep the best reconstruction.
+
+For each MoE layer the demos' MoE inputs are cached from one forward pass of the full model. Every
+subset S of K experts is scored by the squared error between the layer's routed output when the
+router may only pick experts in S (the others' logits masked to -inf, the selection bias too) and
+the full layer's routed output; the subset with the least error is kept. Expert outputs are computed
+once per layer, so each subset costs one router pass. Exponential in E: refused beyond
+``max_subsets`` subsets per layer. The gold standard the cheaper scorers are measured against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .arch import get_adapter, moe_blocks
+from .profile import RouterProfile, expert_pair_outputs
+from .scoring import register_scorer
+from .select import resolve_keep
+
+
+@contextmanager
+def router_restricted_to(router: torch.nn.Module, allowed: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``router`` can only select experts where ``allowed`` is True.
+
+    The router's logits come from its one ``F.linear`` call, which is wrapped for the duration
+    (not thread-safe: offline use only); a selection bias (DeepSeek-V3) is masked too.
+    """
+    real = F.linear
+    bias = getattr(router, "e_score_correction_bias", None)
+    saved = None if bias is None else bias.detach().clone()
+
+    def linear(x, w, b=None):
+        return real(x, w, b).masked_fill(~allowed.to(x.device), float("-inf"))
+
+    original = router.forward
+
+    def forward(*args, **kwargs):
+        torch.nn.functional.linear = linear
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.nn.functional.linear = real
+
+    router.forward = forward
+    if bias is not None:
+        bias.data.masked_fill_(~allowed.to(bias.device), float("-inf"))
+    try:
+        yield
+    finally:
+        del router.forward
+        if bias is not None:
+            bias.data.copy_(saved)
+
+
+def _routed(router: torch.nn.Module, x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    _, weights, index = router(x)
+    return (Y.gather(1, index[..., None].expand(-1, -1, Y.shape[-1])) * weights[..., None].to(Y.dtype)).sum(1)
+
+
+@torch.inference_mode()
+def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets: int = 20000,
+                 max_tokens: int = 4096, progress: bool = False) -> dict[int, tuple[list[int], float]]:
+    """Per MoE layer, the K-subset with the least routed-output error and that error."""
+    adapter = get_adapter(model.config)
+    blocks = moe_blocks(model, adapter)
+    E = max(b.experts.num_experts for b in blocks.values())
+    n = math.comb(E, k)
+    if n > max_subsets:
+        raise ValueError(f"enumerate would try C({E},{k}) = {n:,} subsets per layer (limit {max_subsets:,}); "
+                         "use a cheaper method (tcess, stun, diep) or raise max_subsets")
+    inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in blocks}
+    handles = [b.register_forward_pre_hook(lambda m, a, layer=layer: inputs[layer].append(
+        a[0].reshape(-1, a[0].shape[-1]))) for layer, b in blocks.items()]
+    device = next(model.parameters()).device
+    used = 0
+    try:
+        for ids in demos:
+            if used >= max_tokens:
+                break
+            model(torch.tensor([list(ids)[: max_tokens - used]], device=device), use_cache=False)
+            used += min(len(ids), max_tokens - used)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for layer, block in tqdm(blocks.items(), desc="enumerate", disable=not progress):
+        x = torch.cat(inputs[layer])
+        router = getattr(block, adapter.router)
+        every = torch.arange(E, device=x.device)[None].expand(x.shape[0], E)
+        Y = expert_pair_outputs(block.experts, x, every)  # [T, E, H]: each expert on every token
+        target = _routed(router, x, Y)
+        best, best_err = None, float("inf")
+        allowed = torch.zeros(E, dtype=torch.bool)
+        for subset in itertools.combinations(range(E), k):
+            allowed.zero_()
+            allowed[list(subset)] = True
+            with router_restricted_to(router, allowed):
+                err = (_routed(router, x, Y) - target).pow(2).sum().item()
+            if err < best_err:
+                best, best_err = list(subset), err
+        out[layer] = (best, best_err)
+    return out
+
+
+@register_scorer("enumerate")
+def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
+                     checkpoint: Any = None, keep: Any = None, max_subsets: int = 20000, progress: bool = False,
+                     **_: Any) -> torch.Tensor:
+    """1 for the best subset's experts (plus a frequency tie-break below 1), per layer."""
+    if demos is None or keep is None:
+        raise ValueError("enumerate runs the model on the demos: give --demos and --keep")
+    fp = profile.fingerprint
+    k = resolve_keep(keep, max(fp.num_experts), fp.top_k)
+    if model is None:
+        if checkpoint is None:
+            raise ValueError("enumerate runs the model: give the checkpoint (--model)")
+        from .pipeline import load_model
+
+        model, _ = load_model(checkpoint, "cpu", "float32")
+    best = best_subsets(model, demos, k, max_subsets, progress=progress)
+    freq = profile.stats["count"] / profile.stats["count"].sum(1, keepdim=True).clamp_min(1)
+    scores = 0.5 * freq.clone()
+    for row, layer in enumerate(fp.moe_layers):
+        scores[row, best[layer][0]] = 1.0
+    return scores
