@@ -46,7 +46,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from .pipeline import profile_checkpoint
 
     prof = profile_checkpoint(args.model, args.demos, task=args.task or "", max_tokens=args.max_tokens,
-                              device=args.device, dtype=args.dtype, progress=_progress(args))
+                              device=args.device, dtype=args.dtype, progress=_progress(args), offload=args.offload)
     prof.save(args.out)
     used = (prof.stats["count"] > 0).sum(1).tolist()
     data = {"out": str(args.out), "task": prof.task, "tokens": prof.tokens, "demos": prof.num_demos,
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
     demos(c)
     c.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    c.add_argument("--offload", action="store_true",
+                   help="materialize one decoder layer at a time (models larger than memory); same profile")
     runtime(c)
     c.set_defaults(func=cmd_profile)
 

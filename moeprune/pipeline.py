@@ -84,9 +84,24 @@ def profile_workspace(ws: Workspace, task: str = "", progress: bool = True) -> R
 
 def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max_tokens: int | None = None,
                        device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-                       progress: bool = True) -> RouterProfile:
-    """Profile a checkpoint (local folder or Hub id) on a demo file."""
-    return profile_workspace(open_workspace(model, demos, max_tokens, device, dtype), task, progress)
+                       progress: bool = True, offload: bool = False) -> RouterProfile:
+    """Profile a checkpoint (local folder or Hub id) on a demo file.
+
+    ``offload=True`` materializes one decoder layer at a time (for models larger than memory).
+    """
+    if not offload:
+        return profile_workspace(open_workspace(model, demos, max_tokens, device, dtype), task, progress)
+    from .offload import profile_offloaded
+
+    ckpt = open_checkpoint(model)
+    encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
+                           max_tokens)
+    torch_dtype = parse_dtype(dtype)
+    profile = profile_offloaded(ckpt, encoded, checkpoint_fingerprint(ckpt), task=task or Path(demos).stem,
+                                demo_hash=demo_hash(encoded), device=device,
+                                dtype=None if torch_dtype == "auto" else torch_dtype, progress=progress)
+    profile.model = str(ckpt.repo_id or ckpt.path)
+    return profile
 
 
 def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,

@@ -31,6 +31,10 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
     demos = write_token_demos(tmp_path / "math.jsonl")
     code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "--json")
     assert code == 0 and json.loads(out)["tokens"] == 144 and json.loads(out)["task"] == "math"
+    code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "off.safetensors", "--offload", "-q")
+    from moeprune.profile import RouterProfile
+    a, b = RouterProfile.load(tmp_path / "p.safetensors"), RouterProfile.load(tmp_path / "off.safetensors")
+    assert code == 0 and torch.allclose(a.stats["soft"], b.stats["soft"], rtol=1e-5, atol=1e-6)
     code, out, _ = run(capsys, "select", tmp_path / "p.safetensors", "--method", "soft-count", "--keep", "0.5",
                        "--out", tmp_path / "pat.json")
     assert code == 0 and "4/8" in out

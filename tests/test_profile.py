@@ -133,3 +133,20 @@ def test_demo_formats(tmp_path):
         encode_demos([{"text": "x"}], None)
     with pytest.raises(ValueError, match="does not exist"):
         read_demos(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_offloaded_profile_equals_in_memory(family, family_checkpoints):
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.offload import profile_offloaded
+
+    model, src = family_checkpoints[family]
+    demos = _encoded(3, length=20, seed=5)
+    ckpt = open_checkpoint(src)
+    fp = checkpoint_fingerprint(ckpt)
+    off = profile_offloaded(ckpt, demos, fp, progress=False)
+    mem = profile_model(model, demos, fp, progress=False)
+    assert off.tokens == mem.tokens
+    for name, value in mem.stats.items():
+        torch.testing.assert_close(off.stats[name], value, rtol=1e-5, atol=1e-5, msg=name)

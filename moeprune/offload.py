@@ -1,0 +1,105 @@
+"""Out-of-core profiling: a model larger than memory, one decoder layer at a time.
+
+The model is built on the meta device; embeddings and other non-layer weights are loaded once.
+For each decoder layer l in turn, only layer l is materialized from the shards, every demo's
+hidden states are pushed through it (the model's own forward computes masks and rotary embeddings;
+layers before l replay the cached input, the pass stops right after layer l), the profiler hooks
+record layer l's router statistics, and the layer goes back to the meta device. The result equals
+the in-memory profile; peak memory is one layer plus the demos' hidden states.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .fingerprint import Fingerprint
+from .profile import RouterProfile, RouterProfiler
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
+    from .loader.reader import TensorReader
+    from .loader.selective import assemble_expert, expert_requests, fill_experts, set_tensor
+
+    adapter = ckpt.adapter
+    reader = TensorReader(ckpt)
+    moe = ckpt.moe_layers()
+    experts_prefixes = {layer: adapter.experts_prefix(layer) for layer in moe}
+    plain = [k for k in keys if not any(k.startswith(p) for p in experts_prefixes.values())]
+    for (key, _), tensor in reader.iter_read((k, None) for k in plain):
+        set_tensor(model, adapter.memory_name(key), tensor, device, dtype)
+    for layer, prefix in experts_prefixes.items():
+        if any(k.startswith(prefix) for k in keys):
+            experts = list(range(moe[layer]))
+            tensors = reader.read(expert_requests(adapter, layer, experts))
+            fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in experts],
+                         device, dtype)
+
+
+def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], fingerprint: Fingerprint,
+                      task: str = "", demo_hash: str = "", device: str = "cpu",
+                      dtype: torch.dtype | None = None, progress: bool = True) -> RouterProfile:
+    """The router profile of ``encoded`` demos, materializing one decoder layer at a time."""
+    from .loader.selective import _config_object, empty_model
+
+    config = _config_object(dict(ckpt.config))
+    dtype = dtype or (getattr(torch, config.dtype) if isinstance(getattr(config, "dtype", None), str)
+                      else getattr(config, "dtype", None)) or torch.float32
+    model = empty_model(config, dtype)
+    layers = model.model.layers
+    by_layer: dict[int, list[str]] = {}
+    outer = []
+    for key in ckpt.weight_map:
+        m = _LAYER.match(key)
+        (by_layer.setdefault(int(m.group(1)), []) if m else outer).append(key)
+    outer = [k for k in outer if not k.startswith("lm_head.")]  # the pass stops before the head
+    _load_tensors(model, ckpt, outer, device, dtype)
+
+    profiler = RouterProfiler(model, fingerprint, task)
+    cached: list[Any] = [None] * len(encoded)  # input of the current layer, per demo
+    current = {"demo": 0}
+
+    def replay_first(module, args, kwargs):  # layer 0 when l > 0: hand over the cached input instead
+        return cached[current["demo"]]
+
+    def passthrough(module, args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def capture_and_stop(module, args, kwargs, output):
+        cached[current["demo"]] = output.detach() if isinstance(output, torch.Tensor) else output
+        raise _Stop
+
+    with torch.inference_mode(), profiler.attached():
+        for l in tqdm(range(len(layers)), desc="profiling layer by layer", disable=not progress):
+            _load_tensors(model, ckpt, by_layer.get(l, []), device, dtype)
+            for i in range(l):
+                layers[i].forward = (lambda *a, **k: replay_first(None, a, k)) if i == 0 else \
+                    (lambda *a, **k: passthrough(None, a, k))
+            handle = layers[l].register_forward_hook(capture_and_stop, with_kwargs=True)
+            try:
+                for d, ids in enumerate(encoded):
+                    current["demo"] = d
+                    try:
+                        model(torch.tensor([list(ids)], device=device), use_cache=False)
+                    except _Stop:
+                        pass
+            finally:
+                handle.remove()
+                for i in range(l):
+                    del layers[i].forward
+                layers[l].to("meta")
+    prof = profiler.profile
+    prof.tokens = sum(len(ids) for ids in encoded)
+    prof.num_demos = len(encoded)
+    prof.demo_hash = demo_hash
+    return prof
