@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved, machine, table, write_section  # noqa: E402
+if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
+from benchmarks.report import interleaved, machine, table, write_section  # noqa: E402
 
 from moeprune import embedded  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
+if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
+from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
 
 from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.scoring import SCORERS  # noqa: E402

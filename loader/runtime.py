@@ -21,7 +21,7 @@ from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.pattern import ExpertPattern
 from moeprune.pipeline import load_tokenizer
-from moeprune.retrieval import Match, Retriever, query_signatures
+from moeprune.retrieval import Match, Retriever, general_pattern, query_signatures
 
 from .reader import TensorReader
 from .selective import assemble_expert, attach_full_routers, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
@@ -86,11 +86,13 @@ class TaskAdaptiveModel:
         self.cache = ExpertCache(cache_bytes)
         self.lock = threading.RLock()
         self.switch_stats: list[dict[str, Any]] = []
-        self.retriever = Retriever(patterns, "first", threshold) if patterns else None
-        by_task = {p.task: p for p in patterns}
-        start = by_task[initial] if initial else (self.retriever.general if self.retriever else None)
-        if start is None:
+        if not patterns:
             raise ValueError("TaskAdaptiveModel needs at least one pattern (patterns=... or a store)")
+        self.patterns = {p.task: p for p in patterns}
+        self.general = general_pattern(patterns)
+        signed = [p for p in patterns if p.signature is not None]
+        self.retriever = Retriever(signed, "first", threshold) if signed else None
+        start = self._by_task(initial) if initial else self.general
         self.model, report = load_with_pattern(self.ckpt, start, device, dtype)
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
@@ -102,7 +104,7 @@ class TaskAdaptiveModel:
     def retrieve(self, query: str | Sequence[int]) -> Match:
         """The stored pattern for ``query`` (text or token ids) and its signature distance."""
         if self.retriever is None:
-            raise ValueError("no stored patterns to retrieve from")
+            raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
         ids = self._encode(query)
         with self.lock:
             sig = query_signatures(self.model, [ids], "first")
@@ -137,14 +139,11 @@ class TaskAdaptiveModel:
 
     # --- internals ----------------------------------------------------------------------------
     def _by_task(self, task: str) -> ExpertPattern:
-        if self.retriever is None:
-            raise ValueError(f"unknown task {task!r}: no patterns")
-        if task == self.retriever.general.task:
-            return self.retriever.general
-        for p in self.retriever.patterns:
-            if p.task == task:
-                return p
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(p.task for p in self.retriever.patterns)}")
+        if task == self.general.task:
+            return self.general
+        if task not in self.patterns:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(self.patterns)}, {self.general.task}")
+        return self.patterns[task]
 
     def _encode(self, query: str | Sequence[int]) -> list[int]:
         if isinstance(query, str):

@@ -1,0 +1,145 @@
+"""Selective loading vs plain ``from_pretrained`` on a generated Mixtral-layout checkpoint (>= 2 GB,
+32 experts per layer), side by side: load time, peak RSS, bytes read, and a task switch.
+
+Run: ``python benchmarks/loader.py`` (first run writes the checkpoint to --dir; writes BENCHMARKS.md).
+Each load runs in a fresh subprocess so peak RSS is its own. The page cache is dropped before each
+load where the machine allows it (root on Linux), else all loads read from a warm cache alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
+from benchmarks.report import machine, table, write_section  # noqa: E402
+
+CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=8,
+              num_attention_heads=16, num_key_value_heads=4, num_local_experts=32, num_experts_per_tok=2,
+              max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def build(path: Path) -> None:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**CONFIG)).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="500MB")
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+CHILD = r"""
+import json, resource, sys, time
+import torch, transformers, moeprune
+from moeprune.pattern import ExpertPattern
+mode, path = sys.argv[1], sys.argv[2]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+out = {}
+if mode == "plain":
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+else:
+    p1 = ExpertPattern.load(sys.argv[3])
+    if mode == "selective":
+        m, rep = moeprune.from_pretrained(path, p1, dtype="bfloat16", return_report=True)
+        out.update(rep.to_dict())
+    else:
+        rt = moeprune.TaskAdaptiveModel(path, patterns=[p1, ExpertPattern.load(sys.argv[4])], initial=p1.task,
+                                        dtype=torch.bfloat16, cache_bytes=2**40)
+        t = time.perf_counter()
+        out["switch"] = rt.activate(sys.argv[5])
+        out["back"] = rt.activate(p1.task)
+        m = rt.model
+out["seconds"] = time.perf_counter() - t
+out["param_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out["base_rss"] = base
+print(json.dumps(out))
+"""
+
+
+def child(*args: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dir", default="/tmp/moeprune-bench/mixtral-32e", help="where the generated checkpoint lives")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    path = Path(args.dir)
+    if not (path / "model.safetensors.index.json").exists():
+        print(f"writing a {CONFIG['num_local_experts']}-expert Mixtral checkpoint to {path} ...", flush=True)
+        build(path)
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.pattern import ExpertPattern
+
+    ckpt = open_checkpoint(path)
+    fp = checkpoint_fingerprint(ckpt)
+    total = sum((path / s).stat().st_size for s in ckpt.shards)
+    E = max(fp.num_experts)
+    pats = {}
+    for task, offset in (("a", 0), ("b", E // 8)):  # b shares 3/4 of a's experts
+        kept = {layer: sorted({(offset + i) % E for i in range(E // 4)}) for layer in fp.moe_layers}
+        pats[task] = ExpertPattern(fp, kept, task=task)
+        pats[task].save(path.parent / f"pattern-{task}.json")
+    pa, pb = str(path.parent / "pattern-a.json"), str(path.parent / "pattern-b.json")
+
+    runs: dict[str, list[dict]] = {"plain": [], "selective": [], "switch": []}
+    dropped = True
+    for _ in range(args.repeats):  # interleaved
+        for mode in runs:
+            dropped &= drop_caches()
+            runs[mode].append(child(mode, str(path), pa, pb, "b"))
+    med = lambda mode, key: sorted(r[key] for r in runs[mode])[len(runs[mode]) // 2]
+    kept_bytes = runs["selective"][0]["param_bytes"]
+    sel = runs["selective"][0]
+    plain_t, sel_t = med("plain", "seconds"), med("selective", "seconds")
+    sw = runs["switch"][0]
+    new_experts = sum(len(set(pats["b"].kept[l]) - set(pats["a"].kept[l])) for l in fp.moe_layers)
+    expert_bytes = 3 * CONFIG["hidden_size"] * CONFIG["intermediate_size"] * 2
+    rows = [
+        ("plain from_pretrained (all 32 experts)", f"{plain_t:.2f}", f"{med('plain', 'peak_rss') / 2**20:,.0f}",
+         f"{total / 2**20:,.0f}", "1.00"),
+        ("moeprune.from_pretrained, keep 0.25", f"{sel_t:.2f}", f"{med('selective', 'peak_rss') / 2**20:,.0f}",
+         f"{sel['bytes_read'] / 2**20:,.0f}", f"{sel_t / plain_t:.2f}"),
+    ]
+    body = (
+        f"Machine: {machine()}. Checkpoint: generated Mixtral layout, {len(fp.moe_layers)} layers x {E} experts, "
+        f"bf16, {total / 2**30:.2f} GiB in {len(ckpt.shards)} shards. Median of {args.repeats} interleaved runs, "
+        f"each in a fresh process; page cache {'dropped before every load' if dropped else 'warm for all (could not drop)'}.\n\n"
+        + table(rows, ["load", "seconds", "peak RSS MiB", "MiB read", "time vs plain"])
+        + f"\n\n- bytes read / kept tensors' bytes: **{sel['bytes_read'] / kept_bytes:.3f}** (target <= 1.05)\n"
+        f"- load time at keep 0.25 / plain: **{sel_t / plain_t:.2f}** (target <= 0.35)\n"
+        f"- peak RSS {med('selective', 'peak_rss') / 2**20:,.0f} MiB vs 1.2 x kept ({kept_bytes / 2**20:,.0f} MiB) + 300 MiB "
+        f"= {(1.2 * kept_bytes + 300 * 2**20) / 2**20:,.0f} MiB; of it, {sel['base_rss'] / 2**20:,.0f} MiB is the "
+        "interpreter with torch and transformers imported before loading\n"
+        f"- task switch a -> b: read {sw['switch']['experts_read']} experts "
+        f"({sw['switch']['bytes_read'] / 2**20:,.1f} MiB; the difference is {new_experts} experts = "
+        f"{new_experts * expert_bytes / 2**20:,.1f} MiB) in {sw['seconds']:.2f} s for both switches; back b -> a read "
+        f"{sw['back']['experts_read']} experts (cache hit)\n")
+    print(body)
+    if not args.no_write:
+        write_section("Loader", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A minimal task-adaptive server: each request is routed to its task's experts.
+
+    python examples/serve.py MODEL --store STORE [--port 8000] [--cache-gb 4]
+
+Endpoints (JSON in, JSON out):
+    POST /generate  {"prompt": "...", "max_new_tokens": 32}  -> {"task", "distance", "text", "switch"}
+    POST /retrieve  {"prompt": "..."} or {"input_ids": [...]} -> {"task", "distance", "nearest"}
+    GET  /experts   -> {"task", "expert_map": {layer: [loaded id or -1 per original expert]}}
+
+The same three hooks (``retrieve``, ``activate``, ``expert_map``) are what an engine such as vLLM,
+SGLang or TGI calls: retrieve the pattern for a request, activate it (or mask absent experts in its
+own expert table with ``expert_map``), then run. Uses only the standard library's HTTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from moeprune import TaskAdaptiveModel
+
+
+def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict:
+            return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/experts":
+                self._reply(200, {"task": runtime.active.task,
+                                  "expert_map": {str(k): v for k, v in runtime.expert_map().items()}})
+            else:
+                self._reply(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            try:
+                body = self._body()
+                query = body.get("input_ids") or body["prompt"]
+                if self.path == "/retrieve":
+                    self._reply(200, runtime.retrieve(query).to_dict())
+                elif self.path == "/generate":
+                    with runtime.lock:  # retrieve, switch and generate as one step per request
+                        match = runtime.retrieve(query)
+                        switch = runtime.activate(match.pattern)
+                        text = runtime.generate(query, max_new_tokens=int(body.get("max_new_tokens", 32)))
+                    self._reply(200, {**match.to_dict(), "text": text, "switch": switch})
+                else:
+                    self._reply(404, {"error": f"no route {self.path}"})
+            except (KeyError, ValueError) as exc:
+                self._reply(400, {"error": str(exc)})
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--store", default=None, help="pattern store (default: profiles/patterns)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--cache-gb", type=float, default=4.0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, cache_bytes=int(args.cache_gb * 2**30))
+    server = make_server(runtime, port=args.port)
+    print(f"serving {args.model} with tasks {list(runtime.patterns)} on :{args.port}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
