@@ -42,6 +42,7 @@ class MoEAdapter:
         ("down_proj", ("down_proj.weight",)),
     )
     fused_experts: bool = False  # checkpoint stores experts as [E, ...] tensors
+    experts_transposed: bool = False  # expert matrices stored [in, out] (GPT-OSS) instead of [out, in]
 
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."
@@ -78,6 +79,7 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     MoEAdapter("deepseek_v3", ("deepseek_v3",), "mlp", "gate", "n_routed_experts", scoring="sigmoid",
                grouped=True, shared_expert="shared_experts"),
     MoEAdapter("gpt_oss", ("gpt_oss",), "mlp", "router", "num_local_experts", fused_experts=True,
+               experts_transposed=True,
                expert_params=tuple((p, (p,)) for p in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
                                                           "down_proj_bias"))),
 )

@@ -112,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                              overwrite=args.overwrite, progress=_progress(args),
                              max_shard_size=args.max_shard_size, budget=args.budget,
-                             min_per_layer=args.min_per_layer, **params)
+                             min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -349,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     selection(c)
     output_dir(c)
     c.add_argument("--save-pattern", help="also write the pattern here")
+    c.add_argument("--unstructured", type=float, metavar="SPARSITY",
+                   help="also zero this fraction of each kept expert's weights per output row (Wanda with "
+                        "routing-weighted demo activations)")
+    c.add_argument("--nm", metavar="N:M", help="also prune kept experts N:M (e.g. 2:4) instead")
     runtime(c)
     c.set_defaults(func=cmd_prune)
 

@@ -146,10 +146,13 @@ def parse_size(size: str | int) -> int:
 
 def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str | Path, out: str | Path,
                   max_shard_size: str | int = "2GB", overwrite: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
+                  extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
-    Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
+    ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity);
+    ``extra_config`` is merged into the config's ``moeprune`` section. Returns a summary: tensors
+    and bytes read/written, shards, kept experts per layer.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if not isinstance(pattern, ExpertPattern):
@@ -157,14 +160,16 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     adapter = ckpt.adapter
     config = pruned_config(ckpt.config, pattern, adapter)
+    config["moeprune"].update(extra_config or {})
     plans = plan_tensors(ckpt, pattern)
-    target = {(p.source, p.rows): p.target for p in plans}
+    plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
-        for request, tensor in tqdm(reader.iter_read(target), total=len(target), desc="exporting",
+        for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
-            writer.add(target[request], tensor)
+            plan = plan_of[request]
+            writer.add(plan.target, tensor if transform is None else transform(plan, tensor))
         weight_map = writer.finish()
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

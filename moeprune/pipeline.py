@@ -132,13 +132,26 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
+          unstructured: float | None = None, nm: str | None = None,
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
-    """Profile, select and export in one go; returns the pattern and the export summary."""
+    """Profile, select and export in one go; returns the pattern and the export summary.
+
+    ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
+    weights, Wanda-style with routing-weighted demo activations.
+    """
     ws = open_workspace(model, demos, max_tokens, device, dtype)
     profile = profile_workspace(ws, task, progress)
     pattern = select_pattern(profile, method, keep, budget=budget, min_per_layer=min_per_layer, model=ws.model,
                              demos=ws.demos, checkpoint=ws.ckpt, progress=progress, **params)
+    transform, extra = None, None
+    if unstructured or nm:
+        from .unstructured import expert_transform, parse_nm, routed_input_norms
+
+        norms = routed_input_norms(ws.model, ws.demos)
+        transform = expert_transform(ws.ckpt, norms, unstructured, parse_nm(nm) if nm else None)
+        extra = {"unstructured": {"sparsity": unstructured, "nm": nm}}
+    ckpt = ws.ckpt
     del ws
-    summary = export_pruned(model, pattern, out, overwrite=overwrite, progress=progress,
-                            max_shard_size=max_shard_size)
+    summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
+                            max_shard_size=max_shard_size, transform=transform, extra_config=extra)
     return pattern, summary

@@ -22,7 +22,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,11 +124,14 @@ class RouterProfile:
                    model=meta.get("model", ""))
 
 
-def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                        observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                        ) -> torch.Tensor:
     """Un-weighted output of every (token, routed expert) pair, ``[T, k, H]``.
 
     Works on any transformers experts module built with ``use_experts_implementation``
     (gate/up fused or not, transposed or not, biases, the module's own gating function).
+    ``observe(e, pairs, x_in, mid)`` sees each expert's pair ids, inputs and down-projection inputs.
     """
     T, k = top_k_index.shape
     out = x.new_zeros(T * k, x.shape[-1])
@@ -150,6 +153,8 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
         if has_bias:
             h = h + (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias)[e]
         h = experts._apply_gate(h) if has_gate else experts.act_fn(h)
+        if observe is not None:
+            observe(e, pairs, x[pairs // k], h)
         h = h @ experts.down_proj[e] if transposed else F.linear(h, experts.down_proj[e])
         if has_bias:
             h = h + experts.down_proj_bias[e]

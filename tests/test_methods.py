@@ -152,3 +152,44 @@ def test_enumerate_finds_the_best_subset_and_refuses_explosions(family_checkpoin
     assert errs[tuple(best[layer0][0])] == pytest.approx(best[layer0][1], rel=1e-3, abs=1e-5)
     with pytest.raises(ValueError, match="subsets per layer"):
         best_subsets(full, demos, 4, max_subsets=10)
+
+
+def test_unstructured_rows_have_exact_sparsity_and_nm_structure():
+    from moeprune.unstructured import prune_matrix
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    col = torch.rand(64, generator=g)
+    col[5] = 0  # an input no routed token ever uses: its weights go first
+    out = prune_matrix(w, col, sparsity=0.25)
+    assert ((out == 0).sum(1) == 16).all() and (out[:, 5] == 0).all()
+    kept = out != 0
+    assert torch.equal(out[kept], w[kept])
+    nm = prune_matrix(w, col, nm=(2, 4))
+    assert ((nm.reshape(16, -1, 4) != 0).sum(-1) == 2).all()
+    score = (w.abs() * col).reshape(16, -1, 4)
+    kept_score = torch.where(nm.reshape(16, -1, 4) != 0, score, torch.inf).amin(-1)
+    dropped_score = torch.where(nm.reshape(16, -1, 4) == 0, score, -torch.inf).amax(-1)
+    assert (kept_score >= dropped_score).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_prune_with_unstructured_stage(family, family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints[family]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["prune", str(src), "--demos", str(demos), "--method", "stun", "--keep", "0.5", "--out",
+                 str(tmp_path / "o"), "--unstructured", "0.5", "-q"]) == 0
+    ckpt = open_checkpoint(tmp_path / "o")
+    adapter = ckpt.adapter
+    layer = min(ckpt.moe_layers())
+    for key in ckpt.weight_map:
+        if key.startswith(adapter.experts_prefix(layer)) and not key.endswith("bias"):
+            t = ckpt.read(key)
+            t = t.transpose(-1, -2) if adapter.experts_transposed else t  # [..., out, in]
+            zeros = (t == 0).sum(-1)
+            assert (zeros == t.shape[-1] // 2).all(), key
+    assert moeprune.from_pretrained(tmp_path / "o")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    assert main(["prune", str(src), "--demos", str(demos), "--keep", "0.5", "--out", str(tmp_path / "nm"),
+                 "--nm", "2:4", "-q"]) == 0

@@ -1,0 +1,331 @@
+"""Tests for moeprune.quant: group-wise quantization format and PMQ bit allocation."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moeprune import quant
+from moeprune.quant import (
+    QuantizedTensor,
+    allocate_bits,
+    allocation_objective,
+    dequantize,
+    error_bound,
+    expert_quant_error,
+    from_state_dict,
+    load_quantized,
+    pack,
+    quant_error_table,
+    quantize,
+    save_quantized,
+    to_state_dict,
+    unpack,
+)
+
+BITS = (8, 4, 2)
+
+
+def _weights(shape, seed=0, outliers=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    if outliers:
+        mask = torch.rand(shape, generator=g) < 1e-3
+        w = torch.where(mask, w * 200, w)
+    return w.to(dtype)
+
+
+def _reference_quant(w, bits, g):
+    """The format written out literally (per group, fp32, fp16-rounded-up scale)."""
+    L = 2**bits - 1
+    out_shape = w.shape
+    wg = w.float().reshape(*w.shape[:-1], w.shape[-1] // g, g)
+    lo = wg.amin(-1).clamp(max=0)
+    hi = wg.amax(-1).clamp(min=0)
+    scale = (hi - lo) / L
+    return wg, lo, hi, scale, L, out_shape
+
+
+# ----------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_roundtrip(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (3, 5, 64), generator=g, dtype=torch.uint8)
+    p = pack(q, bits)
+    assert p.dtype == torch.uint8 and p.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack(p, bits, 64), q)
+
+
+def test_pack_bit_layout():
+    # first value in the lowest bits
+    assert pack(torch.tensor([[1, 2]], dtype=torch.uint8), 4).item() == 0x21
+    assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).item() == 0b00111001
+    assert pack(torch.tensor([[7]], dtype=torch.uint8), 8).item() == 7
+    with pytest.raises(ValueError):
+        pack(torch.zeros(1, 3, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError):
+        pack(torch.zeros(1, 4, dtype=torch.uint8), 3)
+
+
+# ------------------------------------------------------------------ quantization
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(
+    "shape,group_size,outliers",
+    [
+        ((16, 256), 128, False),
+        ((16, 256), 32, False),
+        ((64, 4096), 128, True),
+        ((8, 256, 512), 128, True),
+        ((8, 256, 512), 64, False),
+    ],
+)
+def test_quantize_within_error_bound(bits, shape, group_size, outliers):
+    w = _weights(shape, seed=bits, outliers=outliers)
+    qt = quantize(w, bits, group_size)
+    n_in = shape[-1]
+    assert qt.packed.dtype == torch.uint8 and qt.packed.shape == (*shape[:-1], n_in * bits // 8)
+    assert qt.scales.dtype == torch.float16 and qt.scales.shape == (*shape[:-1], n_in // group_size)
+    assert qt.zeros.dtype == torch.float16 and qt.zeros.shape == qt.scales.shape
+    assert qt.shape == shape and qt.dtype == torch.float32
+    assert qt.nbytes == qt.packed.numel() + 4 * qt.scales.numel()
+    z = qt.zeros.float()
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 2**bits - 1
+    wd = qt.dequantize()
+    assert wd.shape == shape and wd.dtype == torch.float32
+    bound = error_bound(w, bits, group_size)
+    assert ((w - wd).abs() <= bound).all()
+    # the bound is "scale/2 + slack", not something looser
+    _, lo, hi, scale, _, _ = _reference_quant(w, bits, group_size)
+    assert (bound.reshape(*scale.shape, group_size)[..., 0] <= scale * (0.5 + 2**-10) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_matches_literal_format(bits):
+    """Stored values follow the documented formulas; dequant = (q - zero) * scale from fp16."""
+    g = 64
+    w = _weights((4, 256), seed=3)
+    qt = quantize(w, bits, g)
+    wg, lo, hi, scale, L, _ = _reference_quant(w, bits, g)
+    s16 = qt.scales.float()
+    assert (s16 >= scale).all() and (s16 <= scale * (1 + 2**-10)).all()  # fp16, rounded up
+    zero = torch.round(-lo / s16).clamp(0, L)
+    assert torch.equal(qt.zeros.float(), zero)
+    q = (torch.round(wg / s16[..., None]) + zero[..., None]).clamp(0, L).reshape(w.shape)
+    assert torch.equal(unpack(qt.packed, bits, 256).float(), q)
+    manual = ((q.reshape(wg.shape) - zero[..., None]) * s16[..., None]).reshape(w.shape)
+    assert torch.equal(dequantize(qt), manual)
+
+
+def test_error_monotonic_in_bits():
+    w = _weights((32, 1024), seed=1)
+    err = {b: (w - quantize(w, b).dequantize()).pow(2).mean().item() for b in BITS}
+    assert err[8] * 50 < err[4] and err[4] * 5 < err[2]
+
+
+def test_one_sided_groups_not_clipped():
+    w = _weights((8, 256), seed=2).abs() + 0.5  # all positive
+    for b in BITS:
+        assert ((w - quantize(w, b, 64).dequantize()).abs() <= error_bound(w, b, 64)).all()
+        assert ((-w - quantize(-w, b, 64).dequantize()).abs() <= error_bound(-w, b, 64)).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_constant_rows_exact(bits):
+    w = _weights((6, 256), seed=4)
+    vals = [0.0, 0.375, -1.25, 3.0, -0.0078125, 1000.0]
+    for i, v in enumerate(vals):
+        w[i] = v
+    w[0, 128:] = 0.3  # constant group that is not a constant row
+    wd = quantize(w, bits, 128).dequantize()
+    assert torch.equal(wd[1:], w[1:])
+    assert torch.equal(wd[0, :128], torch.zeros(128))
+    assert (wd[0, 128:] - 0.3).abs().max() <= 0.3 * 2**-11
+    qt = quantize(torch.zeros(3, 128), bits)
+    assert torch.equal(qt.scales, torch.ones(3, 1, dtype=torch.float16))  # scale = 1 where max == min
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_dtypes(dtype):
+    w = _weights((8, 512), seed=5, outliers=True, dtype=dtype)
+    for b in BITS:
+        qt = quantize(w, b)
+        wd = qt.dequantize()
+        assert wd.dtype == dtype
+        assert ((w.float() - wd.float()).abs() <= error_bound(w, b)).all()
+
+
+def test_tiny_and_large_magnitudes():
+    w = _weights((4, 128), seed=6) * 1e-6  # fp16 subnormal scales
+    big = _weights((4, 128), seed=7) * 1e4
+    for b in BITS:
+        for x in (w, big):
+            assert ((x - quantize(x, b).dequantize()).abs() <= error_bound(x, b)).all()
+    with pytest.raises(ValueError, match="fp16"):
+        quantize(torch.full((1, 128), 1e6), 2)
+
+
+def test_bad_group_size_message():
+    w = torch.randn(16, 4000)
+    with pytest.raises(ValueError, match=r"\(16, 4000\).*group_size=32"):
+        quantize(w, 4, 128)
+    with pytest.raises(ValueError):
+        quantize(torch.randn(128), 4)
+    with pytest.raises(ValueError):
+        quantize(torch.randn(4, 128), 3)
+
+
+# ------------------------------------------------------------------ serialization
+def test_safetensors_roundtrip(tmp_path):
+    qts = {
+        "model.layers.0.mlp.experts.gate_proj": quantize(_weights((8, 64, 256), seed=8), 4, 64),
+        "model.layers.0.mlp.experts.down_proj": quantize(_weights((8, 256, 64), seed=9, dtype=torch.bfloat16), 2, 32),
+        "lm.x": quantize(_weights((16, 128), seed=10), 8),
+    }
+    path = tmp_path / "q.safetensors"
+    save_quantized(path, qts)
+    loaded = load_quantized(path)
+    assert set(loaded) == set(qts)
+    for k, qt in qts.items():
+        lq = loaded[k]
+        assert (lq.bits, lq.group_size, lq.shape, lq.dtype) == (qt.bits, qt.group_size, qt.shape, qt.dtype)
+        for a, b in ((lq.packed, qt.packed), (lq.scales, qt.scales), (lq.zeros, qt.zeros)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert torch.equal(lq.dequantize(), qt.dequantize())
+
+
+def test_state_dict_keys_and_validation():
+    qt = quantize(_weights((4, 128), seed=11), 4)
+    tensors, meta = to_state_dict("w", qt)
+    assert set(tensors) == {"w.qweight", "w.scales", "w.zeros"} and set(meta) == {"w.quant"}
+    back = from_state_dict("w", tensors, meta)
+    assert isinstance(back, QuantizedTensor) and torch.equal(back.dequantize(), qt.dequantize())
+    tensors["w.scales"] = tensors["w.scales"][:, :0]
+    with pytest.raises(ValueError):
+        from_state_dict("w", tensors, meta)
+    with pytest.raises(KeyError):
+        from_state_dict("v", tensors, meta)
+
+
+# ------------------------------------------------------------------- expert error
+def _expert(seed, H=128, I=256):
+    return {
+        "gate_proj.weight": _weights((I, H), seed=seed),
+        "up_proj.weight": _weights((I, H), seed=seed + 1),
+        "down_proj.weight": _weights((H, I), seed=seed + 2),
+    }
+
+
+def test_expert_quant_error():
+    e = _expert(20)
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    out = [expert_quant_error(e, b, 64, x) for b in (2, 4, 8)]
+    assert out[0] > out[1] > out[2] > 0
+    wout = [expert_quant_error(e, b, 64) for b in (2, 4, 8)]
+    assert wout[0] > wout[1] > wout[2] > 0
+    mixtral = {"w1": e["gate_proj.weight"], "w3": e["up_proj.weight"], "w2": e["down_proj.weight"]}
+    assert expert_quant_error(mixtral, 4, 64, x) == pytest.approx(out[1])
+    with pytest.raises(ValueError, match="missing"):
+        expert_quant_error({"gate_proj": e["gate_proj.weight"]}, 4, 64, x)
+    table = quant_error_table([e, _expert(30)], (2, 4, 8), 64, x)
+    assert table.shape == (2, 3) and table[0, 1] == pytest.approx(out[1])
+
+
+# --------------------------------------------------------------- bit allocation
+def _instance(n, seed, nb=3):
+    rng = np.random.default_rng(seed)
+    freq = rng.dirichlet(np.ones(n))
+    weight = rng.uniform(0.05, 0.6, n)
+    base = rng.lognormal(0, 1, n)
+    err = base[:, None] * np.array([16.0, 1.0, 1 / 16][:nb])[None, :] * rng.uniform(0.7, 1.3, (n, nb))
+    return freq, weight, err
+
+
+def _brute(freq, weight, err, bits, avg_bits, sizes=None, alpha=1.0, beta=1.0):
+    n = len(freq)
+    s = np.ones(n) if sizes is None else np.asarray(sizes, float)
+    best, best_obj = None, math.inf
+    for combo in itertools.product(bits, repeat=n):
+        if (s * np.array(combo)).sum() > avg_bits * s.sum() + 1e-9:
+            continue
+        obj = allocation_objective(freq, weight, err, bits, combo, alpha, beta)
+        if obj < best_obj:
+            best, best_obj = list(combo), obj
+    return best, best_obj
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("avg_bits", [2.0, 2.5, 3.0, 3.4, 5.0, 8.0])
+def test_allocate_matches_brute_force(seed, avg_bits):
+    bits = (2, 4, 8)
+    freq, weight, err = _instance(6, seed)
+    alpha, beta = (1.0, 1.0) if seed % 2 else (0.5, 2.0)
+    sizes = None if seed < 3 else np.random.default_rng(seed).integers(1, 5, 6)
+    got = allocate_bits(freq, weight, err, bits, avg_bits, alpha, beta, sizes)
+    ref, ref_obj = _brute(freq, weight, err, bits, avg_bits, sizes, alpha, beta)
+    assert len(got) == 6 and set(got) <= set(bits)
+    assert allocation_objective(freq, weight, err, bits, got, alpha, beta) == pytest.approx(ref_obj, rel=1e-9)
+    assert got == ref
+
+
+def test_allocate_budget_and_baselines():
+    n, bits = 64, (2, 4, 8)
+    freq, weight, err = _instance(n, 42)
+    rng = np.random.default_rng(0)
+    for avg_bits in (2.5, 3.0, 3.25, 4.0, 6.0):
+        got = allocate_bits(freq, weight, err, bits, avg_bits)
+        assert len(got) == n and set(got) <= set(bits)
+        assert np.mean(got) <= avg_bits + 1e-12
+        obj = allocation_objective(freq, weight, err, bits, got)
+        # exactly achievable budget (integer total, and errors fall with bits) -> used fully
+        assert np.mean(got) == pytest.approx(avg_bits)
+        for b in bits:  # every uniform allotment meeting the budget
+            if b <= avg_bits:
+                assert obj <= allocation_objective(freq, weight, err, bits, [b] * n) + 1e-12
+        # greedy: upgrade the most important experts first while the budget allows
+        greedy = [2] * n
+        importance = freq * weight * (err[:, 0] - err[:, 1])
+        for i in np.argsort(-importance):
+            for b in (8, 4):
+                if sum(greedy) - greedy[i] + b <= avg_bits * n:
+                    greedy[i] = b
+                    break
+        assert obj <= allocation_objective(freq, weight, err, bits, greedy) + 1e-12
+        for _ in range(20):  # random feasible allotments
+            r = list(rng.choice(bits, n))
+            while np.mean(r) > avg_bits:
+                r[int(np.argmax(r))] = 2
+            assert obj <= allocation_objective(freq, weight, err, bits, r) + 1e-12
+
+
+def test_allocate_prefers_important_experts():
+    freq = np.array([0.85, 0.05, 0.05, 0.05])
+    weight = np.full(4, 0.5)
+    err = np.tile([4.0, 1.0, 0.25], (4, 1))
+    got = allocate_bits(freq, weight, err, (2, 4, 8), 3.5)
+    assert got[0] == 8 and sum(got) <= 14
+
+
+def test_allocate_validation():
+    freq, weight, err = _instance(4, 1)
+    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+        allocate_bits(freq, weight, err, (2, 4, 8), 1.5)
+    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+        allocate_bits(freq, weight, err, (2, 4, 8), 9.0)
+    with pytest.raises(ValueError, match="err"):
+        allocate_bits(freq, weight, err[:, :2], (2, 4, 8), 4.0)
+    with pytest.raises(ValueError, match="weight"):
+        allocate_bits(freq, weight[:3], err, (2, 4, 8), 4.0)
+    with pytest.raises(ValueError):
+        allocate_bits(-freq, weight, err, (2, 4, 8), 4.0)
+    with pytest.raises(ValueError, match="sizes"):
+        allocate_bits(freq, weight, err, (2, 4, 8), 4.0, sizes=[1, 2, 3])
+    # torch inputs accepted
+    got = allocate_bits(torch.tensor(freq), torch.tensor(weight), torch.tensor(err), (2, 4, 8), 4.0)
+    assert len(got) == 4
+
+
+def test_public_api():
+    for name in quant.__all__:
+        assert hasattr(quant, name)
