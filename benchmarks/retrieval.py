@@ -1,0 +1,83 @@
+"""Query -> task retrieval on the embedded model: top-1 accuracy on held-out queries and latency.
+
+Compares signatures from the first MoE layer (PreMoe's TAER), from all MoE layers, and a learned
+projection (linear discriminant analysis fitted on the per-demo signatures of the stored demos).
+Run: ``python -m benchmarks.retrieval`` (writes the "Retrieval" section of BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks.report import interleaved, machine, table, write_section  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from moeprune import embedded  # noqa: E402
+from moeprune.checkpoint import open_checkpoint  # noqa: E402
+from moeprune.demos import encode_demos, read_demos  # noqa: E402
+from moeprune.fingerprint import checkpoint_fingerprint  # noqa: E402
+from moeprune.pipeline import load_model, select_pattern  # noqa: E402
+from moeprune.profile import profile_model  # noqa: E402
+from moeprune.retrieval import Retriever, load_signature_model, query_signatures  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    ckpt = open_checkpoint(embedded.model_dir())
+    fp = checkpoint_fingerprint(ckpt)
+    model, tok = load_model(ckpt, "cpu", "float32")
+    domains = list(embedded.domains())
+    ctx = model.config.max_position_embeddings
+    demos = {d: encode_demos(read_demos(embedded.demo_file(d)), tok, ctx) for d in domains}
+    queries = {d: encode_demos(read_demos(embedded.demo_file(d, "queries")), tok, ctx) for d in domains}
+    patterns = [select_pattern(profile_model(model, demos[d], fp, task=d, progress=False), "tcess", "0.5")
+                for d in domains]
+    truth = [d for d in domains for _ in queries[d]]
+    allq = [q for d in domains for q in queries[d]]
+
+    rows, acc = [], {}
+    for layers in ("first", "all"):
+        retriever = Retriever(patterns, layers, threshold=None)
+        pred = [m.task for m in retriever.match(query_signatures(model, allq, layers))]
+        acc[layers] = np.mean([p == t for p, t in zip(pred, truth)])
+        rows.append((f"nearest pattern signature, {layers} MoE layer(s)", f"{acc[layers]:.1%}"))
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    for layers in ("first", "all"):
+        X = np.concatenate([query_signatures(model, demos[d], layers) for d in domains])
+        y = [d for d in domains for _ in demos[d]]
+        lda = LinearDiscriminantAnalysis().fit(X, y)
+        pred = lda.predict(query_signatures(model, allq, layers))
+        rows.append((f"learned projection (LDA on per-demo signatures), {layers} layer(s)",
+                     f"{np.mean(pred == np.array(truth)):.1%}"))
+
+    sig_model, _, _ = load_signature_model(embedded.model_dir())
+    q = allq[0]
+    t = interleaved({
+        "signature pass (layers up to the first MoE layer)": lambda: query_signatures(sig_model, [q], "first"),
+        "one full forward of the query": lambda: model(torch.tensor([q]), use_cache=False),
+    }, repeats=21, warmup=3)
+    ratio = t["signature pass (layers up to the first MoE layer)"] / t["one full forward of the query"]
+    body = (f"Machine: {machine()}. Embedded model, {len(domains)} domains, a tcess keep-0.5 pattern per domain "
+            f"with the signature of its {sum(map(len, demos.values()))} profiling demos; {len(allq)} held-out "
+            "queries (never seen in training or profiling).\n\n"
+            + table(rows, ["retrieval", "top-1 accuracy"])
+            + f"\n\nLatency (median of 21, query of {len(q)} tokens): signature pass "
+            f"{t['signature pass (layers up to the first MoE layer)'] * 1e3:.2f} ms vs full forward "
+            f"{t['one full forward of the query'] * 1e3:.2f} ms = **{ratio:.2f}** of a forward.\n")
+    print(body)
+    if not args.no_write:
+        write_section("Retrieval", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The example server answers retrieve/experts requests over loopback."""
+
+import importlib.util
+import json
+import threading
+import urllib.request
+from pathlib import Path
+
+from moeprune.loader.runtime import TaskAdaptiveModel
+from moeprune.pipeline import profile_checkpoint, select_pattern
+from tiny_models import write_token_demos
+
+
+def _serve_module():
+    path = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_server_routes_and_reports_expert_map(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["mixtral"]
+    pats, demos = [], {}
+    for i, task in enumerate(["a", "b"]):
+        demos[task] = write_token_demos(tmp_path / f"{task}.jsonl", seed=20 + i)
+        pats.append(select_pattern(profile_checkpoint(src, demos[task], task=task, progress=False), "frequency", 4))
+    rt = TaskAdaptiveModel(src, patterns=pats)
+    server = _serve_module().make_server(rt, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ids = json.loads(demos["b"].read_text().splitlines()[0])["input_ids"]
+        req = urllib.request.Request(base + "/retrieve", data=json.dumps({"input_ids": ids}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["task"] == "b"
+        with urllib.request.urlopen(base + "/experts", timeout=30) as r:
+            body = json.loads(r.read())
+        assert body["task"] == "general" and set(body["expert_map"]) == {"0", "1"}
+        req = urllib.request.Request(base + "/retrieve", data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("a request without prompt must fail")
+        except urllib.error.HTTPError as err:
+            assert err.code == 400
+    finally:
+        server.shutdown()
