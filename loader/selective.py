@@ -61,6 +61,30 @@ def assemble_expert(adapter: MoEAdapter, layer: int, expert: int,
     return out
 
 
+def read_layer_experts(reader: TensorReader, adapter: MoEAdapter, layer: int, experts: list[int],
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The layer's in-memory expert parameters ``[len(experts), ...]`` for the given experts.
+
+    Each expert is read and copied into a preallocated stack, so the transient memory beyond the
+    result is one expert's tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for i, e in enumerate(experts):
+        sources = adapter.expert_sources(layer, e)
+        got = reader.read((key, None if row is None else (row,)) for pieces in sources.values() for key, row in pieces)
+        for param, pieces in sources.items():
+            parts = [got[(key, None)] if row is None else got[(key, (row,))][0] for key, row in pieces]
+            if param not in out:
+                rows = sum(p.shape[0] for p in parts)
+                out[param] = torch.empty((len(experts), rows, *parts[0].shape[1:]), dtype=dtype or parts[0].dtype)
+            offset = 0
+            for part in parts:
+                out[param][i, offset:offset + part.shape[0]] = part
+                offset += part.shape[0]
+        del got
+    return out
+
+
 def empty_model(config: Any, dtype: torch.dtype | None = None):
     """The transformers model for ``config`` with parameters on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -145,8 +169,9 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
                                   f"({type(exc).__name__}: {exc})") from exc
     blocks = moe_blocks(model, adapter)
     for layer, kept in kept_layers.items():
-        tensors = reader.read(expert_requests(adapter, layer, kept))
-        fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in kept], device, dtype)
+        prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
+        for param, stacked in read_layer_experts(reader, adapter, layer, kept, dtype).items():
+            set_tensor(model, prefix + param, stacked, device, dtype)
         resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

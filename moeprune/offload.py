@@ -29,7 +29,7 @@ class _Stop(Exception):
 
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
     from .loader.reader import TensorReader
-    from .loader.selective import assemble_expert, expert_requests, fill_experts, set_tensor
+    from .loader.selective import read_layer_experts, set_tensor
 
     adapter = ckpt.adapter
     reader = TensorReader(ckpt)
@@ -40,10 +40,9 @@ def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dt
         set_tensor(model, adapter.memory_name(key), tensor, device, dtype)
     for layer, prefix in experts_prefixes.items():
         if any(k.startswith(prefix) for k in keys):
-            experts = list(range(moe[layer]))
-            tensors = reader.read(expert_requests(adapter, layer, experts))
-            fill_experts(model, adapter, layer, [assemble_expert(adapter, layer, e, tensors) for e in experts],
-                         device, dtype)
+            stacked = read_layer_experts(reader, adapter, layer, list(range(moe[layer])), dtype)
+            for param, tensor in stacked.items():
+                set_tensor(model, f"model.layers.{layer}.{adapter.memory_block}.experts.{param}", tensor, device, dtype)
 
 
 def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], fingerprint: Fingerprint,
