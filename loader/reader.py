@@ -78,14 +78,29 @@ class TensorReader:
         wanted: dict[str, list[Request]] = {}
         for req in requests:
             wanted.setdefault(req[0], []).append(req)
-        for shard, keys in self.ckpt.keys_by_shard(wanted).items():
+        stored = {self._stored_key(k): k for k in wanted}  # a quantized tensor is stored as KEY.qweight
+        for shard, stored_keys in self.ckpt.keys_by_shard(stored).items():
+            keys = [stored[k] for k in stored_keys]
             self.stats.shards.add(shard)
             with self.ckpt.open(shard) as f:
-                for key in sorted(keys, key=lambda k: self._offset(shard, k)):
+                for key in sorted(keys, key=lambda k: self._offset(shard, self._stored_key(k))):
                     for req in wanted[key]:
                         yield req, self._read_one(f, shard, key, req[1])
 
+    def _stored_key(self, key: str) -> str:
+        if key not in self.ckpt.weight_map and f"{key}.qweight" in self.ckpt.weight_map:
+            return f"{key}.qweight"
+        return key
+
     def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
+        if self._stored_key(key) != key:
+            from moeprune.quantize_experts import read_quantized
+
+            tensor = read_quantized(f, key, rows)
+            self.stats.tensors += 3
+            self.stats.bytes += _quant_bytes(f, key, rows)
+            self.stats.keys.add(key)
+            return tensor
         try:
             if rows is None:
                 parts = [f.get_tensor(key)]
@@ -98,3 +113,15 @@ class TensorReader:
         self.stats.bytes += sum(p.numel() * p.element_size() for p in parts)
         self.stats.keys.add(key)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _quant_bytes(f, key: str, rows: tuple[int, ...] | None) -> int:
+    total = 0
+    for name in ("qweight", "scales", "zeros"):
+        sl = f.get_slice(f"{key}.{name}")
+        shape = sl.get_shape()
+        n = 1
+        for d in shape[1:]:
+            n *= d
+        total += (len(rows) if rows is not None else shape[0]) * n * (1 if name == "qweight" else 2)
+    return total

@@ -40,7 +40,8 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
     if pattern is None:
-        if ckpt.config.get("moeprune", {}).get("uniform", True):
+        section = ckpt.config.get("moeprune", {})
+        if section.get("uniform", True) and not section.get("quantization"):
             from transformers import AutoModelForCausalLM
 
             from .checkpoint import local_model_dir
@@ -48,7 +49,7 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
             net = AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=torch_dtype or "auto",
                                                        device_map=device).eval()
             return (net, None) if return_report else net
-        # a non-uniform export: per-layer expert counts that a plain config cannot hold
+        # a non-uniform or quantized export: per-layer counts or packed experts plain transformers cannot read
         fp = checkpoint_fingerprint(ckpt)
         pattern = ExpertPattern(fp, {layer: list(range(n)) for layer, n in zip(fp.moe_layers, fp.num_experts)},
                                 task=ckpt.config["moeprune"].get("task", ""))

@@ -99,8 +99,22 @@ def _export_human(summary: dict[str, Any]) -> str:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_pruned
 
-    summary = export_pruned(args.model, args.pattern, args.out, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, progress=_progress(args))
+    from .pattern import ExpertPattern
+
+    pattern = ExpertPattern.load(args.pattern)
+    if args.avg_bits is not None:
+        from .checkpoint import open_checkpoint
+        from .mixed import allot_bits
+        from .profile import RouterProfile
+
+        if not args.profile:
+            raise ValueError("--avg-bits weighs experts by their use: give the profile the pattern came from "
+                             "(--profile PROFILE), or use --bits N")
+        allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
+                   group_size=args.group_size)
+    summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
+                            group_size=args.group_size)
     _emit(args, summary, _export_human(summary))
 
 
@@ -112,7 +126,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                              overwrite=args.overwrite, progress=_progress(args),
                              max_shard_size=args.max_shard_size, budget=args.budget,
-                             min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm, **params)
+                             min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
+                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -318,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         c.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+        q = c.add_mutually_exclusive_group()
+        q.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize every kept expert to this width")
+        q.add_argument("--avg-bits", type=float, help="mixed precision per expert (2/4/8 bits) meeting this "
+                       "average width, allotted by an exact integer program (MC-MoE)")
+        c.add_argument("--group-size", type=int, default=128, help="quantization group along the input (128)")
 
     c = command("profile", "collect router statistics of MODEL on few-shot demos")
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
@@ -340,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
     c.add_argument("--pattern", required=True, help="pattern file from `moeprune select`")
+    c.add_argument("--profile", help="(--avg-bits) the profile the pattern was selected from")
     output_dir(c)
     c.set_defaults(func=cmd_export)
 

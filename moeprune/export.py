@@ -9,6 +9,7 @@ written into a temporary folder that is renamed onto ``out`` only once complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -93,6 +94,7 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
         "num_experts_per_layer": {str(layer): n for layer, n in sorted(pattern.counts.items())},
         "uniform": pattern.is_uniform,
         "routing": pattern.routing,
+        "bits": None if pattern.bits is None else {str(k): v for k, v in sorted(pattern.bits.items())},
     }
     return new
 
@@ -103,15 +105,18 @@ class _ShardWriter:
     def __init__(self, folder: Path, max_bytes: int, save: Callable = save_file):
         self.folder, self.max_bytes, self.save = folder, max_bytes, save
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_meta: dict[str, str] = {}
         self.pending_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        """Add tensors that must land in one shard (with their shard metadata)."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[key] = tensor.contiguous()
+        self.pending.update({k: t.contiguous() for k, t in tensors.items()})
+        self.pending_meta.update(metadata or {})
         self.pending_bytes += size
         self.total_bytes += size
 
@@ -119,9 +124,9 @@ class _ShardWriter:
         if not self.pending:
             return
         name = f"part-{len(self.files):05d}.safetensors"
-        self.save(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.save(self.pending, str(self.folder / name), metadata={"format": "pt", **self.pending_meta})
         self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_meta, self.pending_bytes = {}, {}, 0
 
     def finish(self) -> dict[str, str]:
         """Rename shards to the transformers naming scheme and return the weight map."""
@@ -147,20 +152,30 @@ def parse_size(size: str | int) -> int:
 def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str | Path, out: str | Path,
                   max_shard_size: str | int = "2GB", overwrite: bool = False,
                   progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
-                  extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra_config: dict[str, Any] | None = None, bits: int | None = None,
+                  group_size: int = 128) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
     ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity);
-    ``extra_config`` is merged into the config's ``moeprune`` section. Returns a summary: tensors
-    and bytes read/written, shards, kept experts per layer.
+    ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
+    (``moeprune.quant`` format) to ``bits`` for all experts, or to the pattern's per-expert ``bits``.
+    Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     if not isinstance(pattern, ExpertPattern):
         pattern = ExpertPattern.load(pattern)
     pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     adapter = ckpt.adapter
+    if bits is not None:
+        pattern = dataclasses.replace(pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
     config = pruned_config(ckpt.config, pattern, adapter)
     config["moeprune"].update(extra_config or {})
+    quantizer = None
+    if pattern.bits is not None:
+        from .quantize_experts import ExpertQuantizer
+
+        quantizer = ExpertQuantizer(adapter, pattern, group_size)
+        config["moeprune"]["quantization"] = quantizer.config_entry()
     plans = plan_tensors(ckpt, pattern)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt)
@@ -169,7 +184,11 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
             plan = plan_of[request]
-            writer.add(plan.target, tensor if transform is None else transform(plan, tensor))
+            tensor = tensor if transform is None else transform(plan, tensor)
+            if quantizer is not None and quantizer.handles(plan):
+                writer.add(*quantizer(plan, tensor))
+            else:
+                writer.add({plan.target: tensor})
         weight_map = writer.finish()
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

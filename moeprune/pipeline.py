@@ -132,12 +132,14 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
-          unstructured: float | None = None, nm: str | None = None,
+          unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
+          avg_bits: float | None = None, group_size: int = 128,
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
-    weights, Wanda-style with routing-weighted demo activations.
+    weights, Wanda-style with routing-weighted demo activations; ``bits`` or ``avg_bits`` quantize
+    them (one width, or mixed per expert by the exact MC-MoE integer program).
     """
     ws = open_workspace(model, demos, max_tokens, device, dtype)
     profile = profile_workspace(ws, task, progress)
@@ -152,6 +154,11 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
         extra = {"unstructured": {"sparsity": unstructured, "nm": nm}}
     ckpt = ws.ckpt
     del ws
+    if avg_bits is not None:
+        from .mixed import allot_bits
+
+        allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
-                            max_shard_size=max_shard_size, transform=transform, extra_config=extra)
+                            max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
+                            group_size=group_size)
     return pattern, summary

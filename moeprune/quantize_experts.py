@@ -1,0 +1,87 @@
+"""Quantized expert weights in checkpoints: written at export, read back transparently.
+
+An expert weight ``KEY`` is stored as ``KEY.qweight`` / ``KEY.scales`` / ``KEY.zeros`` in the
+``moeprune.quant`` format (group-wise asymmetric int8/int4/int2), with the shard metadata
+``KEY.quant`` (bits, group size, shape, dtype) and, for experts stored ``[in, out]`` (GPT-OSS),
+``KEY.layout = "transposed"``: the quantized matrix is then the ``[out, in]`` transpose, so groups
+always run along the input dimension. Biases stay in full precision. Each expert may have its own
+width (the pattern's ``bits``); a fused ``[E, ...]`` tensor needs one width for its layer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from .arch import MoEAdapter
+from .pattern import ExpertPattern
+from .quant import FORMAT, QuantizedTensor, dequantize, quantize, to_state_dict
+
+
+def fit_group(in_dim: int, group_size: int, bits: int) -> int:
+    """The largest group size <= ``group_size`` dividing ``in_dim`` and holding whole bytes."""
+    per_byte = 8 // bits
+    for g in range(min(group_size, in_dim), 0, -1):
+        if in_dim % g == 0 and g % per_byte == 0:
+            return g
+    raise ValueError(f"no group size fits an input dimension of {in_dim} at {bits} bits")
+
+
+class ExpertQuantizer:
+    """Quantizes the kept experts' weight tensors of an export, one width per expert."""
+
+    def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int = 128):
+        self.adapter, self.pattern, self.group_size = adapter, pattern, group_size
+        self.owner: dict[str, tuple[int, int | None]] = {}  # source key -> (layer, expert; None if fused)
+        for layer, kept in pattern.kept.items():
+            for e in kept:
+                for param, pieces in adapter.expert_sources(layer, e).items():
+                    if not param.endswith("_bias"):
+                        self.owner.update({key: (layer, None if row is not None else e) for key, row in pieces})
+
+    def config_entry(self) -> dict[str, Any]:
+        return {"format": FORMAT, "group_size": self.group_size,
+                "bits": {str(k): v for k, v in sorted((self.pattern.bits or {}).items())}}
+
+    def handles(self, plan: Any) -> bool:
+        return plan.source in self.owner
+
+    def __call__(self, plan: Any, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        layer, expert = self.owner[plan.source]
+        widths = self.pattern.bits[layer]
+        kept = self.pattern.kept[layer]
+        if expert is not None:
+            bits = widths[kept.index(expert)]
+        else:
+            chosen = {widths[kept.index(e)] for e in plan.rows}
+            if len(chosen) != 1:
+                raise ValueError(f"{plan.source} holds all experts of layer {layer} in one tensor, so they need "
+                                 f"one bit width, not {sorted(chosen)}: use --bits N for this model")
+            bits = chosen.pop()
+        matrix = tensor.transpose(-1, -2) if self.adapter.experts_transposed else tensor
+        qt = quantize(matrix.contiguous(), bits, fit_group(matrix.shape[-1], self.group_size, bits))
+        tensors, meta = to_state_dict(plan.target, qt)
+        if self.adapter.experts_transposed:
+            meta[f"{plan.target}.layout"] = "transposed"
+        return tensors, meta
+
+
+def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Dequantize ``key`` (stored as ``key.qweight`` etc.) from an open shard, optionally only ``rows``."""
+    meta = f.metadata() or {}
+    info = json.loads(meta[f"{key}.quant"])
+    parts = {}
+    for name in ("qweight", "scales", "zeros"):
+        if rows is None:
+            parts[name] = f.get_tensor(f"{key}.{name}")
+        else:
+            sl = f.get_slice(f"{key}.{name}")
+            parts[name] = torch.cat([sl[r:r + 1] for r in rows])
+    shape = tuple(info["shape"]) if rows is None else (len(rows), *info["shape"][1:])
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    qt = QuantizedTensor(parts["qweight"], parts["scales"], parts["zeros"], int(info["bits"]),
+                         int(info["group_size"]), shape, dtype)
+    w = dequantize(qt)
+    return w.transpose(-1, -2).contiguous() if meta.get(f"{key}.layout") == "transposed" else w
