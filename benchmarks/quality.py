@@ -47,6 +47,12 @@ def main() -> None:
             rows.append((keep, method, f"{in_dom:.3f}", f"{cross:.3f}", f"{sec:.2f}"))
             per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
             print(rows[-1], flush=True)
+    qrows = []
+    for label, kw in (("int8", {"bits": 8}), ("int4", {"bits": 4}), ("mixed 3.0 avg bits", {"avg_bits": 3.0}),
+                      ("int2", {"bits": 2})):
+        res = [bench.run(d, "tcess", "0.5", **kw) for d in bench.domains]
+        qrows.append((label, f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
+        print(qrows[-1], flush=True)
     full = ", ".join(f"{d} {p:.2f}" for d, p in bench.full_ppl.items())
     plot = BENCHMARKS_MD.parent / "benchmarks" / "quality.png"
     _plot(results, args.methods, args.keeps, plot)
@@ -57,6 +63,9 @@ def main() -> None:
             "no loss), and on the other domains' texts (cross); s = seconds per domain (select + export + "
             "load + eval).\n\n"
             + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "s/domain"])
+            + "\n\nQuantized kept experts (tcess, keep 0.5; group-wise asymmetric, group 128; mixed = MC-MoE "
+            "allotment over 2/4/8 bits by the exact integer program):\n\n"
+            + table(qrows, ["expert weights", "in-domain ppl ratio"])
             + "\n\nPer domain (in-domain ratio):\n\n"
             + table(per_domain, ["keep", "method", *bench.domains])
             + f"\n\n![quality]({plot.relative_to(BENCHMARKS_MD.parent)})\n")

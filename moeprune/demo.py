@@ -61,16 +61,23 @@ class EmbeddedBench:
         }
         self.full_ppl = {d: perplexity(self.model, self.evals[d]) for d in self.domains}
 
-    def pruned_model(self, pattern: ExpertPattern):
-        from transformers import AutoModelForCausalLM
+    def pruned_model(self, pattern: ExpertPattern, bits: int | None = None):
+        """Export ``pattern`` (optionally quantized) to a temporary folder and load it back."""
+        from .api import from_pretrained
 
         with tempfile.TemporaryDirectory() as tmp:
-            export_pruned(self.ckpt, pattern, Path(tmp) / "pruned", progress=False)
-            return AutoModelForCausalLM.from_pretrained(Path(tmp) / "pruned", dtype="float32").eval()
+            export_pruned(self.ckpt, pattern, Path(tmp) / "pruned", progress=False, bits=bits)
+            return from_pretrained(Path(tmp) / "pruned", dtype="float32")
 
-    def run(self, domain: str, method: str, keep: str, cross: bool = False, **params: Any) -> DomainResult:
-        pattern = select_pattern(self.profiles[domain], method, keep, **params)
-        pruned = self.pruned_model(pattern)
+    def run(self, domain: str, method: str, keep: str, cross: bool = False, bits: int | None = None,
+            avg_bits: float | None = None, **params: Any) -> DomainResult:
+        pattern = select_pattern(self.profiles[domain], method, keep, model=self.model, demos=self.demos[domain],
+                                 checkpoint=self.ckpt, **params)
+        if avg_bits is not None:
+            from .mixed import allot_bits
+
+            allot_bits(pattern, self.profiles[domain], self.ckpt, avg_bits)
+        pruned = self.pruned_model(pattern, bits)
         others = None
         if cross:
             others = {d: perplexity(pruned, self.evals[d]) / self.full_ppl[d] for d in self.domains if d != domain}
