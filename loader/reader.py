@@ -58,8 +58,9 @@ def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 class TensorReader:
     """Reads requested tensors (or expert rows of them) from a checkpoint, counting every byte."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, packed: bool = False):
         self.ckpt = ckpt
+        self.packed = packed  # return quantized tensors as (QuantizedTensor, transposed) instead of dequantized
         self.stats = ReadStats()
         self._offsets: dict[str, dict[str, int]] = {}
 
@@ -94,9 +95,9 @@ class TensorReader:
 
     def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
         if self._stored_key(key) != key:
-            from moeprune.quantize_experts import read_quantized
+            from moeprune.quantize_experts import read_quantized, read_quantized_parts
 
-            tensor = read_quantized(f, key, rows)
+            tensor = read_quantized_parts(f, key, rows) if self.packed else read_quantized(f, key, rows)
             self.stats.tensors += 3
             self.stats.bytes += _quant_bytes(f, key, rows)
             self.stats.keys.add(key)

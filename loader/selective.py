@@ -85,6 +85,36 @@ def read_layer_experts(reader: TensorReader, adapter: MoEAdapter, layer: int, ex
     return out
 
 
+def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int, experts: list[int],
+                              reader: TensorReader) -> dict[str, Any] | None:
+    """The layer's expert weights kept packed (``QuantizedExpertWeight``) and biases as tensors, or
+    None when its experts are not stored quantized with one width (then load them dequantized)."""
+    from moeprune.quantize_experts import stack_quantized
+
+    packed_reader = TensorReader(ckpt, packed=True)
+    out: dict[str, Any] = {}
+    for param, _ in adapter.expert_params:
+        pieces = [adapter.expert_sources(layer, e)[param] for e in experts]
+        if param.endswith("_bias"):
+            reqs = [(key, None if row is None else (row,)) for p in pieces for key, row in p]
+            got = reader.read(reqs)
+            out[param] = torch.stack([torch.cat([got[r] if r[1] is None else got[r][0] for r in
+                                                 [(key, None if row is None else (row,)) for key, row in p]])
+                                      for p in pieces])
+            continue
+        reqs = [(key, None if row is None else (row,)) for p in pieces for key, row in p]
+        if any(packed_reader._stored_key(key) == key for key, _ in reqs):
+            return None
+        got = packed_reader.read(reqs)
+        stacked = stack_quantized([[got[(key, None if row is None else (row,))] for key, row in p] for p in pieces])
+        if stacked is None:
+            return None
+        out[param] = stacked
+    reader.stats.tensors += packed_reader.stats.tensors
+    reader.stats.bytes += packed_reader.stats.bytes
+    return out
+
+
 def empty_model(config: Any, dtype: torch.dtype | None = None):
     """The transformers model for ``config`` with parameters on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -139,10 +169,13 @@ def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict
 
 
 def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None, num_layers: int | None = None) -> tuple[Any, LoadReport]:
+                      dtype: torch.dtype | None = None, num_layers: int | None = None,
+                      keep_quantized: bool = False) -> tuple[Any, LoadReport]:
     """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report.
 
     ``num_layers`` builds only the first decoder layers (e.g. for a router-signature pass).
+    ``keep_quantized`` keeps a quantized checkpoint's experts packed in memory (one width per layer)
+    and runs them through the ``moeprune`` experts implementation (Triton on GPU, torch elsewhere).
     """
     adapter = ckpt.adapter
     config_dict = pruned_config(ckpt.config, pattern, adapter)
@@ -168,18 +201,31 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
             raise CheckpointError(f"checkpoint tensor {key} does not fit the {adapter.family} model "
                                   f"({type(exc).__name__}: {exc})") from exc
     blocks = moe_blocks(model, adapter)
+    packed_layers = 0
     for layer, kept in kept_layers.items():
         prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
-        for param, stacked in read_layer_experts(reader, adapter, layer, kept, dtype).items():
-            set_tensor(model, prefix + param, stacked, device, dtype)
+        packed = read_layer_experts_packed(ckpt, adapter, layer, kept, reader) if keep_quantized else None
+        for param, value in (packed or read_layer_experts(reader, adapter, layer, kept, dtype)).items():
+            if isinstance(value, torch.Tensor):
+                set_tensor(model, prefix + param, value, device, dtype)
+            else:  # a packed quantized stack replaces the float parameter
+                experts = blocks[layer].experts
+                del experts._parameters[param]
+                setattr(experts, param, value.to(device))
+        packed_layers += packed is not None
         resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
+    if packed_layers:
+        from moeprune.kernels import register
+
+        model.set_experts_implementation(register())
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.path} lacks tensors for {missing[:5]}"
                               f"{' …' if len(missing) > 5 else ''}")
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     model.moeprune_pattern = pattern
     counts = {layer: len(kept) for layer, kept in kept_layers.items()}
     return model, LoadReport(reader.stats, counts, param_bytes, list(pattern.meta.get("notes", [])))

@@ -27,13 +27,16 @@ def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | Non
 
 def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | None = None,
                     device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                    store: str | Path | None = None, return_report: bool = False) -> Any:
+                    store: str | Path | None = None, return_report: bool = False,
+                    keep_quantized: bool = True) -> Any:
     """Load ``model`` (local folder or Hub id) keeping only ``pattern``'s experts.
 
     ``pattern`` is an :class:`ExpertPattern`, a pattern file, or a task name in ``store`` (default
     store: ``profiles/patterns``). Only the tensors of kept experts are read; from the Hub only the
     shards holding them are downloaded. Without a pattern, ``model`` is loaded as it is (e.g. an
     exported pruned checkpoint). With ``return_report=True`` returns ``(model, LoadReport)``.
+    A quantized export's experts stay packed in memory (``keep_quantized``, where each layer has one
+    width) and run through the ``moeprune`` experts kernels; otherwise they are dequantized on load.
     """
     from .loader.selective import LoadReport, load_with_pattern
 
@@ -56,5 +59,6 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     pat = resolve_pattern(pattern, store)
     pat.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     net, report = load_with_pattern(ckpt, pat, device=device,
-                                    dtype=None if torch_dtype in (None, "auto") else torch_dtype)
+                                    dtype=None if torch_dtype in (None, "auto") else torch_dtype,
+                                    keep_quantized=keep_quantized)
     return (net, report) if return_report else net

@@ -68,8 +68,9 @@ class ExpertQuantizer:
         return tensors, meta
 
 
-def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Dequantize ``key`` (stored as ``key.qweight`` etc.) from an open shard, optionally only ``rows``."""
+def read_quantized_parts(f: Any, key: str, rows: tuple[int, ...] | None = None) -> tuple[QuantizedTensor, bool]:
+    """The stored ``QuantizedTensor`` of ``key`` (optionally only expert ``rows``) and whether it is the
+    ``[out, in]`` transpose of the model's ``[in, out]`` weight."""
     meta = f.metadata() or {}
     info = json.loads(meta[f"{key}.quant"])
     parts = {}
@@ -83,5 +84,32 @@ def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> tor
     dtype = getattr(torch, info.get("dtype", "float32"))
     qt = QuantizedTensor(parts["qweight"], parts["scales"], parts["zeros"], int(info["bits"]),
                          int(info["group_size"]), shape, dtype)
+    return qt, meta.get(f"{key}.layout") == "transposed"
+
+
+def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Dequantize ``key`` (stored as ``key.qweight`` etc.) from an open shard, optionally only ``rows``."""
+    qt, transposed = read_quantized_parts(f, key, rows)
     w = dequantize(qt)
-    return w.transpose(-1, -2).contiguous() if meta.get(f"{key}.layout") == "transposed" else w
+    return w.transpose(-1, -2).contiguous() if transposed else w
+
+
+def stack_quantized(per_expert: list[list[tuple[QuantizedTensor, bool]]]) -> Any | None:
+    """One ``QuantizedExpertWeight [E, out, in]`` from per-expert pieces (concatenated along ``out``),
+    or None when the pieces do not share one width and group size (then load dequantized)."""
+    flat = [qt for pieces in per_expert for qt, _ in pieces]
+    if len({(qt.bits, qt.group_size) for qt in flat}) != 1:
+        return None
+    from .kernels.quant_format import QuantizedExpertWeight
+
+    def part(name: str) -> torch.Tensor:
+        rows = []
+        for pieces in per_expert:
+            ts = [getattr(qt, name) for qt, _ in pieces]
+            ts = [t[0] if t.dim() == 3 else t for t in ts]  # a fused tensor's one expert row
+            rows.append(torch.cat(ts, dim=0))
+        return torch.stack(rows)
+
+    first = flat[0]
+    return QuantizedExpertWeight(part("packed"), part("scales"), part("zeros"), bits=first.bits,
+                                 group_size=first.group_size, dtype=first.dtype)

@@ -347,7 +347,7 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     summary = export_pruned(src, pattern, tmp_path / "q", bits=bits, progress=False)
     plain = export_pruned(src, pattern, tmp_path / "p", progress=False)
     assert summary["bytes_written"] < plain["bytes_written"]
-    loaded = moeprune.from_pretrained(tmp_path / "q")
+    loaded = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False)
     reference = moeprune.from_pretrained(tmp_path / "p")
     # the reference: every kept expert weight quantized then dequantized, the rest untouched
     for (name, q), (_, r) in zip(loaded.named_parameters(), reference.named_parameters()):
@@ -380,3 +380,25 @@ def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, c
     assert sum(widths) / len(widths) <= 3.5 and set(widths) <= {2, 4, 8} and len(set(widths)) > 1
     import moeprune
     assert moeprune.from_pretrained(tmp_path / "o")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_packed_quantized_experts_equal_the_dequantized_load(family, family_checkpoints, tmp_path):
+    import moeprune
+    from moeprune.export import export_pruned
+    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    from tiny_models import VOCAB, write_token_demos
+
+    _, src = family_checkpoints[family]
+    pattern = select_pattern(profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False),
+                             "frequency", "0.5")
+    export_pruned(src, pattern, tmp_path / "q", bits=4, progress=False)
+    packed, report = moeprune.from_pretrained(tmp_path / "q", return_report=True)
+    dense, dense_report = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False, return_report=True)
+    experts = packed.model.layers[-1].mlp.experts
+    assert isinstance(experts.gate_up_proj, QuantizedExpertWeight) and experts.gate_up_proj.bits == 4
+    assert report.param_bytes < dense_report.param_bytes
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).logits, dense(x).logits, rtol=1e-4, atol=1e-4)
