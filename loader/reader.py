@@ -88,10 +88,12 @@ class TensorReader:
                     for req in wanted[key]:
                         yield req, self._read_one(f, shard, key, req[1])
 
+    def is_quantized(self, key: str) -> bool:
+        """Whether ``key`` is stored quantized (as ``key.qweight`` etc.)."""
+        return key not in self.ckpt.weight_map and f"{key}.qweight" in self.ckpt.weight_map
+
     def _stored_key(self, key: str) -> str:
-        if key not in self.ckpt.weight_map and f"{key}.qweight" in self.ckpt.weight_map:
-            return f"{key}.qweight"
-        return key
+        return f"{key}.qweight" if self.is_quantized(key) else key
 
     def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
         if self._stored_key(key) != key:

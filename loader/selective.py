@@ -62,15 +62,16 @@ def assemble_expert(adapter: MoEAdapter, layer: int, expert: int,
 
 
 def read_layer_experts(reader: TensorReader, adapter: MoEAdapter, layer: int, experts: list[int],
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype | None = None, only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The layer's in-memory expert parameters ``[len(experts), ...]`` for the given experts.
 
     Each expert is read and copied into a preallocated stack, so the transient memory beyond the
     result is one expert's tensors.
     """
     out: dict[str, torch.Tensor] = {}
+    only = set(only) if only is not None else None
     for i, e in enumerate(experts):
-        sources = adapter.expert_sources(layer, e)
+        sources = {p: s for p, s in adapter.expert_sources(layer, e).items() if only is None or p in only}
         got = reader.read((key, None if row is None else (row,)) for pieces in sources.values() for key, row in pieces)
         for param, pieces in sources.items():
             parts = [got[(key, None)] if row is None else got[(key, (row,))][0] for key, row in pieces]
@@ -91,25 +92,22 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
     None when its experts are not stored quantized with one width (then load them dequantized)."""
     from moeprune.quantize_experts import stack_quantized
 
+    weights = [p for p, _ in adapter.expert_params if not p.endswith("_bias")]
+    sources = {e: adapter.expert_sources(layer, e) for e in experts}
+    requests = {p: [[(key, None if row is None else (row,)) for key, row in sources[e][p]] for e in experts]
+                for p in weights}
+    if not all(reader.is_quantized(key) for reqs in requests.values() for per in reqs for key, _ in per):
+        return None
     packed_reader = TensorReader(ckpt, packed=True)
     out: dict[str, Any] = {}
-    for param, _ in adapter.expert_params:
-        pieces = [adapter.expert_sources(layer, e)[param] for e in experts]
-        if param.endswith("_bias"):
-            reqs = [(key, None if row is None else (row,)) for p in pieces for key, row in p]
-            got = reader.read(reqs)
-            out[param] = torch.stack([torch.cat([got[r] if r[1] is None else got[r][0] for r in
-                                                 [(key, None if row is None else (row,)) for key, row in p]])
-                                      for p in pieces])
-            continue
-        reqs = [(key, None if row is None else (row,)) for p in pieces for key, row in p]
-        if any(packed_reader._stored_key(key) == key for key, _ in reqs):
+    for param, per_expert in requests.items():
+        got = packed_reader.read(r for per in per_expert for r in per)
+        out[param] = stack_quantized([[got[r] for r in per] for per in per_expert])
+        if out[param] is None:
             return None
-        got = packed_reader.read(reqs)
-        stacked = stack_quantized([[got[(key, None if row is None else (row,))] for key, row in p] for p in pieces])
-        if stacked is None:
-            return None
-        out[param] = stacked
+    biases = [p for p, _ in adapter.expert_params if p.endswith("_bias")]
+    if biases:
+        out.update(read_layer_experts(reader, adapter, layer, experts, only=biases))
     reader.stats.tensors += packed_reader.stats.tensors
     reader.stats.bytes += packed_reader.stats.bytes
     return out
