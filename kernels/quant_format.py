@@ -1,0 +1,180 @@
+"""Group-wise asymmetric int8/int4/int2 weight format read by the expert kernels (torch only).
+
+FORMAT (shared with ``moeprune.quant``; keep in sync).  For a weight ``W [..., out, in]``
+(an expert stack is ``[E, out, in]``), group size ``G`` along ``in`` (``G`` divides ``in``),
+``b`` bits, ``L = 2**b - 1``:
+
+* per (row, group): ``scale = (max - min) / L`` (``1`` where ``max == min``),
+  ``zero = clamp(round(-min / scale), 0, L)``, ``q = clamp(round(W / scale) + zero, 0, L)``;
+* dequantization ``W ~= (q - zero) * scale``, computed in fp32 from the stored values;
+* ``scales`` / ``zeros``: fp16, shape ``[..., out, in // G]``;
+* ``q`` packed along ``in`` into uint8, ``8 // b`` values per byte, value ``j`` of a byte in
+  bits ``[j*b, (j+1)*b)`` (first value lowest), packed shape ``[..., out, in * b // 8]``.
+
+Kernels only read the stored tensors; how ``scale``/``zero`` were chosen does not matter to them
+(``moeprune.quant`` also widens ``[min, max]`` to contain 0 and rounds the scale up to fp16).
+
+Quantized experts on a module: an expert weight attribute (``gate_up_proj``, ``up_proj``,
+``down_proj``) may be a :class:`QuantizedExpertWeight` submodule (buffers ``qweight``, ``scales``,
+``zeros``, so its state-dict keys are ``<prefix>.qweight`` / ``.scales`` / ``.zeros``), or any
+object with ``packed`` (or ``qweight``), ``scales``, ``zeros``, ``bits`` and ``group_size``.
+It is ALWAYS stored in the linear orientation ``[E, out, in]`` (groups along the input dim), also
+for modules with ``is_transposed=True`` (GPT-OSS), whose float weights are ``[E, in, out]``.
+Biases stay float parameters.  :func:`quantize_experts_` converts a module in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "pack",
+    "unpack",
+    "quantize_ref",
+    "dequantize_ref",
+    "QuantizedExpertWeight",
+    "get_quantized",
+    "quantize_experts_",
+    "expert_weight",
+]
+
+SUPPORTED_BITS = (8, 4, 2)
+WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` along the last dim: ``[..., n]`` -> uint8 ``[..., n*bits//8]``."""
+    per = 8 // _check_bits(bits)
+    n = q.shape[-1]
+    if n % per:
+        raise ValueError(f"last dim {n} is not a multiple of {per} ({bits}-bit packing)")
+    q = q.to(torch.uint8)
+    if per == 1:
+        return q.contiguous()
+    q = q.reshape(*q.shape[:-1], n // per, per)
+    out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    for j in range(per):
+        out |= (q[..., j] & ((1 << bits) - 1)) << (j * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 ``[..., m]`` -> uint8 ``[..., m*8//bits]``."""
+    per = 8 // _check_bits(bits)
+    if per == 1:
+        return packed.to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    vals = (packed.to(torch.uint8).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def quantize_ref(w: torch.Tensor, bits: int, group_size: int = 128):
+    """Quantize ``w [..., out, in]`` -> ``(packed uint8, scales fp16, zeros fp16)`` in the FORMAT.
+
+    ``q`` and ``zero`` are computed with the fp16-rounded scale, so dequantizing the stored
+    tensors reproduces exactly what was rounded.
+    """
+    bits = _check_bits(bits)
+    n_in = w.shape[-1]
+    if group_size <= 0 or n_in % group_size or group_size % (8 // bits):
+        raise ValueError(f"group_size={group_size} must divide in={n_in} and be a multiple of {8 // bits}")
+    levels = (1 << bits) - 1
+    wg = w.detach().float().reshape(*w.shape[:-1], n_in // group_size, group_size)
+    mn, mx = wg.amin(-1), wg.amax(-1)
+    scale = torch.where(mx == mn, torch.ones_like(mn), (mx - mn) / levels).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
+    s = scale.float()
+    zero = torch.round(-mn / s).clamp(0, levels)
+    q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, levels).to(torch.uint8)
+    return pack(q.reshape(w.shape), bits), scale, zero.to(torch.float16)
+
+
+def dequantize_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q - zero) * scale`` in fp32 -> ``dtype``; shape ``[..., out, in]``."""
+    q = unpack(packed, bits).float()
+    n_groups = scales.shape[-1]
+    q = q.reshape(*q.shape[:-1], n_groups, q.shape[-1] // n_groups)
+    w = (q - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.reshape(*w.shape[:-2], -1).to(dtype)
+
+
+class QuantizedExpertWeight(nn.Module):
+    """A quantized expert stack ``[E, out, in]`` held as buffers (moves with ``.to()``)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bits, self.group_size, self.orig_dtype = _check_bits(bits), int(group_size), dtype
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bits: int, group_size: int = 128) -> "QuantizedExpertWeight":
+        """Quantize a float ``[E, out, in]`` stack."""
+        return cls(*quantize_ref(w, bits, group_size), bits=bits, group_size=group_size, dtype=w.dtype)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self.qweight
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.qweight.shape[:-1], self.qweight.shape[-1] * 8 // self.bits)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_ref(self.qweight, self.scales, self.zeros, self.bits, dtype or self.orig_dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
+
+
+def get_quantized(module: nn.Module, name: str) -> Any | None:
+    """The quantized weight ``module.<name>`` (duck-typed, see module docstring) or None."""
+    w = getattr(module, name, None)
+    if w is None or isinstance(w, torch.Tensor):
+        return None
+    if all(hasattr(w, a) for a in ("scales", "zeros", "bits")) and (hasattr(w, "packed") or hasattr(w, "qweight")):
+        return w
+    return None
+
+
+def qparts(qw: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(packed, scales, zeros, bits)`` of a quantized weight object."""
+    packed = qw.qweight if hasattr(qw, "qweight") else qw.packed
+    return packed, qw.scales, qw.zeros, int(qw.bits)
+
+
+def quantize_experts_(module: nn.Module, bits: int, group_size: int = 128,
+                      names: tuple[str, ...] = WEIGHT_NAMES) -> nn.Module:
+    """Replace the module's float expert weights by :class:`QuantizedExpertWeight` (in place)."""
+    for name in names:
+        w = getattr(module, name, None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        lin = w.detach().transpose(-2, -1) if getattr(module, "is_transposed", False) else w.detach()
+        qw = QuantizedExpertWeight.from_float(lin.contiguous(), bits, group_size)
+        del module._parameters[name]
+        setattr(module, name, qw)
+    return module
+
+
+def expert_weight(module: nn.Module, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert ``e``'s weight ``name`` as a dense ``[out, in]`` tensor (dequantized if quantized)."""
+    qw = get_quantized(module, name)
+    if qw is not None:
+        packed, scales, zeros, bits = qparts(qw)
+        return dequantize_ref(packed[e], scales[e], zeros[e], bits, dtype)
+    w = getattr(module, name)[e]
+    return w.transpose(0, 1) if getattr(module, "is_transposed", False) else w
