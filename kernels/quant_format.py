@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeprune import quant as _quant
+
 __all__ = [
     "SUPPORTED_BITS",
     "pack",
@@ -53,50 +55,19 @@ def _check_bits(bits: int) -> int:
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integers in ``[0, 2**bits)`` along the last dim: ``[..., n]`` -> uint8 ``[..., n*bits//8]``."""
-    per = 8 // _check_bits(bits)
-    n = q.shape[-1]
-    if n % per:
-        raise ValueError(f"last dim {n} is not a multiple of {per} ({bits}-bit packing)")
-    q = q.to(torch.uint8)
-    if per == 1:
-        return q.contiguous()
-    q = q.reshape(*q.shape[:-1], n // per, per)
-    out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
-    for j in range(per):
-        out |= (q[..., j] & ((1 << bits) - 1)) << (j * bits)
-    return out
+    """Pack integers in ``[0, 2**bits)`` along the last dim (``moeprune.quant.pack``)."""
+    return _quant.pack(q, _check_bits(bits))
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: uint8 ``[..., m]`` -> uint8 ``[..., m*8//bits]``."""
-    per = 8 // _check_bits(bits)
-    if per == 1:
-        return packed.to(torch.uint8)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    vals = (packed.to(torch.uint8).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return _quant.unpack(packed, _check_bits(bits), packed.shape[-1] * 8 // bits)
 
 
 def quantize_ref(w: torch.Tensor, bits: int, group_size: int = 128):
-    """Quantize ``w [..., out, in]`` -> ``(packed uint8, scales fp16, zeros fp16)`` in the FORMAT.
-
-    ``q`` and ``zero`` are computed with the fp16-rounded scale, so dequantizing the stored
-    tensors reproduces exactly what was rounded.
-    """
-    bits = _check_bits(bits)
-    n_in = w.shape[-1]
-    if group_size <= 0 or n_in % group_size or group_size % (8 // bits):
-        raise ValueError(f"group_size={group_size} must divide in={n_in} and be a multiple of {8 // bits}")
-    levels = (1 << bits) - 1
-    wg = w.detach().float().reshape(*w.shape[:-1], n_in // group_size, group_size)
-    mn, mx = wg.amin(-1), wg.amax(-1)
-    scale = torch.where(mx == mn, torch.ones_like(mn), (mx - mn) / levels).to(torch.float16)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # fp16 underflow
-    s = scale.float()
-    zero = torch.round(-mn / s).clamp(0, levels)
-    q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, levels).to(torch.uint8)
-    return pack(q.reshape(w.shape), bits), scale, zero.to(torch.float16)
+    """Quantize ``w [..., out, in]`` -> ``(packed uint8, scales fp16, zeros fp16)`` with ``moeprune.quant``."""
+    qt = _quant.quantize(w, _check_bits(bits), group_size)
+    return qt.packed, qt.scales, qt.zeros
 
 
 def dequantize_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
