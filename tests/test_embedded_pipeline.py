@@ -1,0 +1,58 @@
+"""The whole job on the embedded model: prune per domain, retrieve held-out queries, generate."""
+
+import json
+
+import pytest
+import torch
+
+from moeprune import embedded
+from moeprune.cli import main
+from moeprune.demo import EmbeddedBench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return EmbeddedBench()
+
+
+def test_pruned_per_domain_keeps_in_domain_quality(bench):
+    """Keeping half the experts picked for a domain costs little there; random halves cost more."""
+    for domain in bench.domains:
+        tcess = bench.run(domain, "tcess", "0.5")
+        rand = bench.run(domain, "random", "0.5")
+        assert tcess.ratio < 1.5, (domain, tcess.ratio)
+        assert tcess.ppl_pruned < rand.ppl_pruned, domain
+
+
+def test_held_out_queries_retrieve_their_domain(bench, tmp_path):
+    from moeprune.pipeline import select_pattern
+    from moeprune.retrieval import Retriever, query_signatures
+    from moeprune.demos import encode_demos, read_demos
+
+    patterns = [select_pattern(bench.profiles[d], "tcess", "0.5") for d in bench.domains]
+    retriever = Retriever(patterns, "first", threshold=None)
+    correct = total = 0
+    for d in bench.domains:
+        queries = encode_demos(read_demos(embedded.demo_file(d, "queries")), bench.tokenizer)
+        matches = retriever.match(query_signatures(bench.model, queries, "first"))
+        correct += sum(m.task == d for m in matches)
+        total += len(matches)
+    assert correct / total >= 0.95, correct / total
+
+
+def test_store_retrieve_and_generate_through_the_runtime(tmp_path, capsys):
+    from moeprune.loader.runtime import TaskAdaptiveModel
+
+    store = tmp_path / "store"
+    model = str(embedded.model_dir())
+    for d in list(embedded.domains())[:2]:
+        assert main(["store", "add", str(store), model, "--demos", str(embedded.demo_file(d)), "--task", d,
+                     "--keep", "0.5", "-q"]) == 0
+    first = list(embedded.domains())[0]
+    query = json.loads(embedded.demo_file(first, "queries").read_text().splitlines()[0])["text"]
+    capsys.readouterr()
+    assert main(["retrieve", str(store), "--query", query, "--json", "--model", model]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["task"] == first
+    rt = TaskAdaptiveModel(model, store=store)
+    text = rt.generate(query, max_new_tokens=8, do_sample=False)
+    assert isinstance(text, str) and rt.active.task == first
