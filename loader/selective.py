@@ -244,5 +244,8 @@ def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | Non
     full = {k: t for (k, _), t in reader.read((k, None) for k in ckpt.weight_map if k.startswith(prefixes)).items()}
     for layer, block in blocks.items():
         prefix = adapter.router_prefix(layer)
-        getattr(block, adapter.router).moeprune_full_router = (full[prefix + "weight"], full.get(prefix + "bias"))
+        router = getattr(block, adapter.router)
+        router.moeprune_full_router = (full[prefix + "weight"], full.get(prefix + "bias"))
+        if prefix + "e_score_correction_bias" in full:
+            router.moeprune_full_selection_bias = full[prefix + "e_score_correction_bias"]
     return full

@@ -121,7 +121,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
         checkpoint = open_checkpoint(checkpoint)
     scores = score(method, profile, model=model, demos=demos, checkpoint=checkpoint, keep=keep, budget=budget,
                    min_per_layer=min_per_layer, progress=progress, **params)
-    signature = profile.logit_mean.flatten().tolist()
+    signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
                            signature=signature, budget=budget, min_per_layer=min_per_layer)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})

@@ -12,7 +12,7 @@ g the routing weights the model actually used, k its top-k):
 - ``top1_logit[l,e]`` sum of z_{t,e} over those tokens (TCESS numerator);
 - ``out_aware[l,e]``  sum of g_{t,e} * ||E_e(x_t)|| * max(0, 1 - cos(h_t, h_t + r_t)), h_t the
   residual stream entering the MoE block, r_t the routed-experts output (EASY-EP);
-- ``logit_sum[l,e]``  sum of z_{t,e} (``logit_mean`` is the retrieval signature);
+- ``logit_sum[l,e]``  sum of z_{t,e} (``logit_mean``: the mean raw logit);
 - ``coact[l,e,f]``    tokens routing to both e and f (diagonal = count).
 """
 

@@ -23,7 +23,7 @@ def test_server_routes_and_reports_expert_map(family_checkpoints, tmp_path):
     _, src = family_checkpoints["mixtral"]
     pats, demos = [], {}
     for i, task in enumerate(["a", "b"]):
-        demos[task] = write_token_demos(tmp_path / f"{task}.jsonl", seed=20 + i)
+        demos[task] = write_token_demos(tmp_path / f"{task}.jsonl", seed=20 + i, low=2 + 63 * i, high=65 + 63 * i)
         pats.append(select_pattern(profile_checkpoint(src, demos[task], task=task, progress=False), "frequency", 4))
     rt = TaskAdaptiveModel(src, patterns=pats)
     server = _serve_module().make_server(rt, port=0)

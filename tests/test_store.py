@@ -55,7 +55,7 @@ def test_store_cli(family_checkpoints, tmp_path, capsys):
     _, src = family_checkpoints["mixtral"]
     store = tmp_path / "store"
     for i, task in enumerate(["alpha", "beta"]):
-        demos = write_token_demos(tmp_path / f"{task}.jsonl", seed=10 + i)
+        demos = write_token_demos(tmp_path / f"{task}.jsonl", seed=10 + i, low=2 + 63 * i, high=65 + 63 * i)
         assert main(["store", "add", str(store), str(src), "--demos", str(demos), "--task", task, "-q"]) == 0
     capsys.readouterr()
     assert main(["store", "list", str(store), "--json"]) == 0

@@ -52,11 +52,13 @@ def save_model(model, path: Path, shard_size: str = "20KB") -> Path:
     return path
 
 
-def write_token_demos(path: Path, n: int = 6, length: int = 24, seed: int = 0) -> Path:
+def write_token_demos(path: Path, n: int = 6, length: int = 24, seed: int = 0, low: int = 2,
+                      high: int = VOCAB) -> Path:
+    """Random token demos drawn from ``[low, high)`` (disjoint ranges make distinguishable tasks)."""
     g = torch.Generator().manual_seed(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"input_ids": torch.randint(2, VOCAB, (length,), generator=g).tolist()}) + "\n")
+            f.write(json.dumps({"input_ids": torch.randint(low, high, (length,), generator=g).tolist()}) + "\n")
     return path
 
 
