@@ -421,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    if not _progress(args):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         args.func(args)
     except (ValueError, LookupError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
