@@ -222,23 +222,29 @@ class RouterProfiler:
 
     @staticmethod
     def _accumulate(stats, state, x, idx, weights, pair_out, routed) -> None:
+        """Per-token math in float32; each demo's per-expert sums are added to float64 totals."""
         row, router = state.row, state.router
         E = router.weight.shape[0]
-        z = F.linear(x.float(), router.weight.float(), None if getattr(router, "bias", None) is None
-                     else router.bias.float()).double()  # raw router logits [T, E]
+        bias = getattr(router, "bias", None)
+        z = F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())  # raw logits [T, E]
         flat = idx.reshape(-1)
-        stats["count"][row, :E] += torch.bincount(flat, minlength=E).double()
-        stats["soft"][row, :E].index_add_(0, flat, weights.reshape(-1).double())
+        w = weights.float().reshape(-1)
+
+        def add(name: str, values: torch.Tensor) -> None:
+            stats[name][row, :E] += values.double()
+
+        add("count", torch.bincount(flat, minlength=E))
+        add("soft", torch.zeros(E).index_add_(0, flat, w))
         top1 = z.argmax(-1)
-        stats["top1_count"][row, :E] += torch.bincount(top1, minlength=E).double()
-        stats["top1_logit"][row, :E].index_add_(0, top1, z.gather(1, top1[:, None])[:, 0])
-        stats["logit_sum"][row, :E] += z.sum(0)
-        onehot = torch.zeros(z.shape, dtype=torch.float64).scatter_(1, idx, 1.0)
-        stats["coact"][row, :E, :E] += onehot.T @ onehot
-        h = state.residual.double() if state.residual is not None else x.double()
-        drift = (1 - F.cosine_similarity(h, h + routed.double(), dim=-1)).clamp_min(0)  # [T]
-        signal = weights.double() * pair_out.double().norm(dim=-1) * drift[:, None]
-        stats["out_aware"][row, :E].index_add_(0, flat, signal.reshape(-1))
+        add("top1_count", torch.bincount(top1, minlength=E))
+        add("top1_logit", torch.zeros(E).index_add_(0, top1, z.gather(1, top1[:, None])[:, 0]))
+        add("logit_sum", z.sum(0))
+        onehot = torch.zeros(z.shape).scatter_(1, idx, 1.0)
+        stats["coact"][row, :E, :E] += (onehot.T @ onehot).double()
+        h = (state.residual if state.residual is not None else x).float()
+        drift = (1 - F.cosine_similarity(h, h + routed.float(), dim=-1)).clamp_min(0)  # [T]
+        signal = w * (pair_out.float().norm(dim=-1) * drift[:, None]).reshape(-1)
+        add("out_aware", torch.zeros(E).index_add_(0, flat, signal))
 
 
 def profile_model(model: Any, encoded_demos: Sequence[Sequence[int]], fingerprint: Fingerprint,
