@@ -6,8 +6,10 @@ One deterministic script (fixed seeds, 2 CPU threads, deterministic torch algori
 1. generates four template-based text domains (math, code, legal, recipes) with seeded randomness;
 2. trains a byte-level BPE tokenizer on them (``tokenizers``) with ``<|bos|>``, ``<|eos|>``,
    ``<|pad|>`` and chat-role tokens, and a chat template, saved as a ``PreTrainedTokenizerFast``;
-3. trains a small ``MixtralForCausalLM`` (16 experts per layer, top-2, load-balancing loss on)
-   with AdamW on the mixture of domains;
+3. trains a small ``MixtralForCausalLM`` (16 experts per layer, top-2) with AdamW on the mixture of
+   domains, with the standard load-balancing loss and an expert-specialisation (mutual information)
+   loss that makes each domain's text concentrate on a few experts per layer (see
+   ``specialisation_loss``): this is what makes per-domain pruning of the demo model meaningful;
 4. saves it as sharded safetensors in ``profiles/models/tiny-moe``;
 5. writes ``profiles/domains.json`` and, per domain, ``profiles/{demos,eval,queries}/<domain>.jsonl``
    (demos, eval texts and queries are drawn with their own seeds and never trained on);
@@ -97,7 +99,7 @@ def math_add_sub(rng):
     name, other, item = pick(rng, NAMES), pick(rng, NAMES), pick(rng, ITEMS)
     a, b, c = rng.randint(12, 95), rng.randint(5, 60), rng.randint(2, 30)
     c = min(c, a + b - 1)
-    q = (f"{name} has {a} {item}. {pick(rng, ['She', 'He', 'They'])} "
+    q = (f"{name} has {a} {item}. {pick(rng, ['She', 'He'])} "
          f"{pick(rng, ['buys', 'finds', 'is given', 'collects'])} {b} more and then gives {c} to {other}. "
          f"How many {item} does {name} have now?")
     s = f"First add: {a} + {b} = {a + b}. Then subtract: {a + b} - {c} = {a + b - c}. The answer is {a + b - c}."
@@ -593,7 +595,8 @@ def legal_clause(rng, section: str | None = None):
 def legal_qa(rng):
     a, b, title, clause = legal_clause(rng)
     agr = pick(rng, AGREEMENTS)
-    prompt = pick(rng, [f"Draft a {title.lower()} clause for a {agr}.",
+    article = "an" if title[0] in "AEIOU" else "a"
+    prompt = pick(rng, [f"Draft {article} {title.lower()} clause for a {agr}.",
                         f"What should the {title.lower()} section of a {agr} say?",
                         f"Write the {title.lower()} provision between the {a} and the {b}."])
     return prompt, clause
@@ -979,16 +982,19 @@ def report(model, tokenizer, demos: dict, evals: dict) -> dict:
             v, i = u[l].topk(4)
             rows.append("L%d " % l + " ".join(f"{e}:{p:.0%}" for e, p in zip(i.tolist(), v.tolist())))
         print(f"  {d:8s} " + " | ".join(rows))
-    print(f"\noverlap of per-domain top-{half} expert sets on eval (mean over layers, of {half}):")
     names = list(DOMAINS)
-    tops = {d: [set(r) for r in usage_eval[d].argsort(dim=1, descending=True)[:, :half].tolist()] for d in names}
-    overlaps = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            ov = sum(len(x & y) for x, y in zip(tops[a], tops[b])) / len(tops[a])
-            overlaps[f"{a}/{b}"] = ov
-            print(f"  {a:8s} / {b:8s}: {ov:.2f}")
-    summary["top_half_overlap"] = overlaps
+    for k in (n_exp // 4, half):
+        ranked = {d: usage_eval[d].argsort(dim=1, descending=True)[:, :k] for d in names}
+        share = {d: float((usage_eval[d].gather(1, ranked[d]).sum(1) / usage_eval[d].sum(1)).mean()) for d in names}
+        print(f"\ntop-{k} experts per layer carry " + ", ".join(f"{d} {v:.0%}" for d, v in share.items())
+              + f" of the routing; overlap of per-domain top-{k} sets (mean over layers, of {k}):")
+        tops = {d: [set(r) for r in ranked[d].tolist()] for d in names}
+        overlaps = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                overlaps[f"{a}/{b}"] = sum(len(x & y) for x, y in zip(tops[a], tops[b])) / len(tops[a])
+        print("  " + "  ".join(f"{pair} {v:.2f}" for pair, v in overlaps.items()))
+        summary[f"top{k}_overlap"] = overlaps
     return summary
 
 
@@ -1023,7 +1029,7 @@ def setup_determinism() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "profiles")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train-docs", type=int, default=N_TRAIN_DOCS, help="training documents per domain")
