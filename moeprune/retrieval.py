@@ -4,8 +4,8 @@ A signature is, per MoE layer used, the share of a text's tokens that route to e
 top-k by router score). A pattern's signature comes from its demos' profile (``count / tokens``); a
 query's from one pass over the query that stops right after the last layer it needs, taking the
 top-k of the full router's scores (raw logits plus any selection bias; group limits are ignored).
-Measured on the embedded model's held-out queries, routing shares beat mean raw logits (the first
-alternative tried: 95% vs 89% top-1 at the first layer; see BENCHMARKS.md). ``layers="first"`` uses
+Measured on the embedded model's held-out queries, routing shares beat mean raw logits (PreMoe's
+literal signature) at the first layer; current numbers are in BENCHMARKS.md ("Retrieval"). ``layers="first"`` uses
 the first MoE layer only, as PreMoe does: its router input does not depend on any expert, so the
 signature is exact whichever pattern is loaded. ``layers="all"`` uses every MoE layer (needs the
 full model). Signatures are compared by cosine distance after subtracting the mean signature of
