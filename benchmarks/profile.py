@@ -4,21 +4,24 @@ profile's memory as demos grow. Run: ``python benchmarks/profile.py`` (writes BE
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
-from benchmarks.report import interleaved, machine, table, write_section  # noqa: E402
+from benchmarks.report import machine, table, write_section  # noqa: E402
 
 from moeprune import embedded  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.fingerprint import checkpoint_fingerprint  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
-from moeprune.profile import profile_model  # noqa: E402
+from moeprune.profile import RouterProfiler, profile_model  # noqa: E402
 
 
 def main() -> None:
@@ -37,16 +40,28 @@ def main() -> None:
         demos += encode_demos(read_demos(embedded.demo_file(d)), tok, model.config.max_position_embeddings)
     tokens = sum(map(len, demos))
 
-    @torch.inference_mode()
-    def plain():
-        for ids in demos:
-            model(torch.tensor([ids]), use_cache=False)
-
-    def profiled():
-        profile_model(model, demos, fp, progress=False)
-
-    t = interleaved({"plain forward": plain, "profiled forward": profiled}, repeats=args.repeats)
-    overhead = t["profiled forward"] / t["plain forward"] - 1
+    # Paired timing: every demo runs through the plain model and, right after (order alternating),
+    # through a copy with the profiler attached, so machine drift hits both alike.
+    profiled_model = copy.deepcopy(model)
+    profiler = RouterProfiler(profiled_model, fp)
+    run = lambda m, ids: m(torch.tensor([ids]), use_cache=False)
+    totals = {"plain forward": [], "profiled forward": []}
+    with torch.inference_mode(), profiler.attached():
+        for ids in demos:  # warm-up
+            run(model, ids), run(profiled_model, ids)
+        for r in range(args.repeats):
+            spent = {"plain forward": 0.0, "profiled forward": 0.0}
+            for ids in demos:
+                pair = [("plain forward", model), ("profiled forward", profiled_model)]
+                for name, m in pair if r % 2 == 0 else pair[::-1]:
+                    t = time.perf_counter()
+                    run(m, ids)
+                    spent[name] += time.perf_counter() - t
+            for name, sec in spent.items():
+                totals[name].append(sec)
+    ratios = [p / q for p, q in zip(totals["profiled forward"], totals["plain forward"])]
+    overhead = statistics.median(ratios) - 1
+    t = {name: statistics.median(v) for name, v in totals.items()}
     rows = [(name, f"{sec * 1e3:.1f}", f"{tokens / sec:,.0f}") for name, sec in t.items()]
     speed = table(rows, ["run", "ms (median)", "tokens/s"])
 
@@ -61,7 +76,8 @@ def main() -> None:
 
     body = (f"Machine: {machine()}. Model: `{path.name}` ({len(fp.moe_layers)} MoE layers x "
             f"{max(fp.num_experts)} experts, top-{fp.top_k}); {len(demos)} demos, {tokens} tokens; "
-            f"median of {args.repeats} interleaved runs.\n\n{speed}\n\n"
+            f"each demo timed through the plain model and a profiled copy back to back (order alternating), "
+            f"{args.repeats} passes; overhead = median over passes of profiled / plain time.\n\n{speed}\n\n"
             f"**Hook overhead: {overhead:+.1%}** (target <= +15%).\n\n"
             f"Profile state is O(layers x experts^2), independent of demo length:\n\n{mem}\n")
     print(body)

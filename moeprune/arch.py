@@ -9,6 +9,8 @@ Facts shared by every supported family (transformers >= 5 and the Hub checkpoint
 - a layer is a MoE layer iff the checkpoint holds ``{layer}.{block}.{router}.weight`` ([E, H]);
 - expert tensors live under ``{layer}.{block}.experts.``: per-expert keys
   ``experts.{e}.<name>`` or fused ``[E, ...]`` tensors (GPT-OSS, incl. MXFP4 blocks/scales);
+- the router module returns a tuple whose first item is the raw logits ``[T, E]`` (else set
+  ``router_returns_logits=False`` and the profiler recomputes them from the router weights);
 - every router tensor under ``{layer}.{block}.{router}.`` has the expert axis first
   (weight rows, GPT-OSS bias, DeepSeek-V3 ``e_score_correction_bias``).
 """
@@ -43,6 +45,7 @@ class MoEAdapter:
     )
     fused_experts: bool = False  # checkpoint stores experts as [E, ...] tensors
     experts_transposed: bool = False  # expert matrices stored [in, out] (GPT-OSS) instead of [out, in]
+    router_returns_logits: bool = True  # router forward returns (raw logits [T, E], ...)
 
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."

@@ -132,8 +132,16 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
     Works on any transformers experts module built with ``use_experts_implementation``
     (gate/up fused or not, transposed or not, biases, the module's own gating function).
     ``observe(e, pairs, x_in, mid)`` sees each expert's pair ids, inputs and down-projection inputs.
+
+    Without ``observe`` it runs the module's own experts implementation (grouped_mm, the moeprune
+    kernels, packed quantized weights...) once over the pairs as single-expert "tokens" of weight 1,
+    so profiling costs about what the plain forward costs.
     """
     T, k = top_k_index.shape
+    if observe is None:
+        pairs_x = x.repeat_interleave(k, dim=0)  # pair p = t * k + j reads token t
+        ones = torch.ones((T * k, 1), dtype=x.dtype, device=x.device)
+        return type(experts).forward(experts, pairs_x, top_k_index.reshape(-1, 1), ones).view(T, k, -1)
     out = x.new_zeros(T * k, x.shape[-1])
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -162,16 +170,64 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
     return out.view(T, k, -1)
 
 
+_SUM_ORDER = ("count", "soft", "out_aware", "top1_count", "top1_logit", "logit_sum")  # pair-indexed first
+assert sorted(_SUM_ORDER) == sorted(LAYER_SIGNALS)
+PENDING_BYTES = 16 << 20  # router logits all layers may hold before they are reduced into the totals
+
+
 @dataclass
 class _LayerState:
+    """One MoE layer's float64 totals, and the per-token values of recent calls not yet reduced.
+
+    Reducing many demos at once keeps the per-call work to a few ops (the per-expert sums are ~20
+    small ops, which cost as much as a tiny model's experts if run per call); the pending values
+    ([T, E] logits and [T, k] pairs) are bounded by ``flush_elements``, whatever the demos.
+    """
+
     row: int
     router: torch.nn.Module
-    residual: torch.Tensor | None = None
-    acc: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: torch.Tensor  # [len(_SUM_ORDER), E] float64 totals
+    coact: torch.Tensor  # [E, E] float64 totals
+    flush_elements: int
+    residual: torch.Tensor | None = None  # the residual stream entering the block (this call)
+    logits: torch.Tensor | None = None  # the router's raw logits (this call), when the router returns them
+    pending: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (z, idx, w, signal) per call
+    pending_elements: int = 0
+
+    def add(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, signal: torch.Tensor) -> None:
+        self.pending.append((z, idx, w, signal))
+        self.pending_elements += z.numel()
+        if self.pending_elements >= self.flush_elements:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce the pending tokens into the float64 totals."""
+        if not self.pending:
+            return
+        z, idx, w, signal = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending, self.pending_elements = [], 0
+        z, w, signal = z.double(), w.double(), signal.double()  # totals add up whatever the batching
+        E = z.shape[-1]
+        flat = idx.reshape(-1)
+        top1_logit, top1 = z.max(-1)
+        sums = torch.zeros(len(_SUM_ORDER), E, dtype=torch.float64, device=z.device)
+        sums[:3].index_add_(1, flat, torch.stack((torch.ones_like(w), w, signal)))
+        sums[3:5].index_add_(1, top1, torch.stack((torch.ones_like(top1_logit), top1_logit)))
+        sums[5] = z.sum(0)
+        self.sums[:, :E] += sums.cpu()
+        k = idx.shape[-1]  # co-selected pairs (e, f) of each token, e == f included: the diagonal is count
+        pairs = (idx.unsqueeze(-1) * E + idx.unsqueeze(-2)).reshape(-1) if k > 1 else flat * (E + 1)
+        self.coact[:E, :E] += torch.bincount(pairs, minlength=E * E).view(E, E).cpu()
 
 
 class RouterProfiler:
-    """Hooks on a transformers MoE model that stream router statistics into a profile."""
+    """Hooks on a transformers MoE model that stream router statistics into a profile.
+
+    Per forward call only the hidden-size reductions run (output norms, residual drift; the router's
+    logits are taken from its output); the per-expert sums are reduced in batches of many demos
+    (all layers together hold at most ``PENDING_BYTES`` of logits) and land in :attr:`profile`
+    when :meth:`attached` exits.
+    """
 
     def __init__(self, model: Any, fingerprint: Fingerprint, task: str = ""):
         self.model = model
@@ -183,13 +239,19 @@ class RouterProfiler:
 
     @contextmanager
     def attached(self) -> Iterator["RouterProfiler"]:
-        handles, patched = [], []
+        handles, patched, states = [], [], []
         layers = self.model.model.layers
+        sums = torch.zeros(len(_SUM_ORDER), *self.profile.stats["count"].shape, dtype=torch.float64)
+        flush_elements = max(1 << 14, PENDING_BYTES // (4 * max(len(self.blocks), 1)))
         try:
             for row, (i, block) in enumerate(self.blocks.items()):
-                state = _LayerState(row=row, router=getattr(block, self.adapter.router))
+                state = _LayerState(row=row, router=getattr(block, self.adapter.router), sums=sums[:, row],
+                                    coact=self.profile.stats["coact"][row], flush_elements=flush_elements)
+                states.append(state)
                 norm = getattr(layers[i], self.adapter.residual_norm)
                 handles.append(norm.register_forward_pre_hook(self._residual_hook(state)))
+                if self.adapter.router_returns_logits:
+                    handles.append(state.router.register_forward_hook(self._logits_hook(state)))
                 experts = block.experts
                 experts.forward = self._experts_forward(experts, state)
                 patched.append(experts)
@@ -199,6 +261,10 @@ class RouterProfiler:
                 h.remove()
             for experts in patched:
                 del experts.forward
+            for state in states:
+                state.flush()
+            for name, values in zip(_SUM_ORDER, sums):
+                self.profile.stats[name] += values
 
     @staticmethod
     def _residual_hook(state: _LayerState):
@@ -206,45 +272,36 @@ class RouterProfiler:
             state.residual = args[0].detach().reshape(-1, args[0].shape[-1])
         return hook
 
-    def _experts_forward(self, experts: torch.nn.Module, state: _LayerState):
-        stats = self.profile.stats
+    @staticmethod
+    def _logits_hook(state: _LayerState):
+        def hook(module, args, output):
+            state.logits = output[0] if isinstance(output, tuple) else output
+        return hook
 
+    def _experts_forward(self, experts: torch.nn.Module, state: _LayerState):
         def forward(hidden_states, top_k_index, top_k_weights):
-            x = hidden_states
-            pair_out = expert_pair_outputs(experts, x, top_k_index)  # [T, k, H]
-            w = top_k_weights.to(pair_out.dtype)
-            routed = (pair_out * w.unsqueeze(-1)).sum(1)
+            pair_out = expert_pair_outputs(experts, hidden_states, top_k_index)  # [T, k, H]
+            routed = (pair_out * top_k_weights.to(pair_out.dtype).unsqueeze(-1)).sum(1)
             with torch.no_grad():
-                self._accumulate(stats, state, x, top_k_index, top_k_weights, pair_out, routed)
+                self._observe(state, hidden_states, top_k_index, top_k_weights, pair_out, routed)
             return routed.to(hidden_states.dtype)
 
         return forward
 
     @staticmethod
-    def _accumulate(stats, state, x, idx, weights, pair_out, routed) -> None:
-        """Per-token math in float32; each demo's per-expert sums are added to float64 totals."""
-        row, router = state.row, state.router
-        E = router.weight.shape[0]
-        bias = getattr(router, "bias", None)
-        z = F.linear(x.float(), router.weight.float(), None if bias is None else bias.float())  # raw logits [T, E]
-        flat = idx.reshape(-1)
+    def _observe(state: _LayerState, x, idx, weights, pair_out, routed) -> None:
+        """The hidden-size reductions of one call, in float32: raw router logits (the router's own
+        when it returned them), and the EASY-EP signal g * ||E(x)|| * max(0, 1 - cos(h, h + r))."""
+        z, state.logits = state.logits, None
+        E = state.router.weight.shape[0]
+        if z is None or z.shape != (x.shape[0], E):
+            bias = getattr(state.router, "bias", None)
+            z = F.linear(x.float(), state.router.weight.float(), None if bias is None else bias.float())
         w = weights.float().reshape(-1)
-
-        def add(name: str, values: torch.Tensor) -> None:
-            stats[name][row, :E] += values.double()
-
-        add("count", torch.bincount(flat, minlength=E))
-        add("soft", torch.zeros(E).index_add_(0, flat, w))
-        top1 = z.argmax(-1)
-        add("top1_count", torch.bincount(top1, minlength=E))
-        add("top1_logit", torch.zeros(E).index_add_(0, top1, z.gather(1, top1[:, None])[:, 0]))
-        add("logit_sum", z.sum(0))
-        onehot = torch.zeros(z.shape).scatter_(1, idx, 1.0)
-        stats["coact"][row, :E, :E] += (onehot.T @ onehot).double()
         h = (state.residual if state.residual is not None else x).float()
         drift = (1 - F.cosine_similarity(h, h + routed.float(), dim=-1)).clamp_min(0)  # [T]
-        signal = w * (pair_out.float().norm(dim=-1) * drift[:, None]).reshape(-1)
-        add("out_aware", torch.zeros(E).index_add_(0, flat, signal))
+        signal = w * (pair_out.norm(dim=-1, dtype=torch.float32) * drift[:, None]).reshape(-1)
+        state.add(z.float(), idx, w, signal)
 
 
 def profile_model(model: Any, encoded_demos: Sequence[Sequence[int]], fingerprint: Fingerprint,

@@ -8,6 +8,7 @@ import torch
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.demos import encode_demos, read_demos
 from moeprune.fingerprint import model_fingerprint
+from moeprune.kernels import eager_experts_forward
 from moeprune.profile import LAYER_SIGNALS, RouterProfile, profile_model
 from tiny_models import VOCAB, write_token_demos
 
@@ -45,12 +46,20 @@ def test_profile_signals_match_a_direct_computation(family, family_checkpoints):
     model, _ = family_checkpoints[family]
     adapter = get_adapter(model.config)
     ids = _encoded(1, length=30, seed=3)[0]
-    routed = {}
+    routed, residual, outputs = {}, {}, {}
     handles = []
     for layer, block in moe_blocks(model, adapter).items():
         def pre(mod, args, layer=layer):
             routed[layer] = (args[0].detach(), args[1].detach(), args[2].detach())
+
+        def post(mod, args, out, layer=layer):
+            outputs[layer] = out.detach()
+
+        def norm_pre(mod, args, layer=layer):
+            residual[layer] = args[0].detach().reshape(-1, args[0].shape[-1])
         handles.append(block.experts.register_forward_pre_hook(pre))
+        handles.append(block.experts.register_forward_hook(post))
+        handles.append(getattr(model.model.layers[layer], adapter.residual_norm).register_forward_pre_hook(norm_pre))
     with torch.no_grad():
         plain = model(torch.tensor([ids])).logits
     for h in handles:
@@ -76,8 +85,18 @@ def test_profile_signals_match_a_direct_computation(family, family_checkpoints):
         assert prof.stats["top1_count"][row].sum() == len(ids)
         assert torch.equal(prof.stats["coact"][row].diagonal(), prof.stats["count"][row])
         assert prof.stats["coact"][row].sum() == len(ids) * k * k
-        assert (prof.stats["out_aware"][row] >= 0).all() and prof.stats["out_aware"][row].sum() > 0
-        assert (prof.stats["out_aware"][row][prof.stats["count"][row] == 0] == 0).all()
+        # EASY-EP: sum over pairs of g * ||E_e(x)|| * max(0, 1 - cos(h, h + r)), experts run one pair at a time
+        h, r = residual[layer].double(), outputs[layer].double()
+        drift = (1 - torch.nn.functional.cosine_similarity(h, h + r, dim=-1)).clamp_min(0)
+        expected = torch.zeros(E, dtype=torch.float64)
+        one = torch.ones(1, 1)
+        with torch.no_grad():
+            for t in range(len(ids)):
+                for j in range(k):
+                    y = eager_experts_forward(block.experts, x[t:t + 1], idx[t:t + 1, j:j + 1], one)
+                    expected[idx[t, j]] += w[t, j].double() * y.double().norm() * drift[t]
+        torch.testing.assert_close(prof.stats["out_aware"][row], expected, rtol=1e-4, atol=1e-7)
+        assert prof.stats["out_aware"][row].sum() > 0
 
 
 def test_profile_memory_does_not_grow_with_demo_length(family_checkpoints):
