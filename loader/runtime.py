@@ -81,6 +81,7 @@ class TaskAdaptiveModel:
         patterns = list(patterns)
         for p in patterns:
             p.fingerprint.check_compatible(self.fingerprint)
+            _refuse_merged(p)
         self.adapter = self.ckpt.adapter
         self.device, self.dtype = device, dtype
         self.cache = ExpertCache(cache_bytes)
@@ -115,6 +116,7 @@ class TaskAdaptiveModel:
         if isinstance(pattern, str):
             pattern = self._by_task(pattern)
         pattern.fingerprint.check_compatible(self.fingerprint)
+        _refuse_merged(pattern)
         with self.lock:
             if pattern.kept == self.active.kept and pattern.routing == self.active.routing:
                 return {"task": pattern.task, "experts_read": 0, "bytes_read": 0, "from_cache": 0}
@@ -185,3 +187,10 @@ class TaskAdaptiveModel:
             if key.startswith(prefix):
                 set_tensor(self.model, self.adapter.memory_name(key), full[rows], self.device, None)
         resize_block(block, self.adapter, len(kept), routing, self.ckpt.config)
+
+
+def _refuse_merged(pattern: ExpertPattern) -> None:
+    if pattern.merges:
+        raise ValueError(f"pattern {pattern.task!r} merges experts (averaged weights), which the per-expert cache "
+                         "cannot share between tasks; load it with moeprune.from_pretrained or export it "
+                         "with `moeprune export`")

@@ -18,6 +18,7 @@ from accelerate import init_empty_weights
 from moeprune.arch import MoEAdapter, moe_blocks
 from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
+from moeprune.merge import merge_transform, merged_expert
 from moeprune.pattern import ExpertPattern
 
 from .reader import ReadStats, TensorReader
@@ -191,7 +192,11 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     experts_prefixes = tuple(adapter.experts_prefix(layer) for layer in pattern.kept)
     plans = [p for p in plan_tensors(ckpt, pattern)
              if not p.source.startswith(experts_prefixes) and _within(p.source, num_layers)]
-    for (key, rows), tensor in reader.iter_read((p.source, p.rows) for p in plans):
+    merge = merge_transform(ckpt, pattern, reader)
+    plan_of = {(p.source, p.rows): p for p in plans}
+    for (key, rows), tensor in reader.iter_read(plan_of):
+        if merge is not None:
+            tensor = merge(plan_of[(key, rows)], tensor)
         name = adapter.memory_name(key)
         try:
             set_tensor(model, name, tensor, device, dtype)
@@ -202,8 +207,14 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     packed_layers = 0
     for layer, kept in kept_layers.items():
         prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
-        packed = read_layer_experts_packed(ckpt, adapter, layer, kept, reader) if keep_quantized else None
-        for param, value in (packed or read_layer_experts(reader, adapter, layer, kept, dtype)).items():
+        merges = (pattern.merges or {}).get(layer, {})
+        packed = read_layer_experts_packed(ckpt, adapter, layer, kept, reader) if keep_quantized and not merges else None
+        values = packed or read_layer_experts(reader, adapter, layer, kept, dtype)
+        for i, e in enumerate(kept):
+            if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
+                for param, mean in merged_expert(reader, adapter, layer, merges[e]).items():
+                    values[param][i] = mean.to(values[param].dtype)
+        for param, value in values.items():
             if isinstance(value, torch.Tensor):
                 set_tensor(model, prefix + param, value, device, dtype)
             else:  # a packed quantized stack replaces the float parameter

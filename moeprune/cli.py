@@ -63,6 +63,14 @@ def _pattern_table(pattern) -> str:
             + _table(rows, ["layer", "kept", "experts"]) + notes)
 
 
+def _method_params(args: argparse.Namespace) -> dict[str, Any]:
+    """Scorer parameters given on the command line."""
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge") if getattr(args, name, None) is not None}
+    if ("mix" in params or "merge" in params) and args.method != "stun":
+        raise ValueError("--mix and --merge apply to --method stun only")
+    return params
+
+
 def cmd_select(args: argparse.Namespace) -> None:
     from .pipeline import select_pattern
     from .profile import RouterProfile
@@ -71,7 +79,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     prof = profiles[0]
     for other in profiles[1:]:
         prof = prof + other
-    params = {"seed": args.seed} if args.seed is not None else {}
+    params = _method_params(args)
     demos = None
     if args.demos:
         from .checkpoint import open_checkpoint
@@ -121,7 +129,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     from .pipeline import prune
 
-    params = {"seed": args.seed} if args.seed is not None else {}
+    params = _method_params(args)
     pattern, summary = prune(args.model, args.demos, args.method, args.keep, args.out, task=args.task or "",
                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                              overwrite=args.overwrite, progress=_progress(args),
@@ -323,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
         c.add_argument("--seed", type=int, help="seed for random, diep")
+        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0.5)")
+        c.add_argument("--merge", choices=["representative", "average"],
+                       help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
+                            "the cluster's weights and router rows")
         c.add_argument("--budget", choices=["uniform", "global"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ "
                             "(default: the method's own; stun and diep are global)")

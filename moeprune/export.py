@@ -26,6 +26,7 @@ from .loader.reader import TensorReader
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
+from .merge import merge_transform
 from .pattern import ExpertPattern
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -91,6 +92,8 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
         "method": pattern.method,
         "source_fingerprint": pattern.fingerprint.to_dict(),
         "kept_experts": {str(layer): kept for layer, kept in sorted(pattern.kept.items())},
+        "merged_experts": None if not pattern.merges else
+        {str(layer): {str(e): m for e, m in sorted(c.items())} for layer, c in sorted(pattern.merges.items())},
         "num_experts_per_layer": {str(layer): n for layer, n in sorted(pattern.counts.items())},
         "uniform": pattern.is_uniform,
         "routing": pattern.routing,
@@ -156,7 +159,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
                   group_size: int = 128) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
-    ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity);
+    ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity; it runs
+    after the pattern's expert merges, if any);
     ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
     (``moeprune.quant`` format) to ``bits`` for all experts, or to the pattern's per-expert ``bits``.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
@@ -179,6 +183,10 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     plans = plan_tensors(ckpt, pattern)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt)
+    merge = merge_transform(ckpt, pattern, reader)
+    if merge is not None:
+        user_transform = transform
+        transform = merge if user_transform is None else (lambda plan, t: user_transform(plan, merge(plan, t)))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",

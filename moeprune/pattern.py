@@ -6,6 +6,11 @@ On disk a pattern is a small JSON document::
      "method": "tcess", "layers": {"3": "<base64 bitset>", ...}, "routing": {...},
      "signature": [...], "bits": {...}, "meta": {...}, "checksum": "<sha256 of the rest>"}
 
+Version 2 adds ``"merges": {"3": {"5": [2, 5, 9]}, ...}``: per layer, a kept expert that takes the
+average of its cluster's weights and router rows (see :mod:`moeprune.merge`). Patterns without
+merges are still written as version 1, so older readers keep reading them; a version-1 reader
+refuses a merged pattern instead of silently ignoring the merges.
+
 Bit e of a layer's bitset (little-endian within each byte) is set iff expert e is kept.
 Loading validates everything: format and version, checksum, layers and expert counts against
 the fingerprint, and that each layer keeps at least the router's top-k experts.
@@ -26,7 +31,7 @@ from .fingerprint import Fingerprint
 from .io import write_text_atomic
 
 PATTERN_FORMAT = "moeprune.pattern"
-PATTERN_VERSION = 1
+PATTERN_VERSION = 2
 
 
 class PatternError(ValueError):
@@ -64,9 +69,13 @@ class ExpertPattern:
     signature: list[float] | None = None
     bits: dict[int, list[int]] | None = None  # per layer, bit width of each kept expert
     meta: dict[str, Any] = field(default_factory=dict)
+    merges: dict[int, dict[int, list[int]]] | None = None  # per layer, kept expert -> cluster it averages
 
     def __post_init__(self) -> None:
         self.kept = {int(k): sorted(int(e) for e in v) for k, v in self.kept.items()}
+        if self.merges is not None:
+            self.merges = {int(layer): {int(e): sorted(int(m) for m in members) for e, members in clusters.items()}
+                           for layer, clusters in self.merges.items() if clusters} or None
         self.validate()
 
     def validate(self) -> None:
@@ -81,6 +90,17 @@ class ExpertPattern:
             if len(kept) < fp.top_k:
                 raise PatternError(f"layer {layer} keeps {len(kept)} experts, fewer than the router's top-k "
                                    f"({fp.top_k}); every layer must keep at least top-k experts")
+        for layer, clusters in (self.merges or {}).items():
+            if layer not in self.kept:
+                raise PatternError(f"merges name layer {layer}, which is not a MoE layer of the model")
+            seen: set[int] = set()
+            n = dict(zip(fp.moe_layers, fp.num_experts))[layer]
+            for e, members in clusters.items():
+                if e not in self.kept[layer] or e not in members:
+                    raise PatternError(f"layer {layer}: merge target {e} must be a kept expert inside its cluster {members}")
+                if seen & set(members) or any(m < 0 or m >= n for m in members):
+                    raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
+                seen |= set(members)
         if self.bits is not None:
             for layer, widths in self.bits.items():
                 if len(widths) != len(self.kept.get(int(layer), [])):
@@ -130,6 +150,11 @@ class ExpertPattern:
             "bits": None if self.bits is None else {str(k): list(v) for k, v in sorted(self.bits.items())},
             "meta": self.meta,
         }
+        if self.merges:
+            body["version"] = 2
+            body["merges"] = {str(layer): {str(e): m for e, m in sorted(c.items())} for layer, c in sorted(self.merges.items())}
+        else:
+            body["version"] = 1
         body["checksum"] = _checksum(body)
         return body
 
@@ -158,6 +183,7 @@ class ExpertPattern:
                 routing=dict(d.get("routing") or {}), signature=d.get("signature"),
                 bits=None if bits is None else {int(k): [int(b) for b in v] for k, v in bits.items()},
                 meta=dict(d.get("meta") or {}),
+                merges=d.get("merges"),
             )
         except PatternError as exc:
             raise PatternError(f"{source}: {exc}") from None

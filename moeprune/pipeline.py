@@ -14,7 +14,7 @@ from .export import export_pruned
 from .fingerprint import Fingerprint, checkpoint_fingerprint
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
-from .scoring import default_budget, needs_checkpoint, score
+from .scoring import default_budget, needs_checkpoint, score_with_clusters
 from .select import make_pattern
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -119,13 +119,31 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
         checkpoint = profile.model
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
-    scores = score(method, profile, model=model, demos=demos, checkpoint=checkpoint, keep=keep, budget=budget,
-                   min_per_layer=min_per_layer, progress=progress, **params)
+    scores, clusters = score_with_clusters(method, profile, model=model, demos=demos, checkpoint=checkpoint,
+                                           keep=keep, budget=budget, min_per_layer=min_per_layer,
+                                           progress=progress, **params)
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
                            signature=signature, budget=budget, min_per_layer=min_per_layer)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
+    if clusters:
+        pattern.merges = merges_for(pattern.kept, clusters)
+        pattern.validate()
     return pattern
+
+
+def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]]) -> dict[int, dict[int, list[int]]] | None:
+    """Per layer, each kept expert -> its cluster (clusters of one, or without exactly one kept member, drop out)."""
+    merges = {}
+    for layer, layer_clusters in clusters.items():
+        chosen = {}
+        for cluster in layer_clusters:
+            members = [e for e in cluster if e in kept[layer]]
+            if len(cluster) > 1 and len(members) == 1:
+                chosen[members[0]] = sorted(cluster)
+        if chosen:
+            merges[layer] = chosen
+    return merges or None
 
 
 def prune(model: str | Path, demos: str | Path, method: str, keep: str | float | int, out: str | Path,

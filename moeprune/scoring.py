@@ -2,11 +2,13 @@
 
 A scorer maps a :class:`~moeprune.profile.RouterProfile` (and, for scorers that need them, the
 model and the encoded demos) to scores ``[L, E]``: higher means more important to keep.
-Register a new one with ``@register_scorer("name")``.
+Register a new one with ``@register_scorer("name")``. A merging scorer returns
+:class:`MergingScores` instead: scores plus clusters whose kept member averages the others.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -17,6 +19,15 @@ from .profile import RouterProfile
 class Scorer(Protocol):
     def __call__(self, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                  **params: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class MergingScores:
+    """Scores, and per MoE layer the clusters of experts; the kept member of a cluster takes the
+    average of its members' weights and router rows (:mod:`moeprune.merge`)."""
+
+    scores: torch.Tensor
+    clusters: dict[int, list[list[int]]]
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -47,15 +58,24 @@ def needs_checkpoint(method: str) -> bool:
 def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
           **params: Any) -> torch.Tensor:
     """Scores ``[L, E]`` (float64) of ``method`` on ``profile``."""
+    return score_with_clusters(method, profile, model, demos, **params)[0]
+
+
+def score_with_clusters(method: str, profile: RouterProfile, model: Any = None,
+                        demos: Sequence[Sequence[int]] | None = None,
+                        **params: Any) -> tuple[torch.Tensor, dict[int, list[list[int]]] | None]:
+    """Scores ``[L, E]`` (float64) of ``method``, and its merge clusters per layer (None if it does not merge)."""
     try:
         scorer = SCORERS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}") from None
-    scores = scorer(profile, model=model, demos=demos, **params).to(torch.float64)
+    result = scorer(profile, model=model, demos=demos, **params)
+    clusters = result.clusters if isinstance(result, MergingScores) else None
+    scores = (result.scores if isinstance(result, MergingScores) else result).to(torch.float64)
     if scores.shape != (profile.num_layers, profile.num_experts):
         raise RuntimeError(f"scorer {method!r} returned shape {tuple(scores.shape)}, "
                            f"expected {(profile.num_layers, profile.num_experts)}")
-    return scores
+    return scores, clusters
 
 
 @register_scorer("random")

@@ -13,7 +13,9 @@ all layers are taken in order of merge distance until the global budget of clust
 exactly, never merging a layer below its minimum (top-k). This is the shared-threshold cut of
 STUN, found exactly rather than by bisection. In each cluster the member nearest the centroid of
 the cluster's flattened expert weights is kept (distances from a streamed Gram matrix, so
-expert weights are never all in memory at once). O(1) forward passes: only the profile and weights.
+expert weights are never all in memory at once); with ``merge="average"`` it instead takes the
+average of its cluster's weights and router rows (applied at export and load, see
+:mod:`moeprune.merge`). O(1) forward passes: only the profile and weights.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from scipy.spatial.distance import squareform
 
 from .checkpoint import Checkpoint
 from .profile import RouterProfile
-from .scoring import register_scorer
+from .scoring import MergingScores, register_scorer
 from .select import resolve_keep
 
 CHUNK_ELEMENTS = 1 << 24  # expert-weight elements per Gram-matrix step (bounds memory)
@@ -133,17 +135,25 @@ def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | 
     return {layer: _clusters(z, n, s) for layer, z, n, s in zip(fp.moe_layers, linkages, sizes, steps)}
 
 
+MERGE_MODES = ("representative", "average")
+
+
 @register_scorer("stun", budget="global", reads_checkpoint=True)
 def stun_scores(profile: RouterProfile, checkpoint: Checkpoint | None = None, keep: Any = None,
                 mix: float = 0.5, normalize_rows: bool = False, min_per_layer: int | None = None,
-                **_: Any) -> torch.Tensor:
-    """1 for each cluster's representative, 0 otherwise: a global cut of these scores keeps exactly them."""
+                merge: str = "representative", **_: Any) -> torch.Tensor | MergingScores:
+    """1 for each cluster's representative, 0 otherwise: a global cut of these scores keeps exactly them.
+
+    ``merge="average"`` also returns the clusters: the representative then takes the average of its
+    cluster's expert weights and router rows (instead of its own)."""
     if checkpoint is None or keep is None:
         raise ValueError("stun reads router and expert weights: give the checkpoint (--model) and --keep")
+    if merge not in MERGE_MODES:
+        raise ValueError(f"stun merge {merge!r} is not one of {', '.join(MERGE_MODES)}")
     clusters = stun_clusters(profile, checkpoint, keep, mix, normalize_rows, min_per_layer)
     scores = torch.zeros(profile.num_layers, profile.num_experts, dtype=torch.float64)
     for row, layer in enumerate(profile.fingerprint.moe_layers):
         gram = expert_gram(checkpoint, layer, profile.fingerprint.num_experts[row])
         for cluster in clusters[layer]:
             scores[row, nearest_to_centroid(gram, cluster)] = 1.0
-    return scores
+    return MergingScores(scores, clusters) if merge == "average" else scores

@@ -59,6 +59,12 @@ def test_prune_one_shot_and_refusals(family_checkpoints, tmp_path, capsys):
     assert ExpertPattern.load(tmp_path / "pat.json").method == "tcess"
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "1", "--out", tmp_path / "o2")
     assert code == 2 and "below the router's top-k (2)" in err and not (tmp_path / "o2").exists()
+    code, out, _ = run(capsys, "prune", src, "--demos", demos, "--method", "stun", "--merge", "average", "--mix",
+                       "0.3", "--keep", "0.5", "--out", tmp_path / "o3", "--save-pattern", tmp_path / "stun.json")
+    merged = json.loads((tmp_path / "o3" / "config.json").read_text())["moeprune"]["merged_experts"]
+    assert code == 0 and merged and ExpertPattern.load(tmp_path / "stun.json").merges
+    code, _, err = run(capsys, "prune", src, "--demos", demos, "--merge", "average", "--keep", "4", "--out", tmp_path / "o4")
+    assert code == 2 and "--method stun" in err
 
 
 def test_foreign_pattern_refused(family_checkpoints, tmp_path, capsys):

@@ -6,6 +6,7 @@ import torch
 import moeprune
 from moeprune.checkpoint import open_checkpoint
 from moeprune.export import export_pruned
+from moeprune.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.stun import expert_gram
 from tiny_models import FAMILIES, VOCAB, make_model, masked_routers, save_model, write_token_demos
@@ -36,6 +37,57 @@ def test_stun_collapses_duplicate_experts_to_one(tmp_path):
     pattern = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0)  # one merge per layer
     for layer, kept in pattern.kept.items():
         assert 2 in kept and 5 not in kept and len(kept) == 7
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_stun_average_merges_weights_and_router_rows(family, family_checkpoints, tmp_path):
+    """--merge average: each kept expert holds the mean of its cluster's experts and router rows, in the
+    export and in the selectively loaded model alike; the merged pattern survives a round trip."""
+    full, src = family_checkpoints[family]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = select_pattern(prof, "stun", "0.5", checkpoint=src, merge="average")
+    assert pattern.merges and sum(len(c) for c in pattern.merges.values()) > 0
+    pattern.save(tmp_path / "p.json")
+    pattern = moeprune.ExpertPattern.load(tmp_path / "p.json")
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    exported = moeprune.from_pretrained(tmp_path / "out", dtype="float32")
+    loaded = moeprune.from_pretrained(src, pattern, dtype="float32")
+    for layer, kept in pattern.kept.items():
+        mine = full.model.layers[layer].mlp
+        for model in (exported, loaded):
+            moe = model.model.layers[layer].mlp
+            router = "router" if family == "gpt_oss" else "gate"
+            for i, e in enumerate(kept):
+                members = pattern.merges.get(layer, {}).get(e, [e])
+                for name, param in moe.experts.named_parameters():
+                    want = getattr(mine.experts, name)[members].mean(0)
+                    torch.testing.assert_close(param[i], want, rtol=1e-6, atol=1e-6, msg=f"{layer} {e} {name}")
+                for name, param in getattr(moe, router).named_parameters():
+                    want = getattr(getattr(mine, router), name)[members].mean(0)
+                    torch.testing.assert_close(param[i], want, rtol=1e-6, atol=1e-6)
+                bias = getattr(getattr(mine, router), "e_score_correction_bias", None)
+                if bias is not None:
+                    torch.testing.assert_close(getattr(moe, router).e_score_correction_bias[i], bias[members].mean(0))
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, exported(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="merges experts"):
+        moeprune.TaskAdaptiveModel(src, patterns=[pattern])
+
+
+def test_merged_patterns_are_validated(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["mixtral"]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = select_pattern(prof, "frequency", "0.5")
+    layer, kept = next(iter(pattern.kept.items()))
+    dropped = next(e for e in range(8) if e not in kept)
+    for bad in ({layer: {dropped: [dropped, kept[0]]}},  # target not kept
+                {layer: {kept[0]: [kept[1], dropped]}},  # target outside its cluster
+                {layer: {kept[0]: [kept[0], dropped], kept[1]: [kept[1], dropped]}}):  # overlapping clusters
+        with pytest.raises(PatternError):
+            ExpertPattern(pattern.fingerprint, pattern.kept, merges=bad)
+    plain = pattern.to_dict()
+    assert plain["version"] == 1 and "merges" not in plain  # unmerged patterns stay readable by version-1 readers
 
 
 def test_expert_gram_matches_flattened_weights(family_checkpoints):
