@@ -20,12 +20,13 @@ from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.scoring import SCORERS  # noqa: E402
 
 DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware"]
+VARIANTS = {"stun-average": ("stun", {"merge": "average"})}  # name -> (scorer, parameters)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--methods", nargs="+", default=[m for m in DEFAULT_METHODS if m in SCORERS] +
-                    [m for m in sorted(SCORERS) if m not in DEFAULT_METHODS])
+                    [m for m in sorted(SCORERS) if m not in DEFAULT_METHODS] + list(VARIANTS))
     ap.add_argument("--keeps", nargs="+", default=["0.75", "0.5", "0.25"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-write", action="store_true")
@@ -39,12 +40,19 @@ def main() -> None:
     for keep in args.keeps:
         for method in args.methods:
             t = time.perf_counter()
-            res = [bench.run(d, method, keep, cross=True) for d in bench.domains]
+            scorer, params = VARIANTS.get(method, (method, {}))
+            try:
+                res = [bench.run(d, scorer, keep, cross=True, **params) for d in bench.domains]
+            except ValueError as exc:  # e.g. enumerate refusing an exploding subset count
+                print(f"{method} keep {keep}: {exc}", flush=True)
+                rows.append((keep, method, "refused", "", "", ""))
+                continue
             sec = (time.perf_counter() - t) / len(res)
+            passes = statistics.mean(len(bench.demos[r.domain]) + r.method_passes for r in res)
             in_dom = statistics.geometric_mean([r.ratio for r in res])
             cross = statistics.geometric_mean([v for r in res for v in r.cross.values()])
             results[(method, keep)] = in_dom
-            rows.append((keep, method, f"{in_dom:.3f}", f"{cross:.3f}", f"{sec:.2f}"))
+            rows.append((keep, method, f"{in_dom:.3f}", f"{cross:.3f}", f"{passes:.0f}", f"{sec:.2f}"))
             per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
             print(rows[-1], flush=True)
     qrows = []
@@ -58,11 +66,13 @@ def main() -> None:
     _plot(results, args.methods, args.keeps, plot)
     body = (f"Machine: {machine()}. Embedded model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
             f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
-            "pass per demo); scoring methods here need no further passes.\n\n"
+            "pass per demo).\n\n"
             "Perplexity ratio pruned/full on held-out in-domain texts (geometric mean over domains; 1.0 = "
-            "no loss), and on the other domains' texts (cross); s = seconds per domain (select + export + "
-            "load + eval).\n\n"
-            + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "s/domain"])
+            "no loss), and on the other domains' texts (cross); passes = model forward passes per domain "
+            "(the profile's one per demo, plus what the method runs itself: DiEP's training steps, each "
+            "also a backward, and enumerate's caching pass); s = seconds per domain (select + export + "
+            "load + eval). stun-average: STUN with each kept expert replaced by its cluster's average.\n\n"
+            + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "passes", "s/domain"])
             + "\n\nQuantized kept experts (tcess, keep 0.5; group-wise asymmetric, group 128; mixed = MC-MoE "
             "allotment over 2/4/8 bits by the exact integer program):\n\n"
             + table(qrows, ["expert weights", "in-domain ppl ratio"])
@@ -83,7 +93,8 @@ def _plot(results, methods, keeps, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [float(k) for k in keeps]
     for m in methods:
-        ax.plot(xs, [results[(m, k)] for k in keeps], marker="o", label=m)
+        pts = [(x, results[(m, k)]) for x, k in zip(xs, keeps) if (m, k) in results]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xlabel("fraction of experts kept")
     ax.set_ylabel("in-domain perplexity ratio (pruned / full)")
     ax.set_yscale("log")

@@ -50,6 +50,10 @@ def main() -> None:
         pred = [m.task for m in retriever.match(query_signatures(model, allq, layers))]
         acc[layers] = np.mean([p == t for p, t in zip(pred, truth)])
         rows.append((f"nearest pattern signature, {layers} MoE layer(s)", f"{acc[layers]:.1%}"))
+    retriever = Retriever(patterns, "first", threshold=None)
+    pred = [m.task for m in retriever.match(query_signatures(model, allq, "first", ignore_ids=[]))]
+    rows.append(("nearest pattern signature, first MoE layer, BOS token counted too",
+                 f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     for layers in ("first", "all"):

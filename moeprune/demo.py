@@ -28,6 +28,7 @@ class DomainResult:
     ppl_pruned: float
     kept: dict[int, list[int]]
     cross: dict[str, float] | None = None  # other domain -> ppl of this domain's pruned model there
+    method_passes: int = 0  # model forward calls the method made beyond the shared profile
 
     @property
     def ratio(self) -> float:
@@ -71,8 +72,13 @@ class EmbeddedBench:
 
     def run(self, domain: str, method: str, keep: str, cross: bool = False, bits: int | None = None,
             avg_bits: float | None = None, **params: Any) -> DomainResult:
-        pattern = select_pattern(self.profiles[domain], method, keep, model=self.model, demos=self.demos[domain],
-                                 checkpoint=self.ckpt, **params)
+        calls = [0]
+        counter = self.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            pattern = select_pattern(self.profiles[domain], method, keep, model=self.model, demos=self.demos[domain],
+                                     checkpoint=self.ckpt, **params)
+        finally:
+            counter.remove()
         if avg_bits is not None:
             from .mixed import allot_bits
 
@@ -82,7 +88,7 @@ class EmbeddedBench:
         if cross:
             others = {d: perplexity(pruned, self.evals[d]) / self.full_ppl[d] for d in self.domains if d != domain}
         return DomainResult(domain, method, str(keep), self.full_ppl[domain], perplexity(pruned, self.evals[domain]),
-                            pattern.kept, others)
+                            pattern.kept, others, calls[0])
 
 
 def run_demo(method: str = "tcess", keep: str = "0.5", model: str | Path | None = None,

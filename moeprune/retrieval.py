@@ -40,9 +40,25 @@ def _rows(layers: str | Sequence[int], num_layers: int) -> list[int]:
     return [int(r) for r in layers]
 
 
+def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
+    """Positions that count in a signature: all but ignored (special) tokens, or all if nothing is left."""
+    keep = torch.tensor([t not in ignore_ids for t in ids], dtype=torch.bool)
+    return keep if keep.any() else torch.ones_like(keep)
+
+
 @torch.inference_mode()
-def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str | Sequence[int] = "first") -> np.ndarray:
-    """Signature ``[n, len(rows) * E]`` of each encoded query, stopping after the last needed layer."""
+def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str | Sequence[int] = "first",
+                     ignore_ids: Sequence[int] | None = None) -> np.ndarray:
+    """Signature ``[n, len(rows) * E]`` of each encoded query, stopping after the last needed layer.
+
+    Tokens in ``ignore_ids`` (default: the model's BOS token) are run but not counted: a BOS token is
+    an attention sink whose routing says nothing about the text, and in a short query it would weigh
+    far more than in the long demos the patterns' signatures come from.
+    """
+    if ignore_ids is None:
+        bos = getattr(model.config, "bos_token_id", None)
+        ignore_ids = [bos] if isinstance(bos, int) else []
+    ignore = set(ignore_ids)
     adapter = get_adapter(model.config)
     blocks = list(moe_blocks(model, adapter).values())
     rows = _rows(layers, len(blocks))
@@ -61,7 +77,7 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
             if bias is not None:
                 z = z.sigmoid() + bias.float()  # the selection score of sigmoid routers (DeepSeek-V3)
             chosen = z.topk(min(top_k, z.shape[-1]), dim=-1).indices
-            captured[row] = torch.zeros_like(z).scatter_(1, chosen, 1.0).mean(0)
+            captured[row] = torch.zeros_like(z).scatter_(1, chosen, 1.0)[counted.to(z.device)].mean(0)
             if row == rows[-1]:
                 raise _Stop
         handles.append(router.register_forward_pre_hook(hook))
@@ -69,6 +85,7 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
     try:
         for ids in encoded:
             captured.clear()
+            counted = content_positions(ids, ignore)
             try:
                 model(torch.tensor([list(ids)], device=device), use_cache=False)
             except _Stop:
