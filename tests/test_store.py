@@ -70,3 +70,26 @@ def test_store_cli(family_checkpoints, tmp_path, capsys):
     assert main(["store", "remove", str(store), "alpha"]) == 0
     assert main(["store", "show", str(store), "alpha"]) == 2
     assert "no task 'alpha'" in capsys.readouterr().err
+
+
+def test_query_signature_counts_content_tokens_only(family_checkpoints):
+    """The signature is the share of routed top-k slots per expert over the query's tokens, the BOS
+    token (an attention sink) excluded unless asked otherwise."""
+    import torch
+
+    from moeprune.arch import get_adapter, moe_blocks
+    from moeprune.retrieval import query_signatures
+
+    model, _ = family_checkpoints["mixtral"]
+    bos = model.config.bos_token_id
+    ids = [bos, 7, 9, 11, 13]
+    block = next(iter(moe_blocks(model, get_adapter(model.config)).values()))
+    seen = {}
+    handle = block.gate.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    handle.remove()
+    chosen = torch.nn.functional.linear(seen["x"], block.gate.weight).topk(model.config.num_experts_per_tok).indices
+    onehot = torch.zeros(len(ids), block.gate.weight.shape[0]).scatter_(1, chosen, 1.0).double()
+    torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids])[0]), onehot[1:].mean(0))
+    torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids], ignore_ids=[])[0]), onehot.mean(0))
