@@ -140,3 +140,54 @@ def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tm
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_hub_load_downloads_only_the_shards_it_needs(family_checkpoints, tmp_path, monkeypatch):
+    """A Hub id: metadata via snapshot_download, then hf_hub_download only for shards holding kept tensors."""
+    import shutil
+
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    from moeprune.checkpoint import open_checkpoint
+
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    full, saved = family_checkpoints["mixtral"]
+    src = tmp_path / "one-tensor-per-shard"  # as in big Hub checkpoints, most shards hold no kept expert
+    src.mkdir()
+    tensors = {k: v for f in sorted(saved.glob("*.safetensors")) for k, v in load_file(f).items()}
+    names = {k: f"model-{i + 1:05d}-of-{len(tensors):05d}.safetensors" for i, k in enumerate(sorted(tensors))}
+    for k, name in names.items():
+        save_file({k: tensors[k]}, str(src / name), metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    shutil.copy(saved / "config.json", src / "config.json")
+    snapshot = tmp_path / "hub" / "models--org--tiny-mixtral" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):  # the Hub cache starts with metadata only
+            shutil.copy(f, snapshot / f.name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    for name, value in (("HF_HUB_CACHE", str(tmp_path / "hub")), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setattr(c, name, value)
+    fetched = []
+
+    def fake_download(repo_id, filename, revision=None, **_):
+        assert repo_id == "org/tiny-mixtral"
+        fetched.append(filename)
+        return str(shutil.copy(src / filename, snapshot / filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    ckpt = open_checkpoint("org/tiny-mixtral")
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = make_pattern(-prof.stats["count"], prof.fingerprint, 2)
+    model = moeprune.from_pretrained("org/tiny-mixtral", pattern)
+    from moeprune.export import plan_tensors
+
+    needed = {ckpt.weight_map[p.source] for p in plan_tensors(ckpt, pattern)}
+    assert set(fetched) == needed and len(needed) < len(set(ckpt.weight_map.values()))
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_logits(model, x), _logits(full, x, pattern.kept), rtol=1e-5, atol=1e-5)

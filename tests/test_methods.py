@@ -101,7 +101,7 @@ def test_expert_gram_matches_flattened_weights(family_checkpoints):
         torch.testing.assert_close(expert_gram(ckpt, first, layer[first]), flat @ flat.T, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_non_uniform_export_loads_and_equals_masked_full_model(family, family_checkpoints, tmp_path):
     full, src = family_checkpoints[family]
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
