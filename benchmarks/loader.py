@@ -61,8 +61,14 @@ transformers.AutoConfig.from_pretrained(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 out = {}
+m = None
 if mode == "plain":
     m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+elif mode == "export":
+    import tempfile
+    from moeprune.export import export_pruned
+    with tempfile.TemporaryDirectory(dir=sys.argv[6]) as tmp:
+        out.update(export_pruned(path, sys.argv[3], tmp + "/out", max_shard_size="500MB", progress=False))
 else:
     p1 = ExpertPattern.load(sys.argv[3])
     if mode == "selective":
@@ -76,7 +82,7 @@ else:
         out["back"] = rt.activate(p1.task)
         m = rt.model
 out["seconds"] = time.perf_counter() - t
-out["param_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+out["param_bytes"] = 0 if m is None else sum(p.numel() * p.element_size() for p in m.parameters())
 out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out["base_rss"] = base
 print(json.dumps(out))
@@ -113,12 +119,12 @@ def main() -> None:
         pats[task].save(path.parent / f"pattern-{task}.json")
     pa, pb = str(path.parent / "pattern-a.json"), str(path.parent / "pattern-b.json")
 
-    runs: dict[str, list[dict]] = {"plain": [], "selective": [], "switch": []}
+    runs: dict[str, list[dict]] = {"plain": [], "selective": [], "switch": [], "export": []}
     dropped = True
     for _ in range(args.repeats):  # interleaved
         for mode in runs:
             dropped &= drop_cached_shards(path)
-            runs[mode].append(child(mode, str(path), pa, pb, "b"))
+            runs[mode].append(child(mode, str(path), pa, pb, "b", str(path.parent)))
     med = lambda mode, key: sorted(r[key] for r in runs[mode])[len(runs[mode]) // 2]
     kept_bytes = runs["selective"][0]["param_bytes"]
     sel = runs["selective"][0]
@@ -142,6 +148,10 @@ def main() -> None:
         f"- peak RSS {med('selective', 'peak_rss') / 2**20:,.0f} MiB vs 1.2 x kept ({kept_bytes / 2**20:,.0f} MiB) + 300 MiB "
         f"= {(1.2 * kept_bytes + 300 * 2**20) / 2**20:,.0f} MiB; of it, {sel['base_rss'] / 2**20:,.0f} MiB is the "
         "interpreter with torch and transformers imported before loading\n"
+        f"- export of the keep-0.25 pattern (500 MB output shards): {med('export', 'seconds'):.2f} s, peak RSS "
+        f"{med('export', 'peak_rss') / 2**20:,.0f} MiB for a {total / 2**20:,.0f} MiB checkpoint "
+        f"({runs['export'][0]['bytes_written'] / 2**20:,.0f} MiB written): it streams tensor by tensor, holding "
+        "at most one output shard\n"
         f"- task switch a -> b: read {sw['switch']['experts_read']} experts "
         f"({sw['switch']['bytes_read'] / 2**20:,.1f} MiB; the difference is {new_experts} experts = "
         f"{new_experts * expert_bytes / 2**20:,.1f} MiB) in {sw['seconds']:.2f} s for both switches; back b -> a read "

@@ -100,3 +100,26 @@ def test_export_reads_only_kept_experts(family_checkpoints, tmp_path, monkeypatc
                    if k.startswith(ckpt.adapter.experts_prefix(layer))
                    and int(k.split("experts.")[1].split(".")[0]) not in kept]
     assert pruned_keys and not set(pruned_keys) & set(read)
+
+
+def test_export_streams_holding_at_most_one_output_shard(family_checkpoints, tmp_path, monkeypatch):
+    """Tensors are read one at a time and written out shard by shard: what the export holds at once is
+    bounded by the output shard size (plus one tensor), not by the model."""
+    import moeprune.export as export
+
+    _, src = family_checkpoints["gpt_oss"]
+    ckpt = open_checkpoint(src)
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = make_pattern(prof.stats["count"], prof.fingerprint, 0.5)
+    held, largest = [], [0]
+    real_add = export._ShardWriter.add
+
+    def add(self, tensors, metadata=None):
+        largest[0] = max(largest[0], sum(t.numel() * t.element_size() for t in tensors.values()))
+        real_add(self, tensors, metadata)
+        held.append(self.pending_bytes)
+
+    monkeypatch.setattr(export._ShardWriter, "add", add)
+    summary = export_pruned(ckpt, pattern, tmp_path / "out", max_shard_size="8KB", progress=False)
+    assert summary["shards"] > 3 and summary["bytes_written"] > 4 * 8 * 1024
+    assert max(held) <= 8 * 1024 + largest[0]
