@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
-        c.add_argument("--budget", choices=["uniform", "global"],
-                       help="uniform: K per layer; global: K x layers over the model, counts per layer differ "
+        c.add_argument("--budget", choices=["uniform", "global", "top-p"],
+                       help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
+                            "top-p: per layer the fewest experts covering a share --keep of its score mass "
                             "(default: the method's own; stun and diep are global)")
         c.add_argument("--min-per-layer", type=int, help="global budget: each layer keeps at least this many "
                        "(never below the router's top-k)")

@@ -115,6 +115,10 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
     model get ``model`` (a loaded transformers model) and ``demos`` (encoded demos).
     """
     budget = budget or default_budget(method)
+    if budget == "top-p" and default_budget(method) == "global":
+        from .select import SelectionError
+
+        raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
     if checkpoint is None and profile.model and needs_checkpoint(method):
         checkpoint = profile.model
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):

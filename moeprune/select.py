@@ -2,7 +2,9 @@
 
 Uniform selection keeps the K best-scored experts of every MoE layer; global selection keeps the
 K x L best-scored experts of the whole model (so layers keep different counts), after giving every
-layer its minimum. Ties go to the lower layer, then the lower expert id. Every layer keeps at least
+layer its minimum. Top-p selection keeps, per layer, the fewest best-scored experts whose share of
+the layer's score mass reaches ``p`` (non-negative, mass-like scores: frequency, soft-count,
+output-aware...), so layers with concentrated routing keep fewer experts. Ties go to the lower layer, then the lower expert id. Every layer keeps at least
 the router's top-k (else routing breaks). For DeepSeek
 group-limited routing the K experts are spread equally over the groups (the K/n_group best of
 each) so routing semantics are unchanged; when K does not allow that, the pattern falls back to
@@ -128,17 +130,46 @@ def select_global(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | fl
     return kept_sorted, routing, notes
 
 
+def select_top_p(scores: torch.Tensor, fingerprint: Fingerprint, p: str | float,
+                 min_per_layer: int | None = None) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
+    """Per layer, the fewest best experts covering a share ``p`` of the layer's score mass (>= top-k)."""
+    fp = fingerprint
+    try:
+        p = float(p)
+    except ValueError:
+        raise SelectionError(f"--keep {p!r} must be a share in (0, 1] for --budget top-p") from None
+    if not 0 < p <= 1:
+        raise SelectionError(f"--keep {p} must be a share in (0, 1] for --budget top-p")
+    s = scores.detach().cpu().numpy().astype(np.float64)
+    if (s < 0).any():
+        raise SelectionError("--budget top-p needs non-negative, mass-like scores (frequency, soft-count, "
+                             "output-aware); this method scores below zero: use --budget uniform or global")
+    floor = max(fp.top_k, min_per_layer or 0)
+    kept = {}
+    for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts)):
+        order = np.lexsort((np.arange(n), -s[row, :n]))
+        mass = np.cumsum(s[row, order]) / max(s[row, :n].sum(), 1e-300)
+        k = min(n, max(floor, int(np.searchsorted(mass, p - 1e-12) + 1)))
+        kept[layer] = sorted(order[:k].tolist())
+    routing, notes = group_routing(kept, fp)
+    counts = [len(v) for v in kept.values()]
+    notes.append(f"top-p {p}: {min(counts)}-{max(counts)} experts per layer")
+    return kept, routing, notes
+
+
 def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int, task: str = "",
                  method: str = "", signature: list[float] | None = None, budget: str = "uniform",
                  min_per_layer: int | None = None) -> ExpertPattern:
-    """Select experts from ``scores`` with a ``uniform`` (per-layer) or ``global`` budget."""
+    """Select experts from ``scores`` with a ``uniform`` (per-layer), ``global`` or ``top-p`` budget."""
     if budget == "uniform":
         if min_per_layer and resolve_keep(keep, max(fingerprint.num_experts), fingerprint.top_k) < min_per_layer:
             raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
         kept, routing, notes = select_uniform(scores, fingerprint, keep)
     elif budget == "global":
         kept, routing, notes = select_global(scores, fingerprint, keep, min_per_layer)
+    elif budget == "top-p":
+        kept, routing, notes = select_top_p(scores, fingerprint, keep, min_per_layer)
     else:
-        raise SelectionError(f"--budget {budget!r} is not 'uniform' or 'global'")
+        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
     return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
                          signature=signature, meta={"keep": str(keep), "budget": budget, "notes": notes})

@@ -65,6 +65,12 @@ def test_prune_one_shot_and_refusals(family_checkpoints, tmp_path, capsys):
     assert code == 0 and merged and ExpertPattern.load(tmp_path / "stun.json").merges
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--merge", "average", "--keep", "4", "--out", tmp_path / "o4")
     assert code == 2 and "--method stun" in err
+    code, out, _ = run(capsys, "prune", src, "--demos", demos, "--method", "frequency", "--budget", "top-p",
+                       "--keep", "0.9", "--out", tmp_path / "o5", "--json")
+    assert code == 0 and all(2 <= n <= 8 for n in json.loads(out)["kept_per_layer"].values())
+    code, _, err = run(capsys, "prune", src, "--demos", demos, "--method", "stun", "--budget", "top-p",
+                       "--keep", "0.9", "--out", tmp_path / "o6")
+    assert code == 2 and "--budget global" in err
 
 
 def test_foreign_pattern_refused(family_checkpoints, tmp_path, capsys):

@@ -120,3 +120,17 @@ def test_scorers_rank_as_published():
     assert {"random", "frequency", "soft-count", "tcess", "output-aware"} <= set(SCORERS)
     with pytest.raises(ValueError, match="unknown method"):
         score("nope", prof)
+
+
+def test_top_p_keeps_the_fewest_experts_covering_the_mass():
+    fp = Fingerprint("mixtral", (0, 1), (8, 8), 2, "x")
+    scores = torch.tensor([[50.0, 30, 10, 5, 5, 0, 0, 0], [10.0] * 8], dtype=torch.float64)
+    p = make_pattern(scores, fp, "0.9", budget="top-p")
+    assert p.kept == {0: [0, 1, 2], 1: [0, 1, 2, 3, 4, 5, 6, 7]}
+    assert make_pattern(scores, fp, "0.5", budget="top-p").kept == {0: [0, 1], 1: [0, 1, 2, 3]}
+    assert make_pattern(scores, fp, "0.3", budget="top-p").kept[0] == [0, 1]  # never below top-k
+    assert make_pattern(scores, fp, "0.9", budget="top-p", min_per_layer=4).kept[0] == [0, 1, 2, 3]
+    with pytest.raises(SelectionError, match="non-negative"):
+        make_pattern(scores - 20, fp, "0.9", budget="top-p")
+    with pytest.raises(SelectionError, match="share in"):
+        make_pattern(scores, fp, "32", budget="top-p")
