@@ -114,6 +114,33 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
     return out
 
 
+def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths: list[int], group_size: int,
+                   keep_packed: bool) -> dict[str, Any]:
+    """Quantize a layer's float expert stacks on load, one width per expert (the export's format).
+
+    With one width for the layer and ``keep_packed`` the weights become packed
+    ``QuantizedExpertWeight`` stacks (run by the moeprune kernels); otherwise each expert is
+    quantized and dequantized in place, so the numerics match a quantized export either way.
+    """
+    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.quant import dequantize, quantize
+    from moeprune.quantize_experts import fit_group
+
+    out: dict[str, Any] = dict(values)
+    for param, stack in values.items():
+        if param.endswith("_bias"):
+            continue
+        matrices = stack.transpose(-1, -2) if adapter.experts_transposed else stack  # [E, out, in]
+        if keep_packed and len(set(widths)) == 1:
+            b = widths[0]
+            out[param] = QuantizedExpertWeight.from_float(matrices.contiguous(), b, fit_group(matrices.shape[-1], group_size, b))
+            continue
+        for i, b in enumerate(widths):
+            w = dequantize(quantize(matrices[i].contiguous(), b, fit_group(matrices.shape[-1], group_size, b)))
+            matrices[i] = w.to(matrices.dtype)  # a view of ``stack``: written in place
+    return out
+
+
 def empty_model(config: Any, dtype: torch.dtype | None = None):
     """The transformers model for ``config`` with parameters on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -169,12 +196,15 @@ def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict
 
 def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None, num_layers: int | None = None,
-                      keep_quantized: bool = False) -> tuple[Any, LoadReport]:
+                      keep_quantized: bool = False, bits: int | None = None,
+                      group_size: int = 128) -> tuple[Any, LoadReport]:
     """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report.
 
     ``num_layers`` builds only the first decoder layers (e.g. for a router-signature pass).
     ``keep_quantized`` keeps a quantized checkpoint's experts packed in memory (one width per layer)
     and runs them through the ``moeprune`` experts implementation (Triton on GPU, torch elsewhere).
+    ``bits`` (or the pattern's per-expert ``bits``) quantizes a float checkpoint's kept experts on
+    load, in the export's format (``group_size`` along the input dimension).
     """
     adapter = ckpt.adapter
     config_dict = pruned_config(ckpt.config, pattern, adapter)
@@ -214,6 +244,12 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
             if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
                 for param, mean in merged_expert(reader, adapter, layer, merges[e]).items():
                     values[param][i] = mean.to(values[param].dtype)
+        widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
+        if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
+            raise ValueError(f"{ckpt.path} already stores quantized experts; load it without bits")
+        if widths:
+            values = quantize_layer(values, adapter, widths, group_size, keep_quantized)
+            packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None
         for param, value in values.items():
             if isinstance(value, torch.Tensor):
                 set_tensor(model, prefix + param, value, device, dtype)

@@ -28,7 +28,7 @@ def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | Non
 def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | None = None,
                     device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                     store: str | Path | None = None, return_report: bool = False,
-                    keep_quantized: bool = True) -> Any:
+                    keep_quantized: bool = True, bits: int | None = None, group_size: int = 128) -> Any:
     """Load ``model`` (local folder or Hub id) keeping only ``pattern``'s experts.
 
     ``pattern`` is an :class:`ExpertPattern`, a pattern file, or a task name in ``store`` (default
@@ -37,6 +37,8 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     exported pruned checkpoint). With ``return_report=True`` returns ``(model, LoadReport)``.
     A quantized export's experts stay packed in memory (``keep_quantized``, where each layer has one
     width) and run through the ``moeprune`` experts kernels; otherwise they are dequantized on load.
+    ``bits`` (8, 4 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
+    quantizes a float checkpoint's kept experts while loading, exactly as an export would.
     """
     from .loader.selective import LoadReport, load_with_pattern
 
@@ -60,5 +62,5 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     pat.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     net, report = load_with_pattern(ckpt, pat, device=device,
                                     dtype=None if torch_dtype in (None, "auto") else torch_dtype,
-                                    keep_quantized=keep_quantized)
+                                    keep_quantized=keep_quantized, bits=bits, group_size=group_size)
     return (net, report) if return_report else net

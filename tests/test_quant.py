@@ -402,3 +402,39 @@ def test_packed_quantized_experts_equal_the_dequantized_load(family, family_chec
     x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(packed(x).logits, dense(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints, tmp_path):
+    """from_pretrained(MODEL, pattern, bits=4) quantizes while loading: the same packed weights (and
+    logits) as exporting with --bits 4 and loading that; a mixed-width pattern loads dequantized alike."""
+    import moeprune
+    from moeprune.export import export_pruned
+    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    from tiny_models import VOCAB, write_token_demos
+
+    _, src = family_checkpoints[family]
+    pattern = select_pattern(profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False),
+                             "frequency", "0.5")
+    export_pruned(src, pattern, tmp_path / "q", bits=4, progress=False)
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    on_load = moeprune.from_pretrained(src, pattern, bits=4)
+    exported = moeprune.from_pretrained(tmp_path / "q")
+    a, b = on_load.model.layers[-1].mlp.experts, exported.model.layers[-1].mlp.experts
+    assert isinstance(a.down_proj, QuantizedExpertWeight)
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.equal(getattr(a, name).qweight, getattr(b, name).qweight), name
+        assert torch.equal(getattr(a, name).scales, getattr(b, name).scales), name
+    with torch.no_grad():
+        torch.testing.assert_close(on_load(x).logits, exported(x).logits, rtol=1e-5, atol=1e-5)
+    mixed = select_pattern(profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False),
+                           "frequency", "0.5")
+    mixed.bits = {layer: [8 if i % 2 else 4 for i in range(len(kept))] for layer, kept in mixed.kept.items()}
+    if family != "gpt_oss":  # fused checkpoints need one width per layer
+        export_pruned(src, mixed, tmp_path / "m", progress=False)
+        with torch.no_grad():
+            torch.testing.assert_close(moeprune.from_pretrained(src, mixed)(x).logits,
+                                       moeprune.from_pretrained(tmp_path / "m")(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already stores quantized experts"):
+        moeprune.from_pretrained(tmp_path / "q", exported.moeprune_pattern, bits=4)
