@@ -39,6 +39,7 @@ __all__ = [
     "quantize_ref",
     "dequantize_ref",
     "QuantizedExpertWeight",
+    "MixedQuantizedExpertWeight",
     "get_quantized",
     "quantize_experts_",
     "expert_weight",
@@ -111,6 +112,103 @@ class QuantizedExpertWeight(nn.Module):
         return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
 
 
+class MixedQuantizedExpertWeight(nn.Module):
+    """An expert stack whose experts have different widths (MC-MoE mixed precision): one
+    :class:`QuantizedExpertWeight` per width over its ``members`` (expert ids of the stack).
+
+    Every quantized weight of one experts module must share the same grouping; the kernels then run
+    the layer once per width group (absent experts dropped from the routing) and add the results.
+    """
+
+    def __init__(self, groups: list[QuantizedExpertWeight], members: list[list[int]]):
+        super().__init__()
+        if len(groups) != len(members) or any(g.qweight.shape[0] != len(m) for g, m in zip(groups, members)):
+            raise ValueError("each width group needs one member id per expert of its stack")
+        ids = sorted(e for m in members for e in m)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"width groups must cover experts 0..{len(ids) - 1} exactly once")
+        self.groups = nn.ModuleList(groups)
+        self.members = [list(map(int, m)) for m in members]
+        self.num_experts = len(ids)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, widths: list[int], group_size: Any = 128) -> "MixedQuantizedExpertWeight":
+        """Quantize a float ``[E, out, in]`` stack, expert ``e`` to ``widths[e]`` bits; ``group_size`` may be
+        a function ``bits -> group size``."""
+        groups, members = [], []
+        for bits in sorted(set(widths)):
+            ids = [e for e, b in enumerate(widths) if b == bits]
+            g = group_size(bits) if callable(group_size) else group_size
+            groups.append(QuantizedExpertWeight.from_float(w[ids].contiguous(), bits, g))
+            members.append(ids)
+        return cls(groups, members)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_experts, *self.groups[0].shape[1:])
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        parts = [g.dequantize(dtype) for g in self.groups]
+        out = parts[0].new_empty(self.shape)
+        for part, ids in zip(parts, self.members):
+            out[ids] = part
+        return out
+
+    def locate(self, e: int) -> tuple[QuantizedExpertWeight, int]:
+        """The width group holding expert ``e`` and ``e``'s index in it."""
+        for g, ids in zip(self.groups, self.members):
+            if e in ids:
+                return g, ids.index(e)
+        raise IndexError(e)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={[g.bits for g in self.groups]}, experts per width={[len(m) for m in self.members]}"
+
+
+def mixed_weights(module: nn.Module) -> dict[str, MixedQuantizedExpertWeight]:
+    """The module's mixed-width expert weights (all must share one grouping)."""
+    found = {n: w for n in WEIGHT_NAMES if isinstance(w := getattr(module, n, None), MixedQuantizedExpertWeight)}
+    if len({tuple(map(tuple, w.members)) for w in found.values()}) > 1:
+        raise ValueError("mixed-width expert weights of one module must group the experts alike")
+    return found
+
+
+class ExpertGroupView:
+    """An experts module seen through one width group: that group's weights, biases of its experts,
+    ``num_experts`` = the group's size; everything else (gates, activations) is the module's."""
+
+    _is_expert_parallel = True  # routed ids outside the group occur: kernels must zero-fill their pairs
+
+    def __init__(self, module: nn.Module, weights: dict[str, Any], ids: list[int]):
+        self._module, self._weights, self._ids, self.num_experts = module, weights, ids, len(ids)
+
+    @property
+    def base_module(self) -> nn.Module:
+        return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._weights:
+            return self._weights[name]
+        value = getattr(self._module, name)
+        if name.endswith("_bias") and isinstance(value, torch.Tensor):
+            return value[self._ids]
+        return value
+
+
+def width_groups(module: nn.Module, top_k_index: torch.Tensor) -> list[tuple[ExpertGroupView, torch.Tensor]]:
+    """Per width group of a mixed-width module: its view and ``top_k_index`` remapped into it (-1, which
+    the kernels drop, for experts of other groups)."""
+    mixed = mixed_weights(module)
+    first = next(iter(mixed.values()))
+    out = []
+    for i, ids in enumerate(first.members):
+        remap = torch.full((first.num_experts + 1,), -1, dtype=torch.long, device=top_k_index.device)
+        remap[torch.tensor(ids, device=top_k_index.device)] = torch.arange(len(ids), device=top_k_index.device)
+        idx = remap[top_k_index.long().clamp(-1, first.num_experts)]  # out-of-range ids stay dropped
+        out.append((ExpertGroupView(module, {n: w.groups[i] for n, w in mixed.items()}, ids), idx))
+    return out
+
+
 def get_quantized(module: nn.Module, name: str) -> Any | None:
     """The quantized weight ``module.<name>`` (duck-typed, see module docstring) or None."""
     w = getattr(module, name, None)
@@ -143,9 +241,13 @@ def quantize_experts_(module: nn.Module, bits: int, group_size: int = 128,
 
 def expert_weight(module: nn.Module, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert ``e``'s weight ``name`` as a dense ``[out, in]`` tensor (dequantized if quantized)."""
+    w = getattr(module, name)
+    if isinstance(w, MixedQuantizedExpertWeight):
+        qw, e = w.locate(e)
+        return dequantize_ref(qw.qweight[e], qw.scales[e], qw.zeros[e], qw.bits, dtype)
     qw = get_quantized(module, name)
     if qw is not None:
         packed, scales, zeros, bits = qparts(qw)
         return dequantize_ref(packed[e], scales[e], zeros[e], bits, dtype)
-    w = getattr(module, name)[e]
+    w = w[e]
     return w.transpose(0, 1) if getattr(module, "is_transposed", False) else w

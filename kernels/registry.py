@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .quant_format import mixed_weights, width_groups
 from .torch_experts import torch_experts_forward
 
 __all__ = ["NAME", "moe_experts_forward", "select_backend", "triton_available", "register"]
@@ -42,7 +43,15 @@ def select_backend(module, hidden_states: torch.Tensor) -> str:
 
 
 def moe_experts_forward(module, hidden_states, top_k_index, top_k_weights):
-    """Experts forward ``(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+    """Experts forward ``(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+
+    Mixed-width quantized experts run once per width group (other experts dropped), summed."""
+    if mixed_weights(module):
+        out = None
+        for view, idx in width_groups(module, top_k_index):
+            y = moe_experts_forward(view, hidden_states, idx, top_k_weights)
+            out = y if out is None else out + y
+        return out
     if select_backend(module, hidden_states) == "triton":
         from .triton_moe import triton_experts_forward  # imports triton
 

@@ -156,7 +156,7 @@ def gate_mode(module: nn.Module) -> int:
     """0: raw projection (gate in torch), 1: fused SiLU(gate)*up on [gate; up], 2: fused GPT-OSS gate."""
     if not getattr(module, "has_gate", True):
         return 0
-    fn = getattr(type(module), "_apply_gate", None)
+    fn = getattr(type(getattr(module, "base_module", module)), "_apply_gate", None)  # a width-group view: its module's
     try:
         from transformers.activations import SiLUActivation
         from transformers.integrations.moe import _default_apply_gate

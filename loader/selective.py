@@ -89,8 +89,8 @@ def read_layer_experts(reader: TensorReader, adapter: MoEAdapter, layer: int, ex
 
 def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int, experts: list[int],
                               reader: TensorReader) -> dict[str, Any] | None:
-    """The layer's expert weights kept packed (``QuantizedExpertWeight``) and biases as tensors, or
-    None when its experts are not stored quantized with one width (then load them dequantized)."""
+    """The layer's expert weights kept packed (``QuantizedExpertWeight``, or one per width for mixed
+    widths) and biases as tensors, or None when its experts are not stored quantized."""
     from moeprune.quantize_experts import stack_quantized
 
     weights = [p for p, _ in adapter.expert_params if not p.endswith("_bias")]
@@ -118,11 +118,11 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
                    keep_packed: bool) -> dict[str, Any]:
     """Quantize a layer's float expert stacks on load, one width per expert (the export's format).
 
-    With one width for the layer and ``keep_packed`` the weights become packed
-    ``QuantizedExpertWeight`` stacks (run by the moeprune kernels); otherwise each expert is
-    quantized and dequantized in place, so the numerics match a quantized export either way.
+    With ``keep_packed`` the weights become packed ``QuantizedExpertWeight`` stacks (one per width
+    when the layer mixes widths; run by the moeprune kernels); otherwise each expert is quantized
+    and dequantized in place, so the numerics match a quantized export either way.
     """
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
     from moeprune.quant import dequantize, quantize
     from moeprune.quantize_experts import fit_group
 
@@ -131,9 +131,12 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
         if param.endswith("_bias"):
             continue
         matrices = stack.transpose(-1, -2) if adapter.experts_transposed else stack  # [E, out, in]
+        fit = lambda b: fit_group(matrices.shape[-1], group_size, b)  # noqa: E731
         if keep_packed and len(set(widths)) == 1:
-            b = widths[0]
-            out[param] = QuantizedExpertWeight.from_float(matrices.contiguous(), b, fit_group(matrices.shape[-1], group_size, b))
+            out[param] = QuantizedExpertWeight.from_float(matrices.contiguous(), widths[0], fit(widths[0]))
+            continue
+        if keep_packed:  # one packed stack per width
+            out[param] = MixedQuantizedExpertWeight.from_float(matrices.contiguous(), widths, fit)
             continue
         for i, b in enumerate(widths):
             w = dequantize(quantize(matrices[i].contiguous(), b, fit_group(matrices.shape[-1], group_size, b)))
@@ -201,7 +204,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     """Build ``ckpt``'s model keeping only ``pattern``'s experts; returns the model and a read report.
 
     ``num_layers`` builds only the first decoder layers (e.g. for a router-signature pass).
-    ``keep_quantized`` keeps a quantized checkpoint's experts packed in memory (one width per layer)
+    ``keep_quantized`` keeps a quantized checkpoint's experts packed in memory (one stack per width)
     and runs them through the ``moeprune`` experts implementation (Triton on GPU, torch elsewhere).
     ``bits`` (or the pattern's per-expert ``bits``) quantizes a float checkpoint's kept experts on
     load, in the export's format (``group_size`` along the input dimension).

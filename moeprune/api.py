@@ -35,8 +35,9 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     store: ``profiles/patterns``). Only the tensors of kept experts are read; from the Hub only the
     shards holding them are downloaded. Without a pattern, ``model`` is loaded as it is (e.g. an
     exported pruned checkpoint). With ``return_report=True`` returns ``(model, LoadReport)``.
-    A quantized export's experts stay packed in memory (``keep_quantized``, where each layer has one
-    width) and run through the ``moeprune`` experts kernels; otherwise they are dequantized on load.
+    A quantized export's experts stay packed in memory (``keep_quantized``; one stack per width where
+    a layer mixes widths) and run through the ``moeprune`` experts kernels; otherwise they are
+    dequantized on load.
     ``bits`` (8, 4 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
     quantizes a float checkpoint's kept experts while loading, exactly as an export would.
     """

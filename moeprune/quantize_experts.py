@@ -95,12 +95,22 @@ def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> tor
 
 
 def stack_quantized(per_expert: list[list[tuple[QuantizedTensor, bool]]]) -> Any | None:
-    """One ``QuantizedExpertWeight [E, out, in]`` from per-expert pieces (concatenated along ``out``),
-    or None when the pieces do not share one width and group size (then load dequantized)."""
-    flat = [qt for pieces in per_expert for qt, _ in pieces]
-    if len({(qt.bits, qt.group_size) for qt in flat}) != 1:
+    """One ``QuantizedExpertWeight [E, out, in]`` from per-expert pieces (concatenated along ``out``);
+    experts of different widths give a ``MixedQuantizedExpertWeight`` (one stack per width); None
+    when one expert's pieces differ in width (then load dequantized)."""
+    from .kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
+
+    kinds = [{(qt.bits, qt.group_size) for qt, _ in pieces} for pieces in per_expert]
+    if any(len(k) != 1 for k in kinds):
         return None
-    from .kernels.quant_format import QuantizedExpertWeight
+    if len(set().union(*kinds)) > 1:
+        groups, members = [], []
+        for kind in sorted(set().union(*kinds)):
+            ids = [e for e, k in enumerate(kinds) if k == {kind}]
+            groups.append(stack_quantized([per_expert[e] for e in ids]))
+            members.append(ids)
+        return MixedQuantizedExpertWeight(groups, members)
+    flat = [qt for pieces in per_expert for qt, _ in pieces]
 
     def part(name: str) -> torch.Tensor:
         rows = []

@@ -297,6 +297,37 @@ def test_triton_quantized(kind, bits):
             assert rel(triton_experts_forward(mb, xb, idx, w), exact_reference(mb, xb, idx, w)) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_mixed_width_experts(kind, backend, monkeypatch):
+    """Experts of different widths in one layer (MC-MoE): one pass per width group, summed, equals the
+    eager loop over the dequantized weights; empty width groups and routed-away experts included."""
+    from moeprune.kernels import moe_experts_forward
+    from moeprune.kernels.quant_format import MixedQuantizedExpertWeight
+
+    monkeypatch.setenv("MOEPRUNE_KERNEL", backend)
+    m = make_experts(kind, seed=21, hidden=64, inter=48)
+    reference = make_experts(kind, seed=21, hidden=64, inter=48)
+    widths = [8, 4, 2, 4, 8, 2, 4, 4, 8]
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(m, name).detach()
+        lin = w.transpose(-1, -2) if kind == "gpt_oss" else w
+        mixed = MixedQuantizedExpertWeight.from_float(lin.contiguous(), widths, group_size=16)
+        with torch.no_grad():
+            dq = mixed.dequantize(torch.float32)
+            getattr(reference, name).copy_(dq.transpose(-1, -2) if kind == "gpt_oss" else dq)
+        del m._parameters[name]
+        setattr(m, name, mixed)
+    x = torch.randn(15, 64, generator=gen(21)).to(DEV)
+    for case in ("random", "sparse"):  # sparse: only experts 0 and 4 (widths 8): other groups get nothing
+        idx, w = routing(case, 15, 2, seed=21)
+        with torch.no_grad(), _buffers.poisoned():
+            out = moe_experts_forward(m, x, idx, w)
+            ref = eager_experts_forward(reference, x, idx, w)
+        assert rel(out, ref) < 1e-5, case
+        assert rel(eager_experts_forward(m, x, idx, w), ref) < 1e-5
+
+
 # ------------------------------------------------------------------------------- dispatch
 def test_dispatch(monkeypatch):
     m = make_experts("mixtral")

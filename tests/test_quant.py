@@ -407,7 +407,7 @@ def test_packed_quantized_experts_equal_the_dequantized_load(family, family_chec
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints, tmp_path):
     """from_pretrained(MODEL, pattern, bits=4) quantizes while loading: the same packed weights (and
-    logits) as exporting with --bits 4 and loading that; a mixed-width pattern loads dequantized alike."""
+    logits) as exporting with --bits 4 and loading that; mixed widths per layer stay packed too."""
     import moeprune
     from moeprune.export import export_pruned
     from moeprune.kernels.quant_format import QuantizedExpertWeight
@@ -433,8 +433,15 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     mixed.bits = {layer: [8 if i % 2 else 4 for i in range(len(kept))] for layer, kept in mixed.kept.items()}
     if family != "gpt_oss":  # fused checkpoints need one width per layer
         export_pruned(src, mixed, tmp_path / "m", progress=False)
+        from moeprune.kernels.quant_format import MixedQuantizedExpertWeight
+
+        packed_on_load, packed_export = moeprune.from_pretrained(src, mixed), moeprune.from_pretrained(tmp_path / "m")
+        dense = moeprune.from_pretrained(tmp_path / "m", keep_quantized=False)
+        for net in (packed_on_load, packed_export):  # mixed widths stay packed, one stack per width
+            assert isinstance(net.model.layers[-1].mlp.experts.down_proj, MixedQuantizedExpertWeight)
         with torch.no_grad():
-            torch.testing.assert_close(moeprune.from_pretrained(src, mixed)(x).logits,
-                                       moeprune.from_pretrained(tmp_path / "m")(x).logits, rtol=1e-5, atol=1e-5)
+            want = dense(x).logits
+            torch.testing.assert_close(packed_on_load(x).logits, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed_export(x).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already stores quantized experts"):
         moeprune.from_pretrained(tmp_path / "q", exported.moeprune_pattern, bits=4)
