@@ -9,6 +9,7 @@ sliced and query signatures use every expert. All switches and generations hold 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -94,7 +95,8 @@ class TaskAdaptiveModel:
         signed = [p for p in patterns if p.signature is not None]
         self.retriever = Retriever(signed, "first", threshold) if signed else None
         start = self._by_task(initial) if initial else self.general
-        self.model, report = load_with_pattern(self.ckpt, start, device, dtype)
+        # experts stay float here (the cache swaps per-expert float slices): a pattern's bits are not applied
+        self.model, report = load_with_pattern(self.ckpt, dataclasses.replace(start, bits=None), device, dtype)
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
         self.active = start
