@@ -5,6 +5,8 @@ earlier patterns stay in an LRU cache bounded in bytes, so switching to a patter
 checkpoint only the experts neither active nor cached, and switching back is free while cached.
 The full router of every MoE layer is kept (it is small) so any pattern's router rows can be
 sliced and query signatures use every expert. All switches and generations hold one lock.
+With ``bits`` the experts are quantized as they are read and stay packed, in the model and in
+the cache (one width for all experts).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class TaskAdaptiveModel:
     def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, cache_bytes: int = 2**30, initial: str | None = None,
-                 threshold: float | None = 1.0):
+                 threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128):
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
         if patterns is None:
@@ -95,8 +97,10 @@ class TaskAdaptiveModel:
         signed = [p for p in patterns if p.signature is not None]
         self.retriever = Retriever(signed, "first", threshold) if signed else None
         start = self._by_task(initial) if initial else self.general
-        # experts stay float here (the cache swaps per-expert float slices): a pattern's bits are not applied
-        self.model, report = load_with_pattern(self.ckpt, dataclasses.replace(start, bits=None), device, dtype)
+        # one width for all experts (``bits``) or float: a pattern's own (mixed) bits are not applied here
+        self.bits, self.group_size = bits, group_size
+        self.model, report = load_with_pattern(self.ckpt, dataclasses.replace(start, bits=None), device, dtype,
+                                               bits=bits, group_size=group_size, keep_quantized=bits is not None)
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
         self.active = start
@@ -164,16 +168,16 @@ class TaskAdaptiveModel:
             experts = blocks[layer].experts
             names = [p for p, _ in self.adapter.expert_params]
             for i, e in enumerate(kept):
-                live[(layer, e)] = {n: getattr(experts, n)[i].detach().clone() for n in names}
+                live[(layer, e)] = _expert_slices(experts, names, i)
         need = {(layer, e) for layer, kept in pattern.kept.items() for e in kept}
         from_cache = sum(1 for key in need if key not in live and key in self.cache)
         missing = sorted(key for key in need if key not in live and key not in self.cache)
         requests = [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
         read = reader.read(requests)
-        fresh = {(layer, e): assemble_expert(self.adapter, layer, e, read) for layer, e in missing}
+        fresh = {(layer, e): self._quantized(assemble_expert(self.adapter, layer, e, read)) for layer, e in missing}
         for layer, kept in sorted(pattern.kept.items()):
             experts = [live.get((layer, e)) or self.cache.pop((layer, e)) or fresh[(layer, e)] for e in kept]
-            fill_experts(self.model, self.adapter, layer, experts, self.device, self.dtype)
+            self._fill(blocks[layer].experts, layer, experts)
             self._set_router(blocks[layer], layer, kept, pattern.routing)
         for key, tensors in live.items():
             if key not in need:
@@ -181,6 +185,38 @@ class TaskAdaptiveModel:
         self.active = pattern
         return {"task": pattern.task, "experts_read": len(missing), "bytes_read": reader.stats.bytes,
                 "from_cache": from_cache, "cache_bytes": self.cache.bytes}
+
+    def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
+        if self.bits is None:
+            return slices
+        from moeprune.quant import quantize
+        from moeprune.quantize_experts import fit_group
+
+        out = {}
+        for name, t in slices.items():
+            if name.endswith("_bias"):
+                out[name] = t
+                continue
+            m = t.to(self.dtype)
+            m = (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous()
+            qt = quantize(m, self.bits, fit_group(m.shape[-1], self.group_size, self.bits))
+            out.update({f"{name}.qweight": qt.packed, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
+        return out
+
+    def _fill(self, module: Any, layer: int, experts: list[dict[str, torch.Tensor]]) -> None:
+        """Set a layer's experts: float slices stacked, packed parts as one ``QuantizedExpertWeight``."""
+        floats = [{n: t for n, t in e.items() if "." not in n} for e in experts]
+        if floats[0]:
+            fill_experts(self.model, self.adapter, layer, floats, self.device, self.dtype)
+        from moeprune.kernels.quant_format import QuantizedExpertWeight
+
+        for name in sorted({n.rsplit(".", 1)[0] for n in experts[0] if n.endswith(".qweight")}):
+            q, sc, z = (torch.stack([e[f"{name}.{part}"] for e in experts]) for part in ("qweight", "scales", "zeros"))
+            in_dim = q.shape[-1] * 8 // self.bits
+            module._parameters.pop(name, None)
+            setattr(module, name, QuantizedExpertWeight(q, sc, z, self.bits, in_dim // sc.shape[-1],
+                                                        self.dtype).to(self.device))
 
     def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:
         prefix = self.adapter.router_prefix(layer)
@@ -196,3 +232,15 @@ def _refuse_merged(pattern: ExpertPattern) -> None:
         raise ValueError(f"pattern {pattern.task!r} merges experts (averaged weights), which the per-expert cache "
                          "cannot share between tasks; load it with moeprune.from_pretrained or export it "
                          "with `moeprune export`")
+
+
+def _expert_slices(module: Any, names: list[str], i: int) -> dict[str, torch.Tensor]:
+    """Expert ``i`` of a layer's experts module: float slices, or a packed weight's parts (``name.qweight``...)."""
+    out = {}
+    for name in names:
+        w = getattr(module, name)
+        if isinstance(w, torch.Tensor):
+            out[name] = w[i].detach().clone()
+        else:
+            out.update({f"{name}.{part}": getattr(w, part)[i].clone() for part in ("qweight", "scales", "zeros")})
+    return out
