@@ -51,6 +51,10 @@ def main() -> None:
         acc[layers] = np.mean([p == t for p, t in zip(pred, truth)])
         rows.append((f"nearest pattern signature, {layers} MoE layer(s)", f"{acc[layers]:.1%}"))
     retriever = Retriever(patterns, "first", threshold=None)
+    evals = {d: encode_demos(read_demos(embedded.demo_file(d, "eval")), tok, ctx) for d in domains}
+    pred = [m.task for m in retriever.match(query_signatures(model, [e for d in domains for e in evals[d]]))]
+    rows.append((f"nearest pattern signature, first MoE layer, on the {len(pred)} held-out eval texts "
+                 "(documents, not queries)", f"{np.mean([p == d for p, d in zip(pred, (d for d in domains for _ in evals[d]))]):.1%}"))
     pred = [m.task for m in retriever.match(query_signatures(model, allq, "first", ignore_ids=[]))]
     rows.append(("nearest pattern signature, first MoE layer, BOS token counted too",
                  f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
