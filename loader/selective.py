@@ -8,6 +8,7 @@ never read, and the full model never exists in memory.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -180,10 +181,15 @@ def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.d
 def resize_block(block: Any, adapter: MoEAdapter, num_experts: int, routing: dict[str, Any],
                  base_config: dict[str, Any]) -> None:
     """Tell a MoE block's router and experts how many experts they now hold, and the routing groups."""
-    router = getattr(block, adapter.router)
-    for module in (router, block.experts):
-        if hasattr(module, "num_experts"):
-            module.num_experts = num_experts
+    resize_router(getattr(block, adapter.router), num_experts, routing, base_config)
+    if hasattr(block.experts, "num_experts"):
+        block.experts.num_experts = num_experts
+
+
+def resize_router(router: Any, num_experts: int, routing: dict[str, Any], base_config: dict[str, Any]) -> None:
+    """Set a router's expert count and routing groups (a pattern's override, else the checkpoint's)."""
+    if hasattr(router, "num_experts"):
+        router.num_experts = num_experts
     for field, attr in ROUTER_ATTRS.items():
         if hasattr(router, attr):
             setattr(router, attr, routing.get(field, base_config.get(field, getattr(router, attr))))
@@ -285,8 +291,9 @@ def _within(key: str, num_layers: int | None) -> bool:
 
 
 def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | None = None) -> dict[str, torch.Tensor]:
-    """Read every router tensor of the model's MoE layers whole, and attach (weight, bias) to each router
-    as ``moeprune_full_router`` so signatures can use all experts, whichever are loaded."""
+    """Read every router tensor of the model's MoE layers whole, and give each router a full copy
+    (``router.moeprune_full_router``): it routes over all experts with the checkpoint's own routing
+    groups, as the unpruned model does, whichever experts are loaded. Retrieval signatures use it."""
     adapter = ckpt.adapter
     blocks = moe_blocks(model, adapter)
     prefixes = tuple(adapter.router_prefix(layer) for layer in blocks)
@@ -295,7 +302,9 @@ def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | Non
     for layer, block in blocks.items():
         prefix = adapter.router_prefix(layer)
         router = getattr(block, adapter.router)
-        router.moeprune_full_router = (full[prefix + "weight"], full.get(prefix + "bias"))
-        if prefix + "e_score_correction_bias" in full:
-            router.moeprune_full_selection_bias = full[prefix + "e_score_correction_bias"]
+        copy_ = copy.deepcopy(router)
+        for key in (k for k in full if k.startswith(prefix)):
+            set_tensor(copy_, key[len(prefix):], full[key], router.weight.device, None)
+        resize_router(copy_, full[prefix + "weight"].shape[0], {}, ckpt.config)
+        object.__setattr__(router, "moeprune_full_router", copy_)  # not a submodule: no state-dict entry
     return full

@@ -1,9 +1,10 @@
 """Task-adaptive expert retrieval (PreMoe's TAER): pick the stored pattern a query needs.
 
-A signature is, per MoE layer used, the share of a text's tokens that route to each expert (its
-top-k by router score). A pattern's signature comes from its demos' profile (``count / tokens``); a
-query's from one pass over the query that stops right after the last layer it needs, taking the
-top-k of the full router's scores (raw logits plus any selection bias; group limits are ignored).
+A signature is, per MoE layer used, the share of a text's tokens that route to each expert (the
+experts the router picks). A pattern's signature comes from its demos' profile (``count / tokens``); a
+query's from one pass over the query that stops right after the last layer it needs, routed by a
+full copy of the router (all experts, the checkpoint's own routing groups and selection bias), so
+both count the same thing whichever pattern is loaded.
 Measured on the embedded model's held-out queries, routing shares beat mean raw logits (PreMoe's
 literal signature) at the first layer; current numbers are in BENCHMARKS.md ("Retrieval"). ``layers="first"`` uses
 the first MoE layer only, as PreMoe does: its router input does not depend on any expert, so the
@@ -20,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .arch import get_adapter, moe_blocks
 from .pattern import ExpertPattern
@@ -68,16 +68,14 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
     handles = []
     for row in rows:
         router = getattr(blocks[row], adapter.router)
-        # A pattern's router may hold only kept rows; signatures use the full router (see full_routers).
-        def hook(module, args, row=row, router=router):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            w, b = getattr(router, "moeprune_full_router", (router.weight, getattr(router, "bias", None)))
-            z = F.linear(x, w.float(), None if b is None else b.float())
-            bias = getattr(router, "moeprune_full_selection_bias", getattr(router, "e_score_correction_bias", None))
-            if bias is not None:
-                z = z.sigmoid() + bias.float()  # the selection score of sigmoid routers (DeepSeek-V3)
-            chosen = z.topk(min(top_k, z.shape[-1]), dim=-1).indices
-            captured[row] = torch.zeros_like(z).scatter_(1, chosen, 1.0)[counted.to(z.device)].mean(0)
+        # A pattern's router may hold only kept rows: route with its full copy (see attach_full_routers).
+        full = router.__dict__.get("moeprune_full_router", router)
+
+        def hook(module, args, row=row, full=full):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            chosen = _chosen_experts(full.forward(x), full, top_k)
+            onehot = torch.zeros(x.shape[0], full.weight.shape[0], device=x.device).scatter_(1, chosen, 1.0)
+            captured[row] = onehot[counted.to(x.device)].mean(0)
             if row == rows[-1]:
                 raise _Stop
         handles.append(router.register_forward_pre_hook(hook))
@@ -95,6 +93,15 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
         for h in handles:
             h.remove()
     return np.stack(out)
+
+
+def _chosen_experts(output: Any, router: Any, top_k: int) -> torch.Tensor:
+    """The experts a router picked per token: the integer indices it returns (every supported
+    family returns ``(logits, weights, indices)``), else the top-k of its scores."""
+    if isinstance(output, tuple) and not output[-1].is_floating_point():
+        return output[-1].long()
+    z = output[0] if isinstance(output, tuple) else output
+    return z.topk(min(top_k, z.shape[-1]), dim=-1).indices
 
 
 def load_signature_model(model: Any, device: str = "cpu"):

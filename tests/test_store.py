@@ -3,12 +3,14 @@
 import json
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 
 from moeprune.cli import main
 from moeprune.pattern import ExpertPattern
 from moeprune.store import PatternStore, StoreError
 from test_pattern import FP
+from tiny_models import FAMILIES, write_token_demos
 
 
 def _pattern(task, shift=0):
@@ -93,3 +95,29 @@ def test_query_signature_counts_content_tokens_only(family_checkpoints):
     onehot = torch.zeros(len(ids), block.gate.weight.shape[0]).scatter_(1, chosen, 1.0).double()
     torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids])[0]), onehot[1:].mean(0))
     torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids], ignore_ids=[])[0]), onehot.mean(0))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_query_signature_routes_as_the_profile_did(family, family_checkpoints, tmp_path):
+    """A query's signature counts the experts the unpruned model routes to (group limits, selection
+    bias included), as the profile behind a pattern's signature does: from the full model, from the
+    minimal signature model and from a runtime holding a pattern whose routing falls back to ungrouped."""
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.loader.runtime import TaskAdaptiveModel
+    from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
+    from moeprune.retrieval import load_signature_model, query_signatures
+
+    _, src = family_checkpoints[family]
+    demos = write_token_demos(tmp_path / "d.jsonl", seed=3)
+    pattern = select_pattern(profile_checkpoint(src, demos, task="d", progress=False), "frequency", "0.5")
+    other = select_pattern(profile_checkpoint(src, demos, task="o", progress=False), "random", "3", seed=1)
+    encoded = [json.loads(line)["input_ids"] for line in demos.read_text().splitlines()]
+    expected = np.asarray(pattern.signature).reshape(len(pattern.fingerprint.moe_layers), -1)[0]
+    runtime = TaskAdaptiveModel(src, patterns=[pattern, other])
+    runtime.activate(other)
+    models = {"full": load_model(open_checkpoint(src), "cpu", "float32")[0],
+              "signature": load_signature_model(src)[0], "runtime": runtime.model}
+    weights = np.array([len(ids) for ids in encoded], dtype=float)
+    for name, model in models.items():
+        got = query_signatures(model, encoded, ignore_ids=[])
+        np.testing.assert_allclose(weights @ got / weights.sum(), expected, atol=1e-9, err_msg=name)
