@@ -125,6 +125,7 @@ class TaskAdaptiveModel:
         _refuse_merged(pattern)
         with self.lock:
             if pattern.kept == self.active.kept and pattern.routing == self.active.routing:
+                self.active = pattern  # same experts: nothing to read, but report the requested task
                 return {"task": pattern.task, "experts_read": 0, "bytes_read": 0, "from_cache": 0}
             stats = self._switch(pattern)
             self.switch_stats.append(stats)
@@ -135,15 +136,17 @@ class TaskAdaptiveModel:
         return self.active.expert_map()
 
     @torch.inference_mode()
-    def generate(self, query: str, **generate_kwargs: Any) -> str:
-        """Route ``query`` to its task pattern, activate it, and generate a continuation."""
+    def generate(self, query: str | Sequence[int], **generate_kwargs: Any) -> str | list[int]:
+        """Route ``query`` (text or token ids) to its task pattern, activate it, and generate a
+        continuation: its text, or its token ids where the checkpoint has no tokenizer."""
         match = self.retrieve(query)
         with self.lock:
             self.activate(match.pattern)
             ids = torch.tensor([self._encode(query)], device=self.device)
             generate_kwargs.setdefault("max_new_tokens", 32)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        new_ids = out[0, ids.shape[1]:]
+        return new_ids.tolist() if self.tokenizer is None else self.tokenizer.decode(new_ids, skip_special_tokens=True)
 
     # --- internals ----------------------------------------------------------------------------
     def _by_task(self, task: str) -> ExpertPattern:

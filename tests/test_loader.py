@@ -1,5 +1,6 @@
 """Selective loader and task-adaptive runtime: equivalence, reads, cache, switches, threads."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -116,6 +117,23 @@ def test_small_cache_rereads_evicted_experts(family_checkpoints, tmp_path):
     assert back["experts_read"] == sum(len(set(a.kept[l]) - set(b.kept[l])) for l in a.kept)
     x = torch.randint(0, VOCAB, (1, 12))
     torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, a.kept), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_from_token_ids_follows_the_retrieved_pattern(family_checkpoints, tmp_path):
+    """Without a tokenizer, generate takes and returns token ids, greedily equal to the retrieved
+    pattern's selective load; a pattern with the active experts becomes active without a read."""
+    _, src = family_checkpoints["deepseek_v3"]
+    pats = _patterns(src, tmp_path, n=2)
+    twin = dataclasses.replace(pats[0], task="twin")
+    rt = TaskAdaptiveModel(src, patterns=[*pats, twin])
+    ids = [int(t) for t in torch.randint(2, VOCAB, (10,), generator=torch.Generator().manual_seed(5))]
+    out = rt.generate(ids, max_new_tokens=5, do_sample=False)
+    ref = moeprune.from_pretrained(src, pattern=rt.retrieve(ids).pattern)
+    expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+    assert rt.tokenizer is None and out == expected and rt.active.task == rt.retrieve(ids).task
+    rt.activate(pats[0])
+    assert rt.activate(twin)["experts_read"] == 0 and rt.active.task == "twin"
 
 
 def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tmp_path):
