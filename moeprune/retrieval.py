@@ -73,7 +73,7 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
 
         def hook(module, args, row=row, full=full):
             x = args[0].reshape(-1, args[0].shape[-1])
-            chosen = _chosen_experts(full.forward(x), full, top_k)
+            chosen = _chosen_experts(full.forward(x), top_k)
             onehot = torch.zeros(x.shape[0], full.weight.shape[0], device=x.device).scatter_(1, chosen, 1.0)
             captured[row] = onehot[counted.to(x.device)].mean(0)
             if row == rows[-1]:
@@ -95,7 +95,7 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
     return np.stack(out)
 
 
-def _chosen_experts(output: Any, router: Any, top_k: int) -> torch.Tensor:
+def _chosen_experts(output: Any, top_k: int) -> torch.Tensor:
     """The experts a router picked per token: the integer indices it returns (every supported
     family returns ``(logits, weights, indices)``), else the top-k of its scores."""
     if isinstance(output, tuple) and not output[-1].is_floating_point():
