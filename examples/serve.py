@@ -3,7 +3,8 @@
     python examples/serve.py MODEL --store STORE [--port 8000] [--cache-gb 4]
 
 Endpoints (JSON in, JSON out):
-    POST /generate  {"prompt": "...", "max_new_tokens": 32}  -> {"task", "distance", "text", "switch"}
+    POST /generate  {"prompt": "..." or "input_ids": [...], "max_new_tokens": 32}
+                    -> {"task", "distance", "text", "switch"} ("text": token ids if the model has no tokenizer)
     POST /retrieve  {"prompt": "..."} or {"input_ids": [...]} -> {"task", "distance", "nearest"}
     GET  /experts   -> {"task", "expert_map": {layer: [loaded id or -1 per original expert]}}
 
