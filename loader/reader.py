@@ -89,13 +89,17 @@ class TensorReader:
                         yield req, self._read_one(f, shard, key, req[1])
 
     def is_quantized(self, key: str) -> bool:
-        """Whether ``key`` is stored quantized (as ``key.qweight`` etc.)."""
+        """Whether ``key`` is stored quantized by moeprune (as ``key.qweight`` etc.)."""
         return key not in self.ckpt.weight_map and f"{key}.qweight" in self.ckpt.weight_map
 
     def _stored_key(self, key: str) -> str:
-        return f"{key}.qweight" if self.is_quantized(key) else key
+        if self.is_quantized(key):
+            return f"{key}.qweight"
+        return f"{key}_blocks" if self.ckpt.is_mxfp4(key) else key
 
     def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
+        if self.ckpt.is_mxfp4(key):
+            return self._read_mxfp4(f, shard, key, rows)
         if self._stored_key(key) != key:
             from moeprune.quantize_experts import read_quantized, read_quantized_parts
 
@@ -104,6 +108,25 @@ class TensorReader:
             self.stats.bytes += _quant_bytes(f, key, rows)
             self.stats.keys.add(key)
             return tensor
+        return self._read_stored(f, shard, key, rows)
+
+    def _read_mxfp4(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
+        """Dequantize (transformers' own MXFP4 conversion) to the layout of an unquantized checkpoint,
+        in bfloat16 (exact: an MXFP4 value is a 2-bit mantissa times a power of two)."""
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        blocks = self._read_stored(f, shard, f"{key}_blocks", rows)
+        scales_shard = self.ckpt.weight_map[f"{key}_scales"]
+        if scales_shard == shard:
+            scales = self._read_stored(f, shard, f"{key}_scales", rows)
+        else:
+            self.stats.shards.add(scales_shard)
+            with self.ckpt.open(scales_shard) as g:
+                scales = self._read_stored(g, scales_shard, f"{key}_scales", rows)
+        self.stats.keys.add(key)
+        return convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+
+    def _read_stored(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
         try:
             if rows is None:
                 parts = [f.get_tensor(key)]

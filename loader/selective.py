@@ -17,7 +17,7 @@ import torch
 from accelerate import init_empty_weights
 
 from moeprune.arch import MoEAdapter, moe_blocks
-from moeprune.checkpoint import Checkpoint, CheckpointError
+from moeprune.checkpoint import Checkpoint, CheckpointError, drop_mxfp4_config
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.merge import merge_transform, merged_expert
 from moeprune.pattern import ExpertPattern
@@ -217,6 +217,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     """
     adapter = ckpt.adapter
     config_dict = pruned_config(ckpt.config, pattern, adapter)
+    drop_mxfp4_config(config_dict)  # MXFP4 experts are dequantized as they are read
     if num_layers is not None:
         config_dict["num_hidden_layers"] = num_layers
         if isinstance(config_dict.get("layer_types"), list):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import MoEAdapter
 from .loader.reader import TensorReader
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, drop_mxfp4_config, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
@@ -43,8 +43,11 @@ class TensorPlan:
     rows: tuple[int, ...] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
 
 
-def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
-    """The pruned checkpoint's tensors, in source order; pruned experts' tensors are absent."""
+def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize_mxfp4: bool = False) -> list[TensorPlan]:
+    """The pruned checkpoint's tensors, in source order; pruned experts' tensors are absent.
+
+    MXFP4 expert tensors (``X_blocks`` + ``X_scales``) are sliced as stored, or with
+    ``dequantize_mxfp4`` planned as the one float tensor ``X`` (the reader dequantizes it)."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
     prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
@@ -58,6 +61,11 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
             continue
         experts_prefix, router_prefix = prefixes[layer]
         kept = pattern.kept[layer]
+        stored = key
+        if dequantize_mxfp4 and key.endswith(("_blocks", "_scales")) and ckpt.is_mxfp4(key[:-7]):
+            if key.endswith("_scales"):
+                continue
+            key = key[:-7]
         if key.startswith(experts_prefix):
             rest = key[len(experts_prefix):]
             per_expert = _PER_EXPERT.match(rest)
@@ -69,7 +77,7 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern) -> list[TensorPlan]:
         elif not key.startswith(router_prefix):
             plans.append(TensorPlan(key, key))
             continue
-        shape = ckpt.shape(key)  # fused expert tensor or router tensor: expert axis first
+        shape = ckpt.shape(stored)  # fused expert tensor or router tensor: expert axis first
         if not shape or shape[0] != layers[layer]:
             raise ValueError(f"tensor {key} has shape {shape}; expected its first axis to be the "
                              f"{layers[layer]} experts of layer {layer}")
@@ -174,13 +182,17 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         pattern = dataclasses.replace(pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
     config = pruned_config(ckpt.config, pattern, adapter)
     config["moeprune"].update(extra_config or {})
+    # experts that change on the way (quantized, merged, transformed) are written from float values
+    dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
+    if dequantize:
+        drop_mxfp4_config(config)
     quantizer = None
     if pattern.bits is not None:
         from .quantize_experts import ExpertQuantizer
 
         quantizer = ExpertQuantizer(adapter, pattern, group_size)
         config["moeprune"]["quantization"] = quantizer.config_entry()
-    plans = plan_tensors(ckpt, pattern)
+    plans = plan_tensors(ckpt, pattern, dequantize_mxfp4=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt)
     merge = merge_transform(ckpt, pattern, reader)

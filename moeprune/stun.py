@@ -88,13 +88,8 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
     for param, pieces in sources[0].items():
         for j, (key, row) in enumerate(pieces):
             if row is not None:  # fused [E, ...] tensor: chunk over its second axis
-                with ckpt.open(ckpt.weight_map[key]) as f:
-                    sl = f.get_slice(key)
-                    shape = sl.get_shape()
-                    step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[2:]))))
-                    for a in range(0, shape[1], step):
-                        X = sl[:, a:a + step].reshape(num_experts, -1).double()
-                        G += X @ X.T
+                for X in _fused_chunks(ckpt, key, num_experts):
+                    G += X @ X.T
                 continue
             keys = [src[param][j][0] for src in sources]  # one tensor per expert: chunk over rows
             shape = ckpt.shape(keys[0])
@@ -103,6 +98,24 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
                 X = torch.stack([_rows(ckpt, k, a, a + step).reshape(-1).double() for k in keys])
                 G += X @ X.T
     return G
+
+
+def _fused_chunks(ckpt: Checkpoint, key: str, num_experts: int):
+    """``[E, -1]`` float64 chunks of a fused ``[E, ...]`` expert tensor along its second axis (MXFP4
+    ``key_blocks`` + ``key_scales`` dequantized with transformers' conversion)."""
+    parts = [f"{key}_blocks", f"{key}_scales"] if ckpt.is_mxfp4(key) else [key]
+    shape = ckpt.shape(parts[0])
+    step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[2:]))))
+    for a in range(0, shape[1], step):
+        got = []
+        for part in parts:
+            with ckpt.open(ckpt.weight_map[part]) as f:
+                got.append(f.get_slice(part)[:, a:a + step])
+        if len(got) == 2:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            got = [convert_moe_packed_tensors(*got, dtype=torch.float32)]
+        yield got[0].reshape(num_experts, -1).double()
 
 
 def _rows(ckpt: Checkpoint, key: str, a: int, b: int) -> torch.Tensor:

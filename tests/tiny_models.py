@@ -102,3 +102,38 @@ def masked_routers(model, kept: dict[int, list[int]]):
             del router.forward
             if bias is not None:
                 bias.data.copy_(saved)
+
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def save_mxfp4(model, path: Path) -> Path:
+    """Save a GPT-OSS model the way the Hub ships it: expert matrices as MXFP4 ``*_blocks`` (two
+    E2M1 codes per byte, low nibble first) + ``*_scales`` (E8M0 exponents + 127) per 32 inputs,
+    one tensor per shard (so blocks and scales sit in different files), and an mxfp4
+    ``quantization_config``."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            w = value.detach().float().transpose(1, 2)  # memory [E, in, out] -> stored [E, out, in]
+            groups = w.reshape(*w.shape[:2], -1, 32)
+            exp = torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+            codes = ((groups / torch.exp2(exp)).unsqueeze(-1) - _FP4).abs().argmin(-1).to(torch.uint8)
+            tensors[key + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+            tensors[key + "_scales"] = (exp.squeeze(-1) + 127).to(torch.uint8)
+        else:
+            tensors[key] = value.detach().contiguous()
+    weight_map = {}
+    for i, (key, value) in enumerate(sorted(tensors.items())):
+        name = f"model-{i + 1:05d}-of-{len(tensors):05d}.safetensors"
+        save_file({key: value}, str(path / name), metadata={"format": "pt"})
+        weight_map[key] = name
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
