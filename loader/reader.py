@@ -58,9 +58,10 @@ def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 class TensorReader:
     """Reads requested tensors (or expert rows of them) from a checkpoint, counting every byte."""
 
-    def __init__(self, ckpt: Checkpoint, packed: bool = False):
+    def __init__(self, ckpt: Checkpoint, packed: bool = False, raw: bool = False):
         self.ckpt = ckpt
         self.packed = packed  # return quantized tensors as (QuantizedTensor, transposed) instead of dequantized
+        self.raw = raw  # read MXFP4 / FP8 tensors as stored (to copy them) instead of dequantized
         self.stats = ReadStats()
         self._offsets: dict[str, dict[str, int]] = {}
 
@@ -95,11 +96,13 @@ class TensorReader:
     def _stored_key(self, key: str) -> str:
         if self.is_quantized(key):
             return f"{key}.qweight"
-        return f"{key}_blocks" if self.ckpt.is_mxfp4(key) else key
+        scaled = None if self.raw else self.ckpt.scaled(key)
+        return scaled[1] if scaled else key
 
     def _read_one(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
-        if self.ckpt.is_mxfp4(key):
-            return self._read_mxfp4(f, shard, key, rows)
+        scaled = None if self.raw else self.ckpt.scaled(key)
+        if scaled:
+            return self._read_scaled(f, shard, key, rows, *scaled)
         if self._stored_key(key) != key:
             from moeprune.quantize_experts import read_quantized, read_quantized_parts
 
@@ -110,21 +113,21 @@ class TensorReader:
             return tensor
         return self._read_stored(f, shard, key, rows)
 
-    def _read_mxfp4(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
-        """Dequantize (transformers' own MXFP4 conversion) to the layout of an unquantized checkpoint,
-        in bfloat16 (exact: an MXFP4 value is a 2-bit mantissa times a power of two)."""
-        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    def _read_scaled(self, f, shard: str, key: str, rows: tuple[int, ...] | None, fmt: str, data_key: str,
+                     scale_key: str) -> torch.Tensor:
+        """Read the data and scale parts (rows of both) and dequantize to float32."""
+        from moeprune.stored_formats import dequantize
 
-        blocks = self._read_stored(f, shard, f"{key}_blocks", rows)
-        scales_shard = self.ckpt.weight_map[f"{key}_scales"]
-        if scales_shard == shard:
-            scales = self._read_stored(f, shard, f"{key}_scales", rows)
+        data = self._read_stored(f, shard, data_key, rows)
+        scale_shard = self.ckpt.weight_map[scale_key]
+        if scale_shard == shard:
+            scale = self._read_stored(f, shard, scale_key, rows)
         else:
-            self.stats.shards.add(scales_shard)
-            with self.ckpt.open(scales_shard) as g:
-                scales = self._read_stored(g, scales_shard, f"{key}_scales", rows)
+            self.stats.shards.add(scale_shard)
+            with self.ckpt.open(scale_shard) as g:
+                scale = self._read_stored(g, scale_shard, scale_key, rows)
         self.stats.keys.add(key)
-        return convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        return dequantize(fmt, data, scale, self.ckpt.config)
 
     def _read_stored(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
         try:

@@ -17,10 +17,11 @@ import torch
 from accelerate import init_empty_weights
 
 from moeprune.arch import MoEAdapter, moe_blocks
-from moeprune.checkpoint import Checkpoint, CheckpointError, drop_mxfp4_config
+from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.merge import merge_transform, merged_expert
 from moeprune.pattern import ExpertPattern
+from moeprune.stored_formats import drop_dequantized_config
 
 from .reader import ReadStats, TensorReader
 
@@ -217,7 +218,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     """
     adapter = ckpt.adapter
     config_dict = pruned_config(ckpt.config, pattern, adapter)
-    drop_mxfp4_config(config_dict)  # MXFP4 experts are dequantized as they are read
+    drop_dequantized_config(config_dict)  # MXFP4 / FP8 weights are dequantized as they are read
     if num_layers is not None:
         config_dict["num_hidden_layers"] = num_layers
         if isinstance(config_dict.get("layer_types"), list):
@@ -230,7 +231,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     reader = TensorReader(ckpt)
     kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items()) if num_layers is None or layer < num_layers}
     experts_prefixes = tuple(adapter.experts_prefix(layer) for layer in pattern.kept)
-    plans = [p for p in plan_tensors(ckpt, pattern)
+    plans = [p for p in plan_tensors(ckpt, pattern, dequantize=True)
              if not p.source.startswith(experts_prefixes) and _within(p.source, num_layers)]
     merge = merge_transform(ckpt, pattern, reader)
     plan_of = {(p.source, p.rows): p for p in plans}

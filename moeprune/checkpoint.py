@@ -69,9 +69,11 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"shard {path} is corrupt or not a safetensors file ({exc}); re-download it.") from exc
 
-    def is_mxfp4(self, key: str) -> bool:
-        """Whether ``key`` is stored as MXFP4 ``key_blocks`` + ``key_scales`` (GPT-OSS on the Hub)."""
-        return key not in self.weight_map and f"{key}_blocks" in self.weight_map and f"{key}_scales" in self.weight_map
+    def scaled(self, key: str) -> tuple[str, str, str] | None:
+        """``(format, data key, scale key)`` when ``key`` is stored MXFP4 or block FP8 (see stored_formats)."""
+        from .stored_formats import scaled_parts
+
+        return scaled_parts(self.weight_map, key)
 
     def shape(self, key: str) -> list[int]:
         if key not in self._shapes:
@@ -144,12 +146,6 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}: moeprune reads safetensors checkpoints "
         "(convert .bin weights with transformers' save_pretrained first)."
     )
-
-
-def drop_mxfp4_config(config: dict[str, Any]) -> None:
-    """Remove an MXFP4 ``quantization_config`` from ``config``: for weights dequantized as read."""
-    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
-        del config["quantization_config"]
 
 
 def open_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Checkpoint:

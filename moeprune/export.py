@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from .arch import MoEAdapter
 from .loader.reader import TensorReader
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, drop_mxfp4_config, open_checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
 from .pattern import ExpertPattern
+from .stored_formats import drop_dequantized_config, logical_key
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -43,17 +44,21 @@ class TensorPlan:
     rows: tuple[int, ...] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
 
 
-def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize_mxfp4: bool = False) -> list[TensorPlan]:
+def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = False) -> list[TensorPlan]:
     """The pruned checkpoint's tensors, in source order; pruned experts' tensors are absent.
 
-    MXFP4 expert tensors (``X_blocks`` + ``X_scales``) are sliced as stored, or with
-    ``dequantize_mxfp4`` planned as the one float tensor ``X`` (the reader dequantizes it)."""
+    Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
+    sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
+    dequantizes it)."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
     prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
     layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     plans = []
-    for key in ckpt.weight_map:
+    for stored in ckpt.weight_map:
+        key = logical_key(ckpt.weight_map, stored) if dequantize else stored
+        if key is None:  # a scale: read with its data
+            continue
         m = layer_of.match(key)
         layer = int(m.group(1)) if m else None
         if layer not in prefixes:
@@ -61,11 +66,6 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize_mxfp4: boo
             continue
         experts_prefix, router_prefix = prefixes[layer]
         kept = pattern.kept[layer]
-        stored = key
-        if dequantize_mxfp4 and key.endswith(("_blocks", "_scales")) and ckpt.is_mxfp4(key[:-7]):
-            if key.endswith("_scales"):
-                continue
-            key = key[:-7]
         if key.startswith(experts_prefix):
             rest = key[len(experts_prefix):]
             per_expert = _PER_EXPERT.match(rest)
@@ -185,16 +185,16 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     # experts that change on the way (quantized, merged, transformed) are written from float values
     dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
     if dequantize:
-        drop_mxfp4_config(config)
+        drop_dequantized_config(config)
     quantizer = None
     if pattern.bits is not None:
         from .quantize_experts import ExpertQuantizer
 
         quantizer = ExpertQuantizer(adapter, pattern, group_size)
         config["moeprune"]["quantization"] = quantizer.config_entry()
-    plans = plan_tensors(ckpt, pattern, dequantize_mxfp4=dequantize)
+    plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
-    reader = TensorReader(ckpt)
+    reader = TensorReader(ckpt, raw=not dequantize)
     merge = merge_transform(ckpt, pattern, reader)
     if merge is not None:
         user_transform = transform

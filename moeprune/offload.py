@@ -30,12 +30,14 @@ class _Stop(Exception):
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
     from .loader.reader import TensorReader
     from .loader.selective import read_layer_experts, set_tensor
+    from .stored_formats import logical_key
 
     adapter = ckpt.adapter
     reader = TensorReader(ckpt)
     moe = ckpt.moe_layers()
     experts_prefixes = {layer: adapter.experts_prefix(layer) for layer in moe}
-    plain = [k for k in keys if not any(k.startswith(p) for p in experts_prefixes.values())]
+    plain = [k for k in (logical_key(ckpt.weight_map, k) for k in keys)  # scales: read with their data
+             if k is not None and not any(k.startswith(p) for p in experts_prefixes.values())]
     for (key, _), tensor in reader.iter_read((k, None) for k in plain):
         set_tensor(model, adapter.memory_name(key), tensor, device, dtype)
     for layer, prefix in experts_prefixes.items():
@@ -50,8 +52,11 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
                       dtype: torch.dtype | None = None, progress: bool = True) -> RouterProfile:
     """The router profile of ``encoded`` demos, materializing one decoder layer at a time."""
     from .loader.selective import _config_object, empty_model
+    from .stored_formats import drop_dequantized_config
 
-    config = _config_object(dict(ckpt.config))
+    config_dict = dict(ckpt.config)
+    drop_dequantized_config(config_dict)
+    config = _config_object(config_dict)
     dtype = dtype or (getattr(torch, config.dtype) if isinstance(getattr(config, "dtype", None), str)
                       else getattr(config, "dtype", None)) or torch.float32
     model = empty_model(config, dtype)

@@ -94,6 +94,9 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
             keys = [src[param][j][0] for src in sources]  # one tensor per expert: chunk over rows
             shape = ckpt.shape(keys[0])
             step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[1:]))))
+            if ckpt.scaled(keys[0]):  # block FP8: whole blocks of rows per chunk
+                block = ((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))[0]
+                step = max(block, step // block * block)
             for a in range(0, shape[0], step):
                 X = torch.stack([_rows(ckpt, k, a, a + step).reshape(-1).double() for k in keys])
                 G += X @ X.T
@@ -102,8 +105,11 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
 
 def _fused_chunks(ckpt: Checkpoint, key: str, num_experts: int):
     """``[E, -1]`` float64 chunks of a fused ``[E, ...]`` expert tensor along its second axis (MXFP4
-    ``key_blocks`` + ``key_scales`` dequantized with transformers' conversion)."""
-    parts = [f"{key}_blocks", f"{key}_scales"] if ckpt.is_mxfp4(key) else [key]
+    dequantized: its scales are per row, so any chunk of rows dequantizes alone)."""
+    scaled = ckpt.scaled(key)
+    if scaled is not None and scaled[0] != "mxfp4":
+        raise NotImplementedError(f"STUN cannot chunk the fused {scaled[0]} tensor {key}: dequantize the checkpoint first")
+    parts = [key] if scaled is None else list(scaled[1:])
     shape = ckpt.shape(parts[0])
     step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[2:]))))
     for a in range(0, shape[1], step):
@@ -111,16 +117,24 @@ def _fused_chunks(ckpt: Checkpoint, key: str, num_experts: int):
         for part in parts:
             with ckpt.open(ckpt.weight_map[part]) as f:
                 got.append(f.get_slice(part)[:, a:a + step])
-        if len(got) == 2:
-            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+        if scaled is not None:
+            from .stored_formats import dequantize
 
-            got = [convert_moe_packed_tensors(*got, dtype=torch.float32)]
+            got = [dequantize(scaled[0], *got, ckpt.config)]
         yield got[0].reshape(num_experts, -1).double()
 
 
 def _rows(ckpt: Checkpoint, key: str, a: int, b: int) -> torch.Tensor:
+    """Rows ``a:b`` of a per-expert tensor (block FP8 dequantized; ``a`` is then a block multiple)."""
+    scaled = ckpt.scaled(key)
     with ckpt.open(ckpt.weight_map[key]) as f:
-        return f.get_slice(key)[a:b]
+        rows = f.get_slice(key)[a:b]
+    if scaled is None:
+        return rows
+    fmt, _, scale_key = scaled
+    from .stored_formats import dequantize
+
+    return dequantize(fmt, rows, ckpt.read(scale_key), ckpt.config, first_row=a)
 
 
 def nearest_to_centroid(gram: torch.Tensor, cluster: list[int]) -> int:

@@ -137,3 +137,33 @@ def save_mxfp4(model, path: Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def save_fp8(model, path: Path, block: int = 8) -> Path:
+    """Save a model the way DeepSeek-V3 ships it: every projection matrix of the decoder layers in
+    float8_e4m3fn with a ``weight_scale_inv`` per ``block x block`` tile, and an fp8
+    ``quantization_config`` (router, norms, embeddings and head stay float)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(path / shard))
+        for key in [k for k, v in tensors.items() if k.startswith("model.layers.") and k.endswith("proj.weight")
+                    and v.dim() == 2]:
+            w = tensors[key].float()
+            tiles = w.reshape(w.shape[0] // block, block, w.shape[1] // block, block)
+            scale = tiles.abs().amax((1, 3)).clamp_min(1e-12) / 448.0
+            tensors[key] = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(w.shape)
+            tensors[key + "_scale_inv"] = scale
+            index["weight_map"][key + "_scale_inv"] = shard
+        save_file(tensors, str(path / shard), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(config))
+    return path

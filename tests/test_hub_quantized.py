@@ -1,5 +1,5 @@
-"""GPT-OSS as the Hub ships it: MXFP4 expert blocks/scales. Every path reads them (dequantized with
-transformers' own conversion) and equals transformers' own load of the same checkpoint."""
+"""Checkpoints as the Hub ships them quantized: GPT-OSS with MXFP4 expert blocks/scales, DeepSeek-V3
+in block FP8. Every path reads them dequantized and equals transformers' own (dequantizing) load."""
 
 import json
 
@@ -15,14 +15,18 @@ from moeprune.loader.runtime import TaskAdaptiveModel
 from moeprune.offload import profile_offloaded
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.profile import profile_model
-from tiny_models import VOCAB, make_model, masked_routers, save_mxfp4, write_token_demos
+from tiny_models import VOCAB, make_model, masked_routers, save_fp8, save_mxfp4, write_token_demos
 
 
-@pytest.fixture(scope="module")
-def mxfp4(tmp_path_factory):
-    """(transformers' dequantized load of an MXFP4 checkpoint, its folder, a pattern, its demos)."""
-    root = tmp_path_factory.mktemp("mxfp4")
-    src = save_mxfp4(make_model("gpt_oss"), root / "model")
+FORMATS = {"mxfp4": ("gpt_oss", save_mxfp4), "fp8": ("deepseek_v3", save_fp8)}
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def quantized_ckpt(request, tmp_path_factory):
+    """(transformers' dequantized load of a quantized checkpoint, its folder, a pattern, its demos)."""
+    family, save = FORMATS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    src = save(make_model(family), root / "model")
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     demos = write_token_demos(root / "d.jsonl", seed=4)
     pattern = select_pattern(profile_checkpoint(src, demos, task="d", progress=False), "frequency", "0.5")
@@ -37,8 +41,8 @@ def _logits(model, x, kept=None):
             return model(x).logits.float()
 
 
-def test_selective_load_and_runtime_equal_the_masked_reference(mxfp4, tmp_path):
-    reference, src, pattern, _ = mxfp4
+def test_selective_load_and_runtime_equal_the_masked_reference(quantized_ckpt, tmp_path):
+    reference, src, pattern, _ = quantized_ckpt
     x = torch.randint(0, VOCAB, (1, 12))
     expected = _logits(reference, x, pattern.kept)
     model, report = moeprune.from_pretrained(src, pattern=pattern, dtype=torch.float32, return_report=True)
@@ -50,15 +54,15 @@ def test_selective_load_and_runtime_equal_the_masked_reference(mxfp4, tmp_path):
     torch.testing.assert_close(_logits(rt.model, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_exports(mxfp4, tmp_path):
-    """A plain export keeps MXFP4 (sliced blocks and scales) and loads in transformers; a quantized
-    export dequantizes first and equals quantizing on load."""
-    reference, src, pattern, _ = mxfp4
+def test_exports(quantized_ckpt, tmp_path):
+    """A plain export keeps the format (sliced blocks and scales, kept experts' FP8 tensors) and loads
+    in transformers; a quantized export dequantizes first and equals quantizing on load."""
+    reference, src, pattern, _ = quantized_ckpt
     x = torch.randint(0, VOCAB, (1, 12))
     out = tmp_path / "plain"
     export_pruned(src, pattern, out, progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    assert config["quantization_config"]["quant_method"] in ("mxfp4", "fp8")
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(_logits(plain, x), _logits(reference, x, pattern.kept), rtol=1e-5, atol=1e-5)
     export_pruned(src, pattern, tmp_path / "int4", progress=False, bits=4, group_size=16)
@@ -68,8 +72,8 @@ def test_exports(mxfp4, tmp_path):
                                rtol=0, atol=0)
 
 
-def test_offloaded_profile_and_stun_read_mxfp4(mxfp4, tmp_path):
-    reference, src, _, demos = mxfp4
+def test_offloaded_profile_and_stun_read_the_format(quantized_ckpt, tmp_path):
+    reference, src, _, demos = quantized_ckpt
     ckpt = open_checkpoint(src)
     fp = checkpoint_fingerprint(ckpt)
     encoded = [json.loads(line)["input_ids"] for line in demos.read_text().splitlines()]
