@@ -88,3 +88,21 @@ def test_offloaded_profile_and_stun_read_the_format(quantized_ckpt, tmp_path):
     torch.testing.assert_close(_logits(moeprune.from_pretrained(tmp_path / "merged", dtype=torch.float32), x),
                                _logits(moeprune.from_pretrained(src, pattern=merged, dtype=torch.float32), x),
                                rtol=1e-2, atol=1e-3)
+
+
+def test_fp8_dequantize_handles_partial_blocks_and_row_chunks():
+    """Real shapes are not block multiples (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows for
+    128-row blocks): the last block row/column is partial; a chunk starting at a block row uses
+    the matching scale rows."""
+    from moeprune.stored_formats import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(20, 12, generator=g) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2, generator=g) + 0.5  # ceil(20 / 8) x ceil(12 / 8) tiles
+    expected = torch.empty(20, 12)
+    for i in range(20):
+        for j in range(12):
+            expected[i, j] = q[i, j].float() * scale[i // 8, j // 8]
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [8, 8]}}
+    torch.testing.assert_close(dequantize("fp8", q, scale, config), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize("fp8", q[8:], scale, config, first_row=8), expected[8:], rtol=0, atol=0)
