@@ -28,7 +28,7 @@ from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
 from .pattern import ExpertPattern
-from .stored_formats import drop_dequantized_config, logical_key
+from .stored_formats import drop_dequantized_config, float_dtype, logical_key
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -195,6 +195,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt, raw=not dequantize)
+    written_dtype = float_dtype(ckpt.config)
     merge = merge_transform(ckpt, pattern, reader)
     if merge is not None:
         user_transform = transform
@@ -204,6 +205,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
             plan = plan_of[request]
+            if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
+                tensor = tensor.to(written_dtype)
             tensor = tensor if transform is None else transform(plan, tensor)
             if quantizer is not None and quantizer.handles(plan):
                 writer.add(*quantizer(plan, tensor))

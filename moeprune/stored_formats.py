@@ -48,6 +48,12 @@ def dequantize(fmt: str, data: torch.Tensor, scale: torch.Tensor, config: Mappin
     return data.float() * s
 
 
+def float_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype dequantized weights are written in: the checkpoint's own (bfloat16 if unnamed)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
+
+
 def drop_dequantized_config(config: dict[str, Any]) -> None:
     """Remove a ``quantization_config`` of a format moeprune dequantizes (the weights are float now)."""
     if (config.get("quantization_config") or {}).get("quant_method") in DEQUANTIZED_METHODS:
