@@ -28,6 +28,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
+_DECODER_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 @dataclass
 class Checkpoint:
     """A model checkpoint: its folder, config and tensor → shard map."""
@@ -106,13 +109,19 @@ class Checkpoint:
             grouped.setdefault(self._shard_of(k), []).append(k)
         return dict(sorted(grouped.items()))
 
+    def in_model(self, key: str) -> bool:
+        """False for tensors of layers past ``num_hidden_layers``: modules transformers does not build,
+        such as DeepSeek-V3's multi-token-prediction layer (``model.layers.61``)."""
+        m = _DECODER_LAYER.match(key)
+        return m is None or int(m.group(1)) < int(self.config.get("num_hidden_layers", 1 << 30))
+
     def moe_layers(self) -> dict[int, int]:
         """MoE decoder layers of the checkpoint and their routed-expert counts, from router weights."""
         adapter = self.adapter
         pattern = re.compile(
             rf"^model\.layers\.(\d+)\.{re.escape(adapter.checkpoint_block)}\.{re.escape(adapter.router)}\.weight$"
         )
-        layers = {int(m.group(1)): k for k in self.weight_map if (m := pattern.match(k))}
+        layers = {int(m.group(1)): k for k in self.weight_map if (m := pattern.match(k)) and self.in_model(k)}
         if not layers:
             raise CheckpointError(f"no MoE router weights found in {self.path} for family {adapter.family}")
         return {layer: self.shape(key)[0] for layer, key in sorted(layers.items())}

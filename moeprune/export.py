@@ -49,7 +49,8 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
 
     Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
     sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
-    dequantizes it)."""
+    dequantizes it). Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer)
+    are left out: transformers does not build them and their experts would stay unpruned."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
     prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
@@ -57,7 +58,7 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     plans = []
     for stored in ckpt.weight_map:
         key = logical_key(ckpt.weight_map, stored) if dequantize else stored
-        if key is None:  # a scale: read with its data
+        if key is None or not ckpt.in_model(key):  # a scale (read with its data), or an MTP layer
             continue
         m = layer_of.match(key)
         layer = int(m.group(1)) if m else None
@@ -94,6 +95,8 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
     for name in fields:  # configs name the count differently (num_experts vs num_local_experts)
         new[name] = k
     new.update(pattern.routing)
+    if new.get("num_nextn_predict_layers"):  # the MTP layers are not carried over (their experts are unpruned)
+        new["num_nextn_predict_layers"] = 0
     new["moeprune"] = {
         "version": 1,
         "task": pattern.task,

@@ -66,6 +66,49 @@ def test_exported_checkpoint_loads_as_is(family_checkpoints, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_deepseek_mtp_layer_is_left_out(family_checkpoints, tmp_path):
+    """DeepSeek-V3 on the Hub also stores a multi-token-prediction layer past ``num_hidden_layers``
+    (``model.layers.61``, with a MoE block of its own) that transformers does not build: it is not a
+    MoE layer of the fingerprint, the loader skips it, and an export leaves it out (config says so)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.export import export_pruned
+    from moeprune.fingerprint import checkpoint_fingerprint
+
+    full, src = family_checkpoints["deepseek_v3"]
+    mtp = tmp_path / "mtp"
+    shutil.copytree(src, mtp)
+    n, hidden = full.config.num_hidden_layers, full.config.hidden_size
+    ckpt = open_checkpoint(src)
+    extra = {k.replace(f"layers.{n - 1}.", f"layers.{n}.", 1): ckpt.read(k).clone()
+             for k in ckpt.weight_map if k.startswith(f"model.layers.{n - 1}.")}
+    extra[f"model.layers.{n}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
+    extra[f"model.layers.{n}.enorm.weight"] = torch.ones(hidden)
+    save_file(extra, str(mtp / "model-mtp.safetensors"))
+    index = json.loads((mtp / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in extra})
+    (mtp / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((mtp / "config.json").read_text())
+    (mtp / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+
+    assert checkpoint_fingerprint(open_checkpoint(mtp)) == checkpoint_fingerprint(ckpt)
+    pattern = _patterns(mtp, tmp_path, 1)[0]
+    x = torch.randint(0, VOCAB, (1, 10))
+    expected = _logits(full, x, pattern.kept)
+    torch.testing.assert_close(_logits(moeprune.from_pretrained(mtp, pattern), x), expected, rtol=1e-5, atol=1e-5)
+    export_pruned(mtp, pattern, tmp_path / "out", progress=False)
+    written = open_checkpoint(tmp_path / "out").weight_map
+    assert not any(k.startswith(f"model.layers.{n}.") for k in written)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(_logits(plain, x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"])
 def test_task_switch_reads_only_the_difference(family, family_checkpoints, tmp_path):
     full, src = family_checkpoints[family]
