@@ -18,7 +18,8 @@ from moeprune.profile import profile_model
 from tiny_models import VOCAB, make_model, masked_routers, save_fp8, save_mxfp4, write_token_demos
 
 
-FORMATS = {"mxfp4": ("gpt_oss", save_mxfp4), "fp8": ("deepseek_v3", save_fp8)}
+FORMATS = {"mxfp4-gpt_oss": ("gpt_oss", save_mxfp4), "fp8-deepseek_v3": ("deepseek_v3", save_fp8),
+           "fp8-qwen3_moe": ("qwen3_moe", save_fp8)}
 
 
 @pytest.fixture(scope="module", params=list(FORMATS))
