@@ -113,6 +113,9 @@ def main() -> None:
     results.append(("top-k shares of all MoE layers", centred_cosine(
         task_means(shares, all_layers),
         np.stack([np.concatenate([shares(z[l]) for l in all_layers], 1).mean(0) for z in query_z]))))
+    from scipy.optimize import nnls
+    mixture = [nnls(task_means(shares).T, q)[0].argmax() for q in first(query_z, shares)]
+    results.append(("query as a non-negative mixture of task signatures (largest weight)", np.array(mixture)))
     results.append(("soft routing probabilities instead of top-k",
                     centred_cosine(task_means(softmax), first(query_z, softmax))))
     results.append(("square-root shares", centred_cosine(np.sqrt(task_means(shares)),
@@ -134,6 +137,15 @@ def main() -> None:
         p = (p_task + alpha / p_task.shape[1]) / (1 + alpha)
         ll = np.stack([shares(z[0]).sum(0) for z in query_z]) @ np.log(p).T
         results.append((f"naive Bayes over routed experts (smoothing {alpha})", ll.argmax(1)))
+
+    # Token identity (no routing): a lexical baseline, and joined with the routed experts.
+    counts = np.ones((len(domains), len(tok)))  # Laplace smoothing
+    for i, d in enumerate(domains):
+        np.add.at(counts[i], [t for ids in demo_ids[d] for t in ids if t != bos], 1)
+    lexical = np.stack([np.log(counts[:, [t for t in ids if t != bos]] / counts.sum(1, keepdims=True)).sum(1)
+                        for ids in query_ids])
+    results.append(("naive Bayes over token ids (lexical, no routing)", lexical.argmax(1)))
+    results.append(("naive Bayes over routed experts and token ids (both smoothing 1.0)", (ll + lexical).argmax(1)))
 
     conf = lambda z: np.sort(softmax(z), -1)[:, -k:].sum(-1)  # noqa: E731 - top-k probability mass
     weighted = np.stack([(shares(z[0]) * conf(z[0])[:, None]).sum(0) / conf(z[0]).sum() for z in query_z])
