@@ -45,20 +45,15 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
 
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
+    if pattern is None and bits is None:
+        from .pipeline import load_as_is
+
+        net, report = load_as_is(ckpt, device, torch_dtype or "auto", keep_quantized=keep_quantized)
+        return (net, report) if return_report else net
     if pattern is None:
-        section = ckpt.config.get("moeprune", {})
-        if section.get("uniform", True) and not section.get("quantization"):
-            from transformers import AutoModelForCausalLM
+        from .pipeline import every_expert
 
-            from .checkpoint import local_model_dir
-
-            net = AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=torch_dtype or "auto",
-                                                       device_map=device).eval()
-            return (net, None) if return_report else net
-        # a non-uniform or quantized export: per-layer counts or packed experts plain transformers cannot read
-        fp = checkpoint_fingerprint(ckpt)
-        pattern = ExpertPattern(fp, {layer: list(range(n)) for layer, n in zip(fp.moe_layers, fp.num_experts)},
-                                task=ckpt.config["moeprune"].get("task", ""))
+        pattern = every_expert(ckpt)
     pat = resolve_pattern(pattern, store)
     pat.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     net, report = load_with_pattern(ckpt, pat, device=device,

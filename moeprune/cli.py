@@ -86,7 +86,8 @@ def cmd_select(args: argparse.Namespace) -> None:
         from .demos import encode_demos, read_demos
         from .pipeline import load_tokenizer
 
-        demos = encode_demos(read_demos(args.demos), load_tokenizer(open_checkpoint(args.model or prof.model)))
+        ckpt = open_checkpoint(args.model or prof.model)
+        demos = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), vocab_size=ckpt.config.get("vocab_size"))
     pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
                              min_per_layer=args.min_per_layer, checkpoint=args.model, demos=demos,
                              progress=_progress(args), **params)
@@ -287,7 +288,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     if not patterns:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
     retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
-    matches = retriever.match(query_signatures(net, encode_demos(queries, tokenizer), args.layers))
+    encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
+    matches = retriever.match(query_signatures(net, encoded, args.layers))
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))

@@ -48,13 +48,18 @@ def read_demos(path: str | Path) -> list[Demo]:
 
 
 def encode_demos(demos: Sequence[Demo], tokenizer: Any | None, max_length: int | None = None,
-                 max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids per demo; each demo is cut at ``max_length``, the set at ``max_tokens`` in total."""
+                 max_tokens: int | None = None, vocab_size: int | None = None) -> list[list[int]]:
+    """Token ids per demo; each demo is cut at ``max_length``, the set at ``max_tokens`` in total.
+    Pre-tokenized ids are checked against ``vocab_size`` (the model's) when given."""
     out: list[list[int]] = []
     total = 0
     for i, demo in enumerate(demos):
         if "input_ids" in demo:
             ids = [int(t) for t in demo["input_ids"]]
+            bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+            if bad:
+                raise DemoError(f"demo {i} has token id {bad[0]}, outside the model's vocabulary of {vocab_size} "
+                                "ids: were its input_ids made by another tokenizer? Tokenize with this model's")
         elif tokenizer is None:
             raise DemoError(f"demo {i} is text but the model has no tokenizer: give pre-tokenized 'input_ids'")
         elif "messages" in demo:

@@ -71,7 +71,7 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
     adapter = get_adapter(model.config)
     blocks = moe_blocks(model, adapter)
     E = max(b.experts.num_experts for b in blocks.values())
-    n = math.comb(E, k)
+    n = math.comb(E, min(k, E))
     if n > max_subsets:
         raise ValueError(f"enumerate would try C({E},{k}) = {n:,} subsets per layer (limit {max_subsets:,}); "
                          "use a cheaper method (tcess, stun, diep) or raise max_subsets")
@@ -93,12 +93,13 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
     for layer, block in tqdm(blocks.items(), desc="enumerate", disable=not progress):
         x = torch.cat(inputs[layer])
         router = getattr(block, adapter.router)
+        E = block.experts.num_experts  # per layer: a non-uniform export's layers differ
         every = torch.arange(E, device=x.device)[None].expand(x.shape[0], E)
         Y = expert_pair_outputs(block.experts, x, every)  # [T, E, H]: each expert on every token
         target = _routed(router, x, Y)
         best, best_err = None, float("inf")
         allowed = torch.zeros(E, dtype=torch.bool)
-        for subset in itertools.combinations(range(E), k):
+        for subset in itertools.combinations(range(E), min(k, E)):
             allowed.zero_()
             allowed[list(subset)] = True
             with router_restricted_to(router, allowed):

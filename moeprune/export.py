@@ -28,6 +28,7 @@ from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
 from .pattern import ExpertPattern
+from .quantize_experts import packed_state_dict, quantized_key
 from .stored_formats import drop_dequantized_config, float_dtype, logical_key
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -49,7 +50,8 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
 
     Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
     sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
-    dequantizes it). Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer)
+    dequantizes it); moeprune-quantized ones (``X.qweight`` ...) are always planned as ``X`` (the
+    reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer)
     are left out: transformers does not build them and their experts would stay unpruned."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
@@ -57,7 +59,9 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     plans = []
     for stored in ckpt.weight_map:
-        key = logical_key(ckpt.weight_map, stored) if dequantize else stored
+        key = quantized_key(ckpt.weight_map, stored)  # a moeprune --bits export: read as one tensor
+        if key == stored and dequantize:
+            key = logical_key(ckpt.weight_map, stored)
         if key is None or not ckpt.in_model(key):  # a scale (read with its data), or an MTP layer
             continue
         m = layer_of.match(key)
@@ -187,8 +191,17 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     config["moeprune"].update(extra_config or {})
     # experts that change on the way (quantized, merged, transformed) are written from float values
     dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
+    stored_bits = (ckpt.config.get("moeprune") or {}).get("quantization")
+    if stored_bits and pattern.bits is not None:
+        raise ValueError(f"{ckpt.path} already stores quantized experts; export it without bits, or "
+                         "quantize from the float checkpoint")
     if dequantize:
         drop_dequantized_config(config)
+    elif stored_bits:  # packed experts are copied as they are: keep their widths, of the kept experts
+        widths = stored_bits.get("bits") or {}
+        config["moeprune"]["quantization"] = {**stored_bits, "bits": {
+            str(layer): [widths[str(layer)][e] for e in kept] for layer, kept in sorted(pattern.kept.items())
+            if str(layer) in widths}}
     quantizer = None
     if pattern.bits is not None:
         from .quantize_experts import ExpertQuantizer
@@ -197,7 +210,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         config["moeprune"]["quantization"] = quantizer.config_entry()
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
-    reader = TensorReader(ckpt, raw=not dequantize)
+    reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
     written_dtype = float_dtype(ckpt.config)
     merge = merge_transform(ckpt, pattern, reader)
     if merge is not None:
@@ -208,6 +221,9 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
             plan = plan_of[request]
+            if isinstance(tensor, tuple):  # a moeprune-quantized expert, copied packed
+                writer.add(*packed_state_dict(plan.target, tensor))
+                continue
             if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
                 tensor = tensor.to(written_dtype)
             tensor = tensor if transform is None else transform(plan, tensor)

@@ -28,8 +28,9 @@ class _Stop(Exception):
 
 
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
+    from .arch import moe_blocks
     from .loader.reader import TensorReader
-    from .loader.selective import read_layer_experts, set_tensor
+    from .loader.selective import read_layer_experts, resize_block, set_tensor
     from .stored_formats import logical_key
 
     adapter = ckpt.adapter
@@ -45,6 +46,8 @@ def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dt
             stacked = read_layer_experts(reader, adapter, layer, list(range(moe[layer])), dtype)
             for param, tensor in stacked.items():
                 set_tensor(model, f"model.layers.{layer}.{adapter.memory_block}.experts.{param}", tensor, device, dtype)
+            # a non-uniform export stores fewer experts in some layers than its config's count
+            resize_block(moe_blocks(model, adapter)[layer], adapter, moe[layer], {}, ckpt.config)
 
 
 def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], fingerprint: Fingerprint,

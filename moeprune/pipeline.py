@@ -32,12 +32,34 @@ def parse_dtype(dtype: str | torch.dtype | None) -> Any:
 
 def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
     """The full transformers model and its tokenizer (None when the checkpoint ships none)."""
-    from transformers import AutoModelForCausalLM
+    return load_as_is(ckpt, device, dtype)[0], load_tokenizer(ckpt)
 
-    path = local_model_dir(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), device_map=device)
-    model.eval()
-    return model, load_tokenizer(ckpt)
+
+def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
+               keep_quantized: bool = True) -> tuple[Any, Any]:
+    """``ckpt``'s model with every expert it stores, and the loader's read report (None from plain
+    transformers): plain transformers, except for what it cannot read, a moeprune export with
+    per-layer expert counts or packed quantized experts (moeprune's loader)."""
+    section = ckpt.config.get("moeprune", {})
+    if section.get("uniform", True) and not section.get("quantization"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
+                                                    device_map=device).eval(), None
+    from .loader.selective import load_with_pattern
+
+    torch_dtype = parse_dtype(dtype)
+    model, report = load_with_pattern(ckpt, every_expert(ckpt), device=device,
+                                      dtype=None if torch_dtype == "auto" else torch_dtype,
+                                      keep_quantized=keep_quantized)
+    return model.eval(), report
+
+
+def every_expert(ckpt: Checkpoint) -> ExpertPattern:
+    """The pattern that keeps every expert ``ckpt`` stores."""
+    fp = checkpoint_fingerprint(ckpt)
+    return ExpertPattern(fp, {layer: list(range(n)) for layer, n in zip(fp.moe_layers, fp.num_experts)},
+                         task=ckpt.config.get("moeprune", {}).get("task", ""))
 
 
 def load_tokenizer(ckpt: Checkpoint):
@@ -71,7 +93,8 @@ def open_workspace(model: str | Path, demos: str | Path, max_tokens: int | None 
     ckpt = open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
     net, tokenizer = load_model(ckpt, device, dtype)
-    encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens)
+    encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens,
+                           vocab_size=getattr(net.config, "vocab_size", None))
     return Workspace(ckpt, fingerprint, net, tokenizer, encoded, Path(demos))
 
 
@@ -95,7 +118,7 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
 
     ckpt = open_checkpoint(model)
     encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
-                           max_tokens)
+                           max_tokens, vocab_size=ckpt.config.get("vocab_size"))
     torch_dtype = parse_dtype(dtype)
     profile = profile_offloaded(ckpt, encoded, checkpoint_fingerprint(ckpt), task=task or Path(demos).stem,
                                 demo_hash=demo_hash(encoded), device=device,

@@ -62,10 +62,28 @@ class ExpertQuantizer:
             bits = chosen.pop()
         matrix = tensor.transpose(-1, -2) if self.adapter.experts_transposed else tensor
         qt = quantize(matrix.contiguous(), bits, fit_group(matrix.shape[-1], self.group_size, bits))
-        tensors, meta = to_state_dict(plan.target, qt)
-        if self.adapter.experts_transposed:
-            meta[f"{plan.target}.layout"] = "transposed"
-        return tensors, meta
+        return packed_state_dict(plan.target, (qt, self.adapter.experts_transposed))
+
+
+QUANT_PARTS = (".qweight", ".scales", ".zeros")
+
+
+def quantized_key(weight_map: Any, stored: str) -> str | None:
+    """For a part of a tensor stored in this format, the tensor's own key (``KEY`` for ``KEY.qweight``)
+    on its ``.qweight`` part and None on the others; ``stored`` itself for any other tensor."""
+    for suffix in QUANT_PARTS:
+        if stored.endswith(suffix) and stored[: -len(suffix)] + ".qweight" in weight_map:
+            return stored[: -len(suffix)] if suffix == ".qweight" else None
+    return stored
+
+
+def packed_state_dict(target: str, packed: tuple[QuantizedTensor, bool]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and shard metadata that store an already quantized ``(tensor, transposed)`` as ``target``."""
+    qt, transposed = packed
+    tensors, meta = to_state_dict(target, qt)
+    if transposed:
+        meta[f"{target}.layout"] = "transposed"
+    return tensors, meta
 
 
 def read_quantized_parts(f: Any, key: str, rows: tuple[int, ...] | None = None) -> tuple[QuantizedTensor, bool]:

@@ -87,12 +87,16 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
     sources = [adapter.expert_sources(layer, e) for e in range(num_experts)]
     for param, pieces in sources[0].items():
         for j, (key, row) in enumerate(pieces):
+            keys = [key] if row is not None else [src[param][j][0] for src in sources]
+            if f"{keys[0]}.qweight" in ckpt.weight_map:  # a moeprune --bits export
+                for X in _quantized_chunks(ckpt, keys, num_experts):
+                    G += X @ X.T
+                continue
             if row is not None:  # fused [E, ...] tensor: chunk over its second axis
                 for X in _fused_chunks(ckpt, key, num_experts):
                     G += X @ X.T
                 continue
-            keys = [src[param][j][0] for src in sources]  # one tensor per expert: chunk over rows
-            shape = ckpt.shape(keys[0])
+            shape = ckpt.shape(keys[0])  # one tensor per expert: chunk over rows
             step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[1:]))))
             if ckpt.scaled(keys[0]):  # block FP8: whole blocks of rows per chunk
                 block = ((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))[0]
@@ -101,6 +105,33 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
                 X = torch.stack([_rows(ckpt, k, a, a + step).reshape(-1).double() for k in keys])
                 G += X @ X.T
     return G
+
+
+def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
+    """``[E, -1]`` float64 chunks of moeprune-quantized expert weights (one fused ``[E, out, in]``
+    key or one key per expert), kept packed and dequantized a block of output rows at a time (each
+    row has its own groups). The stored layout may be the transpose of the model's: a Gram matrix of
+    flattened weights does not depend on it."""
+    from dataclasses import replace
+
+    from .loader.reader import TensorReader
+    from .quant import dequantize
+
+    got = TensorReader(ckpt, packed=True).read((k, None) for k in keys)
+    qts = [got[(k, None)][0] for k in keys]
+    rows_axis = qts[0].packed.dim() - 2
+    out, inner = qts[0].shape[rows_axis], qts[0].shape[-1]
+    step = max(1, CHUNK_ELEMENTS // max(1, num_experts * inner))
+    for a in range(0, out, step):
+        parts = []
+        for qt in qts:
+            part = replace(qt, packed=qt.packed.narrow(rows_axis, a, min(step, out - a)),
+                           scales=qt.scales.narrow(rows_axis, a, min(step, out - a)),
+                           zeros=qt.zeros.narrow(rows_axis, a, min(step, out - a)),
+                           shape=(*qt.shape[:rows_axis], min(step, out - a), inner))
+            parts.append(dequantize(part).double())
+        yield torch.cat([t.reshape(t.shape[0], -1) for t in parts]) if rows_axis else \
+            torch.stack([t.reshape(-1) for t in parts])
 
 
 def _fused_chunks(ckpt: Checkpoint, key: str, num_experts: int):

@@ -245,3 +245,38 @@ def test_prune_with_unstructured_stage(family, family_checkpoints, tmp_path, cap
     assert moeprune.from_pretrained(tmp_path / "o")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     assert main(["prune", str(src), "--demos", str(demos), "--keep", "0.5", "--out", str(tmp_path / "nm"),
                  "--nm", "2:4", "-q"]) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_expert_gram_of_a_quantized_export(family, family_checkpoints, tmp_path, monkeypatch):
+    """STUN reads a --bits export's packed experts: its Gram equals that of the dequantized weights."""
+    from moeprune.fingerprint import checkpoint_fingerprint
+
+    monkeypatch.setattr("moeprune.stun.CHUNK_ELEMENTS", 300)  # several row chunks per tensor
+    _, src = family_checkpoints[family]
+    fp = checkpoint_fingerprint(open_checkpoint(src))
+    export_pruned(src, ExpertPattern(fp, {layer: [1, 2, 5, 6] for layer in fp.moe_layers}), tmp_path / "q",
+                  bits=4, progress=False)
+    ckpt = open_checkpoint(tmp_path / "q")
+    model = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False, dtype="float32")
+    for layer, n in ckpt.moe_layers().items():
+        experts = model.model.layers[layer].mlp.experts
+        flat = torch.cat([p.detach().reshape(n, -1).double() for p in experts.parameters()], dim=1)
+        assert flat.abs().sum() > 0
+        torch.testing.assert_close(expert_gram(ckpt, layer, n), flat @ flat.T, rtol=1e-6, atol=1e-6)
+
+
+def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
+    """Each layer enumerates its own experts: a layer holding exactly K keeps them all, error 0."""
+    from moeprune.exact import best_subsets
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.pipeline import load_model
+
+    _, src = family_checkpoints["mixtral"]
+    fp = checkpoint_fingerprint(open_checkpoint(src))
+    export_pruned(src, ExpertPattern(fp, {0: [0, 1, 2, 4, 6, 7], 1: [2, 3, 5]}), tmp_path / "nu", progress=False)
+    model, _ = load_model(open_checkpoint(tmp_path / "nu"), "cpu", "float32")
+    demos = [list(range(2 + i, 40 + i)) for i in range(3)]
+    best = best_subsets(model, demos, 3)
+    assert best[1] == ([0, 1, 2], 0.0)
+    assert len(best[0][0]) == 3 and set(best[0][0]) <= set(range(6)) and best[0][1] > 0

@@ -152,6 +152,8 @@ def test_demo_formats(tmp_path):
         encode_demos([{"text": "x"}], None)
     with pytest.raises(ValueError, match="does not exist"):
         read_demos(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="demo 1 has token id 500, outside the model's vocabulary of 128"):
+        encode_demos([{"input_ids": [1, 2]}, {"input_ids": [3, 500]}], None, vocab_size=128)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
@@ -169,3 +171,35 @@ def test_offloaded_profile_equals_in_memory(family, family_checkpoints):
     assert off.tokens == mem.tokens
     for name, value in mem.stats.items():
         torch.testing.assert_close(off.stats[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family,bits", [("mixtral", None), ("qwen2_moe", None), ("gpt_oss", None), ("mixtral", 4)])
+def test_profile_of_a_moeprune_export(family, bits, family_checkpoints, tmp_path):
+    """A non-uniform or quantized export (which plain transformers cannot read) profiles, in memory and
+    layer by layer, as its pattern's selective load of the source does."""
+    import moeprune
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.export import export_pruned
+    from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
+    from moeprune.offload import profile_offloaded
+    from moeprune.pattern import ExpertPattern
+    from moeprune.pipeline import load_model
+
+    _, src = family_checkpoints[family]
+    fp = checkpoint_fingerprint(open_checkpoint(src))
+    counts = [6, 3] if bits is None else [4, 4]
+    pattern = ExpertPattern(fp, {layer: list(range(8 - n, 8)) for layer, n in zip(fp.moe_layers, counts)})
+    export_pruned(src, pattern, tmp_path / "out", bits=bits, progress=False)
+    demos = _encoded(3, length=20, seed=7)
+
+    exported = open_checkpoint(tmp_path / "out")
+    efp = checkpoint_fingerprint(exported)
+    assert efp.num_experts == tuple(counts)
+    model, _ = load_model(exported, "cpu", "float32")
+    in_memory = profile_model(model, demos, efp, progress=False)
+    offloaded = profile_offloaded(exported, demos, efp, progress=False)
+    reference_model = moeprune.from_pretrained(src, pattern, bits=bits, dtype="float32")
+    reference = profile_model(reference_model, demos, model_fingerprint(reference_model), progress=False)
+    for name, value in reference.stats.items():
+        torch.testing.assert_close(in_memory.stats[name], value, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(offloaded.stats[name], value, rtol=1e-5, atol=1e-5, msg=name)

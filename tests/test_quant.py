@@ -445,3 +445,44 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
             torch.testing.assert_close(packed_export(x).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already stores quantized experts"):
         moeprune.from_pretrained(tmp_path / "q", exported.moeprune_pattern, bits=4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_pruning_a_quantized_export_again(family, family_checkpoints, tmp_path):
+    """A --bits export pruned again: a plain export copies the kept packed experts (with their metadata
+    and widths) and equals loading the source with the pattern; a merged one is written dequantized
+    and equals the merged load; new bits are refused."""
+    import json
+
+    import moeprune
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.export import export_pruned
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.pattern import ExpertPattern
+
+    _, src = family_checkpoints[family]
+    fp = checkpoint_fingerprint(open_checkpoint(src))
+    first = ExpertPattern(fp, {layer: [0, 2, 3, 5, 6, 7] for layer in fp.moe_layers},
+                          bits={layer: [4, 4, 4, 4, 4, 4] for layer in fp.moe_layers})
+    export_pruned(src, first, tmp_path / "q", progress=False)
+    qfp = checkpoint_fingerprint(open_checkpoint(tmp_path / "q"))
+    again = ExpertPattern(qfp, {layer: [1, 2, 4, 5] for layer in qfp.moe_layers})
+    summary = export_pruned(tmp_path / "q", again, tmp_path / "r", progress=False)
+    section = json.loads((tmp_path / "r" / "config.json").read_text())["moeprune"]
+    assert section["quantization"]["bits"] == {str(layer): [4] * 4 for layer in qfp.moe_layers}
+    ids = torch.tensor([[5, 9, 17, 33, 65, 100, 3, 77]])
+    with torch.no_grad():
+        exported = moeprune.from_pretrained(tmp_path / "r")(ids).logits
+        reference = moeprune.from_pretrained(tmp_path / "q", again)(ids).logits
+    assert torch.equal(exported, reference)
+    assert summary["bytes_read"] == summary["bytes_written"]  # packed bytes copied, nothing dequantized
+
+    merged = ExpertPattern(qfp, again.kept, merges={layer: {1: [0, 1]} for layer in qfp.moe_layers})
+    export_pruned(tmp_path / "q", merged, tmp_path / "m", progress=False)
+    assert "quantization" not in json.loads((tmp_path / "m" / "config.json").read_text())["moeprune"]
+    with torch.no_grad():
+        torch.testing.assert_close(moeprune.from_pretrained(tmp_path / "m")(ids).logits,
+                                   moeprune.from_pretrained(tmp_path / "q", merged)(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already stores quantized experts"):
+        export_pruned(tmp_path / "q", again, tmp_path / "b", bits=4, progress=False)
