@@ -99,10 +99,12 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def _export_human(summary: dict[str, Any]) -> str:
-    counts = sorted(set(summary["kept_per_layer"].values()))
+    per_layer = dict(sorted(summary["kept_per_layer"].items()))
+    counts = (str(next(iter(per_layer.values()))) if len(set(per_layer.values())) == 1
+              else ", ".join(f"{layer}: {n}" for layer, n in per_layer.items()))
     return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
             f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
-            f"experts per MoE layer: {', '.join(map(str, counts))}")
+            f"experts per MoE layer: {counts}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
