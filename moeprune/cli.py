@@ -162,15 +162,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         prof = RouterProfile.load(path)
         freq = prof.stats["count"] / max(prof.tokens, 1)
         matrix = freq.numpy()
-        rows = []
-        for row, layer in enumerate(prof.fingerprint.moe_layers):
-            f = freq[row]
-            p = f / f.sum().clamp_min(1e-30)
-            entropy = float(-(p[p > 0] * p[p > 0].log()).sum().exp())  # effective number of experts
-            top = f.argsort(descending=True)[:8].tolist()
-            rows.append((layer, int((f > 0).sum()), round(entropy, 2), _ids(top, 8)))
+        layers = []
+        for row, (layer, n) in enumerate(zip(prof.fingerprint.moe_layers, prof.fingerprint.num_experts)):
+            f = freq[row, :n]  # a non-uniform model's layer holds n experts
+            p = f[f > 0] / f.sum().clamp_min(1e-30)
+            effective = float((-(p * p.log()).sum()).exp())  # exp(entropy) of the routing shares
+            layers.append({"layer": layer, "experts_used": int((f > 0).sum()), "effective_experts": round(effective, 2),
+                           "most_used": f.argsort(descending=True).tolist()})
+        rows = [(d["layer"], d["experts_used"], d["effective_experts"], _ids(d["most_used"], 8)) for d in layers]
         data = {"kind": "profile", "task": prof.task, "tokens": prof.tokens, "demos": prof.num_demos,
-                "fingerprint": prof.fingerprint.to_dict(), "frequency": freq.tolist()}
+                "fingerprint": prof.fingerprint.to_dict(), "frequency": freq.tolist(), "layers": layers}
         human = (f"profile of task {prof.task!r}: {prof.num_demos} demos, {prof.tokens} tokens, "
                  f"{prof.fingerprint.describe()}\n"
                  + _table(rows, ["layer", "experts used", "effective experts", "most used"]))

@@ -47,7 +47,9 @@ class Fingerprint:
             raise ValueError(f"malformed model fingerprint {dict(d)!r}: {exc}") from exc
 
     def describe(self) -> str:
-        return (f"{self.model_type} with {len(self.moe_layers)} MoE layers x {max(self.num_experts)} experts "
+        counts = sorted(set(self.num_experts))
+        experts = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return (f"{self.model_type} with {len(self.moe_layers)} MoE layers x {experts} experts "
                 f"(top-{self.top_k}, routers {self.router_hash})")
 
     def check_compatible(self, other: "Fingerprint", what: str = "pattern") -> None:

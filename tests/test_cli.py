@@ -43,6 +43,12 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     code, out, _ = run(capsys, "inspect", tmp_path / "p.safetensors", "--plot", tmp_path / "p.png")
     assert code == 0 and "effective experts" in out and (tmp_path / "p.png").stat().st_size > 1000
+    code, out, _ = run(capsys, "inspect", tmp_path / "p.safetensors", "--json")
+    for row, layer in zip(a.stats["count"], json.loads(out)["layers"]):
+        shares = row[row > 0] / row.sum()
+        assert layer["effective_experts"] == round(float(torch.exp(-(shares * shares.log()).sum())), 2)
+        assert 1 <= layer["effective_experts"] <= layer["experts_used"] <= 8
+        assert layer["most_used"][0] == int(row.argmax())
     code, out, _ = run(capsys, "inspect", tmp_path / "pat.json", "--json")
     assert code == 0 and json.loads(out)["kind"] == "pattern"
     # the same export again is refused (nothing overwritten) unless --overwrite
