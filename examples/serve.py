@@ -33,7 +33,10 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
             self.wfile.write(data)
 
         def _body(self) -> dict:
-            return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the request body is a JSON object")
+            return body
 
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/experts":
@@ -45,7 +48,9 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
         def do_POST(self) -> None:  # noqa: N802
             try:
                 body = self._body()
-                query = body.get("input_ids") or body["prompt"]
+                query = body["input_ids"] if "input_ids" in body else body.get("prompt")
+                if not query or not isinstance(query, (str, list)):
+                    raise ValueError('send {"prompt": TEXT} or {"input_ids": [TOKEN IDS]}')
                 if self.path == "/retrieve":
                     self._reply(200, runtime.retrieve(query).to_dict())
                 elif self.path == "/generate":
@@ -56,8 +61,10 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
                     self._reply(200, {**match.to_dict(), "text": text, "switch": switch})
                 else:
                     self._reply(404, {"error": f"no route {self.path}"})
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError, TypeError) as exc:  # a bad request
                 self._reply(400, {"error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - the server answers and keeps serving
+                self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
 
         def log_message(self, *args) -> None:
             pass

@@ -161,7 +161,12 @@ class TaskAdaptiveModel:
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer(query)["input_ids"]
-        return list(query)
+        from moeprune.demos import encode_demos
+
+        if isinstance(query, (bytes, dict)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in query):
+            raise ValueError("a query is a text or a list of token ids")
+        return encode_demos([{"input_ids": list(query)}], None,
+                            vocab_size=getattr(self.model.config, "vocab_size", None))[0]
 
     def _switch(self, pattern: ExpertPattern) -> dict[str, Any]:
         blocks = moe_blocks(self.model, self.adapter)

@@ -72,6 +72,12 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"shard {path} is corrupt or not a safetensors file ({exc}); re-download it.") from exc
 
+    def verify(self) -> None:
+        """Open every shard's header: a missing or corrupt shard raises a CheckpointError naming it."""
+        for shard in sorted(set(self.weight_map.values())):
+            with self.open(shard):
+                pass
+
     def scaled(self, key: str) -> tuple[str, str, str] | None:
         """``(format, data key, scale key)`` when ``key`` is stored MXFP4 or block FP8 (see stored_formats)."""
         from .stored_formats import scaled_parts
@@ -176,7 +182,10 @@ def open_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Ch
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json: not a transformers checkpoint")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); restore the checkpoint's config") from exc
     return Checkpoint(path=path, config=config, weight_map=_read_weight_map(path), repo_id=repo_id, revision=revision)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +45,10 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
 # --- commands ------------------------------------------------------------------------------
 
 def cmd_profile(args: argparse.Namespace) -> None:
+    from .io import check_file_target
     from .pipeline import profile_checkpoint
+
+    check_file_target(args.out)  # before the work, not after
 
     prof = profile_checkpoint(args.model, args.demos, task=args.task or "", max_tokens=args.max_tokens,
                               device=args.device, dtype=args.dtype, progress=_progress(args), offload=args.offload)
@@ -72,8 +77,11 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
+    from .io import check_file_target
     from .pipeline import select_pattern
     from .profile import RouterProfile
+
+    check_file_target(args.out)
 
     profiles = [RouterProfile.load(p) for p in args.profile]
     prof = profiles[0]
@@ -248,14 +256,15 @@ def _store_add(args: argparse.Namespace, store) -> None:
     if args.pattern:
         pattern = ExpertPattern.load(args.pattern)
     else:
-        from .pipeline import profile_checkpoint, select_pattern
+        from .pipeline import open_workspace, profile_workspace, select_pattern
 
         if not (args.target and args.demos and args.task):
             raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
-        prof = profile_checkpoint(args.target, args.demos, task=args.task, max_tokens=args.max_tokens,
-                                  device=args.device, dtype=args.dtype, progress=_progress(args))
-        pattern = select_pattern(prof, args.method, args.keep, task=args.task)
-    path = store.add(pattern, task=args.task or pattern.task)
+        ws = open_workspace(args.target, args.demos, args.max_tokens, args.device, args.dtype)
+        prof = profile_workspace(ws, task=args.task, progress=_progress(args))
+        pattern = select_pattern(prof, args.method, args.keep, task=args.task, model=ws.model, demos=ws.demos,
+                                 checkpoint=ws.ckpt, progress=_progress(args))
+    path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
 
@@ -265,18 +274,28 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     from .retrieval import Retriever, load_signature_model, query_signatures
     from .store import PatternStore
 
-    patterns = PatternStore(args.store).patterns()
+    store = PatternStore(args.store)
+    patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
-    model = args.model or patterns[0].meta.get("model")
-    if not model:
-        raise ValueError("the stored patterns do not say which model they belong to: pass --model")
+    model = args.model
+    if model is None:
+        models = sorted({str(store.model_of(p)) for p in patterns if p.meta.get("model")})
+        if len(models) != 1:
+            raise ValueError(f"the store's patterns name {len(models)} models ({', '.join(models) or 'none'}): "
+                             "pass --model")
+        model = models[0]
     if args.query is not None:
         queries = [{"text": q} for q in args.query]
     elif Path(args.queries).suffix in (".jsonl", ".json"):
         queries = read_demos(args.queries)
+    elif not Path(args.queries).is_file():
+        raise FileNotFoundError(f"queries file {args.queries} does not exist; give a .jsonl or a text file "
+                                "with one query per line")
     else:
         queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
+        if not queries:
+            raise ValueError(f"queries file {args.queries} holds no queries")
     if args.layers == "first":
         net, tokenizer, fp = load_signature_model(model, args.device)
     else:
@@ -411,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int)
     c.add_argument("--method", default="tcess", choices=methods)
     c.add_argument("--keep", default="0.5", help="(add) experts kept per layer (default 0.5)")
+    c.add_argument("--overwrite", action="store_true", help="(add) replace the task if the store has it")
     runtime(c)
     c.set_defaults(func=cmd_store)
 
@@ -435,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _check_device(device: str | None) -> None:
+    if device and device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (a CPU build, or no GPU visible); "
+                         "use --device cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
@@ -443,16 +473,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     try:
+        _check_device(getattr(args, "device", None))
         args.func(args)
-    except (ValueError, LookupError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+    except KeyboardInterrupt:
+        print(f"moeprune {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except (ValueError, LookupError, CheckpointError, OSError) as exc:
         if os.environ.get("MOEPRUNE_DEBUG"):
             raise
-        msg = str(exc)
+        msg = " ".join(str(exc).split())  # one line, even for multi-line library messages
         if args.json:
             print(json.dumps({"error": msg, "type": type(exc).__name__}))
         print(f"moeprune {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -25,7 +25,11 @@ def read_demos(path: str | Path) -> list[Demo]:
     path = Path(path)
     if not path.exists():
         raise DemoError(f"demo file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DemoError(f"demo file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a JSONL "
+                        "or plain-text demo file") from exc
     if path.suffix in (".jsonl", ".json"):
         demos = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -110,7 +110,7 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
     return out
 
 
-@register_scorer("enumerate")
+@register_scorer("enumerate", reads_checkpoint=True)
 def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                      checkpoint: Any = None, keep: Any = None, max_subsets: int = 20000, progress: bool = False,
                      **_: Any) -> torch.Tensor:

@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def check_file_target(path: str | Path) -> Path:
+    """``path`` as a Path, refused if it is an existing folder (a file is to be written there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name to write (e.g. {path / 'out.json'})")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
+    path = check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -44,8 +44,12 @@ def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str 
     if section.get("uniform", True) and not section.get("quantization"):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
-                                                    device_map=device).eval(), None
+        try:
+            return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
+                                                        device_map=device).eval(), None
+        except Exception:
+            ckpt.verify()  # name a missing or corrupt shard rather than transformers' error
+            raise
     from .loader.selective import load_with_pattern
 
     torch_dtype = parse_dtype(dtype)

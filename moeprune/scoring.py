@@ -37,7 +37,8 @@ _READS_CHECKPOINT: set[str] = set()
 
 def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False) -> Callable[[Scorer], Scorer]:
     """Register a scorer; ``budget`` is how its scores are meant to be cut (``uniform`` or ``global``),
-    ``reads_checkpoint`` whether it needs the model's weights (passed as ``checkpoint=``)."""
+    ``reads_checkpoint`` whether it needs the model's weights or runs the model (passed as ``checkpoint=``,
+    by default the profiled one)."""
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
         _BUDGETS[name] = budget

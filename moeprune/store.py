@@ -13,6 +13,7 @@ Every write is atomic (temp file + rename) and made under a file lock, so concur
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -61,19 +62,33 @@ class PatternStore:
             raise PatternError(f"{self.index_path} is not a moeprune store index")
         return index
 
+    def _check_exists(self) -> None:
+        if not self.root.is_dir():
+            raise StoreError(f"store {self.root} does not exist (a folder made by `moeprune store add`); "
+                             "check the path")
+
     def list(self) -> dict[str, dict[str, Any]]:
         """Task -> index entry (file, method, model, kept fraction, signature present)."""
+        self._check_exists()
         return dict(sorted(self._read_index()["patterns"].items()))
 
-    def add(self, pattern: ExpertPattern, task: str | None = None, overwrite: bool = True) -> Path:
+    def add(self, pattern: ExpertPattern, task: str | None = None, overwrite: bool = False) -> Path:
+        """Store ``pattern`` under ``task`` (default: its own); a task the store has is replaced only
+        with ``overwrite``."""
         task = task or pattern.task
         if not task or not _TASK_NAME.match(task):
             raise ValueError(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        if f"{task}.json".lower() == self.index_path.name:
+            raise ValueError(f"task name {task!r} is taken by the store's own index file; choose another name")
         pattern.task = task
+        model = pattern.meta.get("model")
+        if model and Path(model).expanduser().is_dir():  # a local model: recorded relative to the store
+            pattern.meta["model"] = os.path.relpath(Path(model).expanduser().resolve(), self.root.resolve())
         with self._lock():
             index = self._read_index()
             if task in index["patterns"] and not overwrite:
-                raise FileExistsError(f"store {self.root} already has task {task!r}; remove it first")
+                raise FileExistsError(f"store {self.root} already has task {task!r}; pass --overwrite "
+                                      "(overwrite=True) to replace it, or choose another task name")
             path = pattern.save(self.root / f"{task}.json")
             index["patterns"][task] = {
                 "file": path.name, "method": pattern.method, "model": pattern.fingerprint.describe(),
@@ -90,6 +105,7 @@ class PatternStore:
         return ExpertPattern.load(self.root / entry["file"])
 
     def remove(self, task: str) -> None:
+        self._check_exists()
         with self._lock():
             index = self._read_index()
             entry = index["patterns"].pop(task, None)
@@ -97,6 +113,13 @@ class PatternStore:
                 raise StoreError(f"store {self.root} has no task {task!r}")
             write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
             (self.root / entry["file"]).unlink(missing_ok=True)
+
+    def model_of(self, pattern: ExpertPattern) -> str | None:
+        """The model ``pattern`` was made on: a Hub id, or a local folder (stored relative to the store)."""
+        model = pattern.meta.get("model")
+        if model and not Path(model).is_absolute() and (self.root / model).is_dir():
+            return str(self.root / model)
+        return model
 
     def patterns(self, fingerprint: Fingerprint | None = None) -> list[ExpertPattern]:
         """All stored patterns, or those made for the model with ``fingerprint``."""

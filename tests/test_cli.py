@@ -191,3 +191,61 @@ def test_hub_model_id_through_huggingface_hub(family_checkpoints, tmp_path, monk
     assert json.loads(out)["kept_per_layer"] == {"0": 4, "1": 4}
     code, _, err = run(capsys, "profile", "tiny-org/not-there", "--demos", demos, "--out", tmp_path / "p")
     assert code == 2 and "neither a local folder nor a reachable Hub repo" in err
+
+
+def test_model_running_methods_without_model_flag(family_checkpoints, tmp_path, capsys):
+    """diep and enumerate run the profiled model: select finds it from the profile, store add passes it."""
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")[0] == 0
+    for method in ("diep", "enumerate"):
+        code, out, err = run(capsys, "select", tmp_path / "p.safetensors", "--method", method, "--keep", "4",
+                             "--demos", demos, "--out", tmp_path / f"{method}.json", "--json")
+        assert code == 0, err
+        code, out, err = run(capsys, "store", "add", tmp_path / "s", src, "--demos", demos, "--task", method,
+                             "--method", method, "--keep", "4", "--json", "-q")
+        assert code == 0, err
+        stored = ExpertPattern.load(tmp_path / "s" / f"{method}.json")
+        assert stored.kept == ExpertPattern.load(tmp_path / f"{method}.json").kept
+    code, _, err = run(capsys, "store", "add", tmp_path / "s", src, "--demos", demos, "--task", "diep", "-q")
+    assert code == 2 and "--overwrite" in err
+
+
+def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, monkeypatch):
+    """Each is refused with exit 2 and one line naming the problem (no traceback), nothing left behind."""
+    import torch
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    expert_shard = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.1.block_sparse_moe.experts.3.w1.weight"]
+    data = (broken / expert_shard).read_bytes()
+    (broken / expert_shard).write_bytes(data[:-200])  # truncated: transformers' own load fails on it
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "folder").mkdir()
+    badconfig = tmp_path / "badconfig"
+    shutil.copytree(src, badconfig)
+    (badconfig / "config.json").write_text('{"model_type": "mixtral",')
+    cases = [
+        (["profile", broken, "--demos", demos], f"shard {broken / expert_shard} is corrupt"),
+        (["profile", src, "--demos", tmp_path / "binary.jsonl"], "binary.jsonl is not UTF-8 text"),
+        (["profile", src, "--demos", demos, "--out", tmp_path / "folder"], "is a folder; give a file name"),
+        (["profile", badconfig, "--demos", demos], "config.json is not valid JSON"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["profile", src, "--demos", demos, "--device", "cuda"], "sees no CUDA GPU"))
+    for argv, message in cases:
+        if "--out" not in argv:
+            argv = [*argv, "--out", tmp_path / "p.safetensors"]
+        code, out, err = run(capsys, *argv, "-q")
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "p.safetensors").exists() and list((tmp_path / "folder").iterdir()) == []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C (or SIGTERM, turned into the same) in the middle of a run
+        raise KeyboardInterrupt
+    monkeypatch.setattr("moeprune.export._ShardWriter.add", interrupted)
+    code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == [] and not (tmp_path / "o").exists()

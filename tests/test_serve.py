@@ -38,11 +38,15 @@ def test_server_routes_and_reports_expert_map(family_checkpoints, tmp_path):
         with urllib.request.urlopen(base + "/experts", timeout=30) as r:
             body = json.loads(r.read())
         assert body["task"] == "general" and set(body["expert_map"]) == {"0", "1"}
-        req = urllib.request.Request(base + "/retrieve", data=b"{}", method="POST")
-        try:
-            urllib.request.urlopen(req, timeout=30)
-            raise AssertionError("a request without prompt must fail")
-        except urllib.error.HTTPError as err:
-            assert err.code == 400
+        bad = {b"{}": "prompt", b"[1, 2]": "JSON object", b'{"prompt": 5}': "prompt",
+               b'{"input_ids": [99999999]}': "outside the model's vocabulary", b'{"input_ids": "ab"}': "token ids"}
+        for route in ("/retrieve", "/generate"):
+            for data, message in bad.items():  # each answered 400 with a message; the server keeps serving
+                req = urllib.request.Request(base + route, data=data, method="POST")
+                try:
+                    urllib.request.urlopen(req, timeout=30)
+                    raise AssertionError(f"{data} must fail")
+                except urllib.error.HTTPError as err:
+                    assert err.code == 400 and message in json.loads(err.read())["error"], data
     finally:
         server.shutdown()

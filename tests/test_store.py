@@ -30,8 +30,20 @@ def test_store_round_trip_and_errors(tmp_path):
         store.get("math")
     with pytest.raises(ValueError, match="task name"):
         store.add(_pattern("../evil"))
-    with pytest.raises(FileExistsError):
-        store.add(_pattern("code"), overwrite=False)
+    with pytest.raises(FileExistsError, match="already has task 'code'.*--overwrite"):
+        store.add(_pattern("code", 16))
+    assert store.get("code").kept[0] == list(range(8, 16))  # nothing replaced
+    store.add(_pattern("code", 16), overwrite=True)
+    assert store.get("code").kept[0] == list(range(16, 24))
+    for reserved in ("index", "INDEX"):  # the pattern file would be the store's index
+        with pytest.raises(ValueError, match="index file"):
+            store.add(_pattern(reserved))
+    assert list(store.list()) == ["code"]
+    missing = PatternStore(tmp_path / "typo")
+    for action in (missing.list, lambda: missing.remove("code"), lambda: missing.get("code")):
+        with pytest.raises(StoreError, match="does not exist"):
+            action()
+    assert not (tmp_path / "typo").exists()  # a mistyped store is not created
 
 
 def _writer(root, i):
@@ -51,14 +63,16 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert all(store.get(f"task{i}").kept[0][0] == i for i in range(4))
 
 
-def test_store_cli(family_checkpoints, tmp_path, capsys):
+def test_store_cli(family_checkpoints, tmp_path, capsys, monkeypatch):
     from tiny_models import write_token_demos
 
     _, src = family_checkpoints["mixtral"]
     store = tmp_path / "store"
+    monkeypatch.chdir(src.parent)  # the model given by a relative path ...
     for i, task in enumerate(["alpha", "beta"]):
         demos = write_token_demos(tmp_path / f"{task}.jsonl", seed=10 + i, low=2 + 63 * i, high=65 + 63 * i)
-        assert main(["store", "add", str(store), str(src), "--demos", str(demos), "--task", task, "-q"]) == 0
+        assert main(["store", "add", str(store), src.name, "--demos", str(demos), "--task", task, "-q"]) == 0
+    monkeypatch.chdir(tmp_path)  # ... is found from anywhere (recorded relative to the store)
     capsys.readouterr()
     assert main(["store", "list", str(store), "--json"]) == 0
     assert sorted(json.loads(capsys.readouterr().out)) == ["alpha", "beta"]
@@ -69,6 +83,8 @@ def test_store_cli(family_checkpoints, tmp_path, capsys):
     assert main(["retrieve", str(store), "--queries", str(queries), "--json", "--threshold", "-1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [m["task"] for m in out] == ["alpha", "beta"] and all("distance" in m for m in out)
+    assert main(["retrieve", str(store), "--queries", "missing.txt"]) == 2
+    assert "queries file missing.txt does not exist" in capsys.readouterr().err
     assert main(["store", "remove", str(store), "alpha"]) == 0
     assert main(["store", "show", str(store), "alpha"]) == 2
     assert "no task 'alpha'" in capsys.readouterr().err
