@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -33,6 +34,9 @@ def select_backend(module, hidden_states: torch.Tensor) -> str:
     """``MOEPRUNE_KERNEL=triton|torch`` forces a backend; otherwise Triton for CUDA inputs when triton
     is installed and no gradient is needed (the Triton path is forward-only), else torch."""
     forced = os.environ.get("MOEPRUNE_KERNEL", "").strip().lower()
+    if forced == "triton" and _needs_grad(module, hidden_states):
+        warnings.warn("MOEPRUNE_KERNEL=triton is forward-only: no gradient flows through the experts of this "
+                      "call (run under torch.no_grad(), or unset it for training)", stacklevel=3)
     if forced in BACKENDS:
         return forced
     if forced not in ("", "auto"):

@@ -267,6 +267,8 @@ def triton_experts_forward(module, hidden_states, top_k_index, top_k_weights, *,
     y = y.to(dtype)
     if post_norm:
         y = module.post_expert_norm(y) * weights.unsqueeze(-1).to(dtype)
+    if not zero_fill:  # a pair routed outside [0, E) is never written: drop it, as the eager loop does
+        y = torch.where(((top_k_index >= 0) & (top_k_index < n_exp)).reshape(-1, 1), y, 0)
     if y.shape[0] == t:
         return y
     return y.view(t, k, hdim).sum(dim=1).to(dtype)

@@ -252,6 +252,8 @@ def error_bound(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tens
     bits = _check_bits(bits)
     shape = tuple(w.shape)
     _check_layout(shape, bits, group_size)
+    if not torch.isfinite(w).all():
+        raise ValueError("a weight containing inf/nan has no quantization error bound (it cannot be quantized)")
     wg = w.detach().float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
     scale, _ = _group_params(wg, bits)
     amax = wg.abs().amax(dim=-1)

@@ -22,6 +22,8 @@ from .quant import FORMAT, QuantizedTensor, dequantize, quantize, to_state_dict
 
 def fit_group(in_dim: int, group_size: int, bits: int) -> int:
     """The largest group size <= ``group_size`` dividing ``in_dim`` and holding whole bytes."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group size must be a positive number of input columns, not {group_size!r}")
     per_byte = 8 // bits
     for g in range(min(group_size, in_dim), 0, -1):
         if in_dim % g == 0 and g % per_byte == 0:

@@ -217,13 +217,24 @@ def test_sentinel_pairs_dropped():
     m = make_experts("mixtral", seed=8)
     idx, w = routing("random", 9, 2, seed=8)
     idx[2, 1] = E  # an expert-parallel sentinel contributes nothing
+    idx[5, 0] = -1
     x = inputs(9, seed=8)
-    with torch.no_grad():
+    with torch.no_grad(), _buffers.poisoned():
         ref = eager_experts_forward(m, x, idx, w)
         assert rel(torch_experts_forward(m, x, idx, w), ref) < 1e-5
-        if HAS_TRITON:
+        if HAS_TRITON:  # dropped with or without the expert-parallel flag
+            for k in (2, 1):
+                assert rel(triton_experts_forward(m, x, idx[:, :k], w[:, :k]),
+                           eager_experts_forward(m, x, idx[:, :k], w[:, :k])) < 1e-5
             m._is_expert_parallel = True
             assert rel(triton_experts_forward(m, x, idx, w), ref) < 1e-5
+
+
+def test_forced_triton_warns_where_gradients_are_needed(monkeypatch):
+    m = make_experts("mixtral")
+    monkeypatch.setenv("MOEPRUNE_KERNEL", "triton")
+    with pytest.warns(UserWarning, match="forward-only"):
+        assert select_backend(m, inputs(3).requires_grad_()) == "triton"
 
 
 # ------------------------------------------------------------------------------ triton path

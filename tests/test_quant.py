@@ -174,6 +174,14 @@ def test_bad_group_size_message():
         quantize(torch.randn(128), 4)
     with pytest.raises(ValueError):
         quantize(torch.randn(4, 128), 3)
+    from moeprune.quantize_experts import fit_group
+    with pytest.raises(ValueError, match="group size must be a positive number"):
+        fit_group(32, 0, 4)
+    nan = torch.randn(4, 128)
+    nan[1, 3] = float("nan")
+    for fn in (quantize, error_bound):
+        with pytest.raises(ValueError, match="inf/nan"):
+            fn(nan, 4)
 
 
 # ------------------------------------------------------------------ serialization
