@@ -7,10 +7,13 @@ Per MoE layer the behaviour distance between experts i and j mixes two signals:
 - co-activation: ``-C_ij / |mean C|`` with C the profile's co-selection counts (experts that fire
   together behave alike, so they are closer).
 
-``D = (1 - mix) * D_router + mix * D_coact`` (``mix`` default 0.5). Each layer is clustered by
-average-linkage agglomeration (scipy). One distance threshold is shared by all layers: merges of
-all layers are taken in order of merge distance until the global budget of clusters is met
-exactly, never merging a layer below its minimum (top-k). This is the shared-threshold cut of
+``D = (1 - mix) * D_router + mix * D_coact`` (``mix`` default 0.5; the official code adds raw router
+distances, here they are made unitless per layer so ``mix`` means the same in every layer). Each
+layer is clustered by complete-linkage agglomeration (scipy; STUN's greedy rule merges two clusters
+only if all their members are close). One distance threshold is shared by all layers (their
+distances shifted by one common constant, never per layer, so heights compare across layers):
+merges of all layers are taken in order of merge distance until the global budget of clusters is
+met exactly, never merging a layer below its minimum (top-k). This is the shared-threshold cut of
 STUN, found exactly rather than by bisection. In each cluster the member nearest the centroid of
 the cluster's flattened expert weights is kept (distances from a streamed Gram matrix, so
 expert weights are never all in memory at once); with ``merge="average"`` it instead takes the
@@ -48,10 +51,24 @@ def behaviour_distance(router_weight: torch.Tensor, coact: torch.Tensor, mix: fl
     d_router = d_router / d_router[off].mean().clamp_min(1e-12)
     C = coact.double()
     d_coact = -C / C[off].mean().abs().clamp_min(1e-12)
-    D = (1 - mix) * d_router + mix * d_coact
-    D = D - D[off].min() if E > 1 else D  # a common shift keeps linkage order; distances become >= 0
+    D = (1 - mix) * d_router + mix * d_coact  # may be negative (co-activation): see layer_linkages
     D.fill_diagonal_(0)
     return ((D + D.T) / 2).numpy()
+
+
+def layer_linkages(distances: list[np.ndarray]) -> list[np.ndarray]:
+    """Complete-linkage merge trees of every layer's experts (a cluster joins another only if all
+    their members are close, as in STUN's greedy clustering). All layers are shifted by one common
+    constant to make distances non-negative: merge heights then keep their order across layers, which
+    the shared threshold of :func:`shared_threshold_cut` compares."""
+    offdiag = [D[~np.eye(len(D), dtype=bool)] for D in distances if len(D) > 1]
+    shift = min([0.0] + [float(d.min()) for d in offdiag])
+    out = []
+    for D in distances:
+        D = D - shift
+        np.fill_diagonal(D, 0)
+        out.append(linkage(squareform(D, checks=False), method="complete"))
+    return out
 
 
 def _clusters(merges: np.ndarray, n: int, steps: int) -> list[list[int]]:
@@ -184,11 +201,8 @@ def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | 
     sizes = list(fp.num_experts)
     floor = max(fp.top_k, min_per_layer or 0)
     budget = resolve_keep(keep, max(sizes), fp.top_k) * len(sizes)
-    linkages = []
-    for row, layer in enumerate(fp.moe_layers):
-        D = behaviour_distance(routers[layer], profile.stats["coact"][row, :sizes[row], :sizes[row]], mix,
-                               normalize_rows)
-        linkages.append(linkage(squareform(D, checks=False), method="average"))
+    linkages = layer_linkages([behaviour_distance(routers[layer], profile.stats["coact"][row, :sizes[row], :sizes[row]],
+                                                  mix, normalize_rows) for row, layer in enumerate(fp.moe_layers)])
     steps = shared_threshold_cut(linkages, sizes, budget, floor)
     return {layer: _clusters(z, n, s) for layer, z, n, s in zip(fp.moe_layers, linkages, sizes, steps)}
 

@@ -280,3 +280,18 @@ def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
     best = best_subsets(model, demos, 3)
     assert best[1] == ([0, 1, 2], 0.0)
     assert len(best[0][0]) == 3 and set(best[0][0]) <= set(range(6)) and best[0][1] > 0
+
+
+def test_stun_threshold_is_shared_across_layers():
+    """Co-activation only: layer 1 has four strongly co-firing pairs, layer 0 none (all alike). The
+    global budget's merges go to layer 1's pairs; a per-layer shift of distances would make layer 0's
+    flat distances look as close as layer 1's pairs."""
+    from moeprune.stun import behaviour_distance, layer_linkages, shared_threshold_cut
+
+    router = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    flat = torch.full((8, 8), 3.0)
+    paired = torch.ones(8, 8)
+    for a in range(0, 8, 2):
+        paired[a, a + 1] = paired[a + 1, a] = 10.0
+    distances = [behaviour_distance(router, c, mix=1.0) for c in (flat, paired)]
+    assert shared_threshold_cut(layer_linkages(distances), [8, 8], budget=12, floor=2) == [0, 4]
