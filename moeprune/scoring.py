@@ -119,7 +119,9 @@ def tcess_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
 def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """EASY-EP's output-aware importance: g * ||E(x)|| * (1 - cos(h, h + r)), summed over tokens.
 
-    Each layer is normalised to sum 1, so scores of several domains' profiles can be added.
+    Each layer is normalised to sum 1 (comparable across layers for a global or top-p budget).
+    Several profiles (``moeprune select a b``) are summed before scoring, so a domain with more
+    tokens weighs more; EASY-EP's mixed-domain script instead normalises each domain, then sums.
     """
     s = profile.stats["out_aware"]
     return s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
