@@ -40,6 +40,11 @@ class Checkpoint:
     weight_map: dict[str, str]
     repo_id: str | None = None  # set when the checkpoint comes from the Hub
     revision: str | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the checkpoint comes from, valid from any folder: the Hub id or the absolute path."""
+        return self.repo_id or str(self.path.resolve())
     _shapes: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property

@@ -105,7 +105,7 @@ def open_workspace(model: str | Path, demos: str | Path, max_tokens: int | None 
 def profile_workspace(ws: Workspace, task: str = "", progress: bool = True) -> RouterProfile:
     profile = profile_model(ws.model, ws.demos, ws.fingerprint, task=task or ws.demo_path.stem,
                             demo_hash=demo_hash(ws.demos), progress=progress)
-    profile.model = str(ws.ckpt.repo_id or ws.ckpt.path)
+    profile.model = ws.ckpt.source
     return profile
 
 
@@ -127,7 +127,7 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     profile = profile_offloaded(ckpt, encoded, checkpoint_fingerprint(ckpt), task=task or Path(demos).stem,
                                 demo_hash=demo_hash(encoded), device=device,
                                 dtype=None if torch_dtype == "auto" else torch_dtype, progress=progress)
-    profile.model = str(ckpt.repo_id or ckpt.path)
+    profile.model = ckpt.source
     return profile
 
 

@@ -193,11 +193,17 @@ def test_hub_model_id_through_huggingface_hub(family_checkpoints, tmp_path, monk
     assert code == 2 and "neither a local folder nor a reachable Hub repo" in err
 
 
-def test_model_running_methods_without_model_flag(family_checkpoints, tmp_path, capsys):
-    """diep and enumerate run the profiled model: select finds it from the profile, store add passes it."""
+def test_model_running_methods_without_model_flag(family_checkpoints, tmp_path, capsys, monkeypatch):
+    """diep, enumerate and stun read the profiled model: select finds it from the profile (recorded as an
+    absolute path, so from any folder), store add passes it."""
     _, src = family_checkpoints["mixtral"]
     demos = write_token_demos(tmp_path / "d.jsonl")
-    assert run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")[0] == 0
+    monkeypatch.chdir(src.parent)
+    assert run(capsys, "profile", src.name, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "select", tmp_path / "p.safetensors", "--method", "stun", "--keep", "4",
+                       "--out", tmp_path / "stun.json")
+    assert code == 0, err
     for method in ("diep", "enumerate"):
         code, out, err = run(capsys, "select", tmp_path / "p.safetensors", "--method", method, "--keep", "4",
                              "--demos", demos, "--out", tmp_path / f"{method}.json", "--json")
