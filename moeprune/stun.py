@@ -56,18 +56,22 @@ def behaviour_distance(router_weight: torch.Tensor, coact: torch.Tensor, mix: fl
     return ((D + D.T) / 2).numpy()
 
 
-def layer_linkages(distances: list[np.ndarray]) -> list[np.ndarray]:
-    """Complete-linkage merge trees of every layer's experts (a cluster joins another only if all
-    their members are close, as in STUN's greedy clustering). All layers are shifted by one common
-    constant to make distances non-negative: merge heights then keep their order across layers, which
-    the shared threshold of :func:`shared_threshold_cut` compares."""
-    offdiag = [D[~np.eye(len(D), dtype=bool)] for D in distances if len(D) > 1]
-    shift = min([0.0] + [float(d.min()) for d in offdiag])
+def layer_linkages(distances: list[np.ndarray], method: str = "complete",
+                   per_layer_shift: bool = False) -> list[np.ndarray]:
+    """Merge trees of every layer's experts; complete linkage by default (a cluster joins another only
+    if all their members are close, as in STUN's greedy clustering). All layers are shifted by one
+    common constant to make distances non-negative: merge heights then keep their order across
+    layers, which the shared threshold of :func:`shared_threshold_cut` compares (``per_layer_shift``
+    puts each layer's closest pair at 0 instead: measured in ``benchmarks/stun_variants.py``)."""
+    def offdiag(D: np.ndarray) -> np.ndarray:
+        return D[~np.eye(len(D), dtype=bool)] if len(D) > 1 else np.zeros(1)
+
+    common = min([0.0] + [float(offdiag(D).min()) for D in distances])
     out = []
     for D in distances:
-        D = D - shift
+        D = D - (float(offdiag(D).min()) if per_layer_shift else common)
         np.fill_diagonal(D, 0)
-        out.append(linkage(squareform(D, checks=False), method="complete"))
+        out.append(linkage(squareform(D, checks=False), method=method))
     return out
 
 

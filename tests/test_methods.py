@@ -295,3 +295,4 @@ def test_stun_threshold_is_shared_across_layers():
         paired[a, a + 1] = paired[a + 1, a] = 10.0
     distances = [behaviour_distance(router, c, mix=1.0) for c in (flat, paired)]
     assert shared_threshold_cut(layer_linkages(distances), [8, 8], budget=12, floor=2) == [0, 4]
+    assert shared_threshold_cut(layer_linkages(distances, per_layer_shift=True), [8, 8], budget=12, floor=2) == [4, 0]
