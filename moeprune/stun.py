@@ -120,8 +120,7 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
             shape = ckpt.shape(keys[0])  # one tensor per expert: chunk over rows
             step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[1:]))))
             if ckpt.scaled(keys[0]):  # block FP8: whole blocks of rows per chunk
-                block = ((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))[0]
-                step = max(block, step // block * block)
+                step = _whole_blocks(ckpt, step)
             for a in range(0, shape[0], step):
                 X = torch.stack([_rows(ckpt, k, a, a + step).reshape(-1).double() for k in keys])
                 G += X @ X.T
@@ -156,24 +155,33 @@ def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
 
 
 def _fused_chunks(ckpt: Checkpoint, key: str, num_experts: int):
-    """``[E, -1]`` float64 chunks of a fused ``[E, ...]`` expert tensor along its second axis (MXFP4
-    dequantized: its scales are per row, so any chunk of rows dequantizes alone)."""
+    """``[E, -1]`` float64 chunks of a fused ``[E, ...]`` expert tensor along its second axis, MXFP4
+    and block FP8 dequantized (FP8 in whole blocks of rows; its small scale tensor is read once)."""
+    from .stored_formats import dequantize
+
     scaled = ckpt.scaled(key)
-    if scaled is not None and scaled[0] != "mxfp4":
-        raise NotImplementedError(f"STUN cannot chunk the fused {scaled[0]} tensor {key}: dequantize the checkpoint first")
     parts = [key] if scaled is None else list(scaled[1:])
+    if scaled is not None and scaled[0] == "fp8":
+        parts, scale = parts[:1], ckpt.read(scaled[2])
     shape = ckpt.shape(parts[0])
     step = max(1, CHUNK_ELEMENTS // max(1, num_experts * int(np.prod(shape[2:]))))
+    if scaled is not None and scaled[0] == "fp8":
+        step = _whole_blocks(ckpt, step)
     for a in range(0, shape[1], step):
         got = []
         for part in parts:
             with ckpt.open(ckpt.weight_map[part]) as f:
                 got.append(f.get_slice(part)[:, a:a + step])
         if scaled is not None:
-            from .stored_formats import dequantize
-
-            got = [dequantize(scaled[0], *got, ckpt.config)]
+            got = [dequantize(scaled[0], got[0], got[1] if scaled[0] == "mxfp4" else scale, ckpt.config,
+                              first_row=a)]
         yield got[0].reshape(num_experts, -1).double()
+
+
+def _whole_blocks(ckpt: Checkpoint, rows: int) -> int:
+    """``rows`` rounded down to whole FP8 blocks of rows (at least one block)."""
+    block = ((ckpt.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))[0]
+    return max(block, rows // block * block)
 
 
 def _rows(ckpt: Checkpoint, key: str, a: int, b: int) -> torch.Tensor:

@@ -107,3 +107,44 @@ def test_fp8_dequantize_handles_partial_blocks_and_row_chunks():
     config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [8, 8]}}
     torch.testing.assert_close(dequantize("fp8", q, scale, config), expected, rtol=0, atol=0)
     torch.testing.assert_close(dequantize("fp8", q[8:], scale, config, first_row=8), expected[8:], rtol=0, atol=0)
+
+
+def test_stun_reads_a_fused_fp8_tensor(family_checkpoints, tmp_path, monkeypatch):
+    """A fused ``[E, rows, cols]`` expert tensor in block FP8 (no family ships one yet): STUN's Gram
+    matrix, read in chunks of whole blocks of rows, equals the one of the dequantized tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeprune.stun import expert_gram
+
+    _, src = family_checkpoints["gpt_oss"]
+    path = tmp_path / "fp8"
+    shutil.copytree(src, path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    block, dequantized = 8, {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(path / shard))
+        for key in [k for k in tensors if k.startswith("model.layers.0.mlp.experts.") and not k.endswith("bias")]:
+            w = tensors[key].float()  # [E, rows, cols], both multiples of the block
+            E, rows, cols = w.shape
+            tiles = w.reshape(E, rows // block, block, cols // block, block)
+            scale = tiles.abs().amax((2, 4)).clamp_min(1e-12) / 448.0
+            tensors[key] = (tiles / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(w.shape)
+            tensors[key + "_scale_inv"] = scale
+            index["weight_map"][key + "_scale_inv"] = shard
+            q = tensors[key].float().reshape(E, rows // block, block, cols // block, block)
+            dequantized[key] = (q * scale[:, :, None, :, None]).reshape(E, -1)
+        save_file(tensors, str(path / shard), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(config))
+    assert len(dequantized) == 2
+
+    ckpt = open_checkpoint(path)
+    biases = [load_file(str(path / index["weight_map"][k]))[k].reshape(8, -1).double()
+              for k in index["weight_map"] if k.startswith("model.layers.0.mlp.experts.") and k.endswith("bias")]
+    flat = torch.cat([t.double() for t in dequantized.values()] + biases, dim=1)
+    monkeypatch.setattr("moeprune.stun.CHUNK_ELEMENTS", 8 * 8 * 40)  # several chunks, not block-aligned
+    torch.testing.assert_close(expert_gram(ckpt, 0, 8), flat @ flat.T, rtol=1e-6, atol=1e-6)
