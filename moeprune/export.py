@@ -51,8 +51,9 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
     sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
     dequantizes it); moeprune-quantized ones (``X.qweight`` ...) are always planned as ``X`` (the
-    reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer)
-    are left out: transformers does not build them and their experts would stay unpruned."""
+    reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's
+    multi-token-prediction layer) are left out: transformers does not build them and their experts
+    would stay unpruned."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
     prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
