@@ -256,14 +256,12 @@ def _store_add(args: argparse.Namespace, store) -> None:
     if args.pattern:
         pattern = ExpertPattern.load(args.pattern)
     else:
-        from .pipeline import open_workspace, profile_workspace, select_pattern
+        from .pipeline import open_workspace, profile_and_select
 
         if not (args.target and args.demos and args.task):
             raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
         ws = open_workspace(args.target, args.demos, args.max_tokens, args.device, args.dtype)
-        prof = profile_workspace(ws, task=args.task, progress=_progress(args))
-        pattern = select_pattern(prof, args.method, args.keep, task=args.task, model=ws.model, demos=ws.demos,
-                                 checkpoint=ws.ckpt, progress=_progress(args))
+        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args))
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
@@ -460,7 +458,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _check_device(device: str | None) -> None:
-    if device and device.startswith("cuda") and not __import__("torch").cuda.is_available():
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch sees no CUDA GPU (a CPU build, or no GPU visible); "
                          "use --device cpu")
 

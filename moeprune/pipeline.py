@@ -177,6 +177,16 @@ def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]])
     return merges or None
 
 
+def profile_and_select(ws: Workspace, method: str, keep: str | float | int, task: str = "",
+                       progress: bool = True, **select_kwargs: Any) -> tuple[RouterProfile, ExpertPattern]:
+    """Profile a workspace's demos and select with ``method`` (scorers that run or read the model get
+    the workspace's model, demos and checkpoint)."""
+    profile = profile_workspace(ws, task, progress)
+    pattern = select_pattern(profile, method, keep, model=ws.model, demos=ws.demos, checkpoint=ws.ckpt,
+                             progress=progress, **select_kwargs)
+    return profile, pattern
+
+
 def prune(model: str | Path, demos: str | Path, method: str, keep: str | float | int, out: str | Path,
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
@@ -191,9 +201,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     them (one width, or mixed per expert by the exact MC-MoE integer program).
     """
     ws = open_workspace(model, demos, max_tokens, device, dtype)
-    profile = profile_workspace(ws, task, progress)
-    pattern = select_pattern(profile, method, keep, budget=budget, min_per_layer=min_per_layer, model=ws.model,
-                             demos=ws.demos, checkpoint=ws.ckpt, progress=progress, **params)
+    profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
+                                          min_per_layer=min_per_layer, **params)
     transform, extra = None, None
     if unstructured or nm:
         from .unstructured import expert_transform, parse_nm, routed_input_norms
