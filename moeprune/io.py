@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,14 +41,50 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def _owner_tag() -> str:
+    """``host-pid`` of this process, part of its temporary folders' names."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(path: str | Path) -> list[Path]:
+    """Remove the temporary folders that killed writers of ``path`` left beside it.
+
+    Only folders this host made (its name in the folder's name) whose process is gone are removed, so
+    a write in progress, here or on another host sharing the filesystem, is never touched.
+    """
+    path = Path(path)
+    host = socket.gethostname().replace(".", "_")
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds."""
+    """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    Temporary folders left by writers of ``path`` that were killed (SIGKILL, power loss) are removed first.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temp_dirs(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():

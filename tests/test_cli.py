@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,12 @@ def test_export_killed_midway_leaves_no_output(family_checkpoints, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert len(stale) == 1 and stale[0].is_dir()  # what the killed writer left
+    in_progress = tmp_path / f".out.{socket.gethostname().replace('.', '_')}-{os.getpid()}.x.tmp"  # a live writer's: kept
+    in_progress.mkdir()
+    export_pruned(src, tmp_path / "pat.json", out, progress=False)  # the next export cleans up
+    assert out.is_dir() and sorted(p for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [in_progress]
 
 
 def test_hub_model_id_through_huggingface_hub(family_checkpoints, tmp_path, monkeypatch, capsys):
