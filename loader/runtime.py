@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -55,6 +56,9 @@ class ExpertCache:
             _, old = self._items.popitem(last=False)
             self.bytes -= self.size(old)
 
+    def get(self, key: ExpertKey) -> dict[str, torch.Tensor] | None:
+        return self._items.get(key)
+
     def pop(self, key: ExpertKey) -> dict[str, torch.Tensor] | None:
         tensors = self._items.pop(key, None)
         if tensors is not None:
@@ -89,6 +93,7 @@ class TaskAdaptiveModel:
         self.device, self.dtype = device, dtype
         self.cache = ExpertCache(cache_bytes)
         self.lock = threading.RLock()
+        self.broken: BaseException | None = None  # set when a failed switch could not be undone
         self.switch_stats: list[dict[str, Any]] = []
         if not patterns:
             raise ValueError("TaskAdaptiveModel needs at least one pattern (patterns=... or a store)")
@@ -124,12 +129,24 @@ class TaskAdaptiveModel:
         pattern.fingerprint.check_compatible(self.fingerprint)
         _refuse_merged(pattern)
         with self.lock:
+            if self.broken is not None:
+                raise RuntimeError("an earlier pattern switch failed and could not be undone; create a new "
+                                   "TaskAdaptiveModel") from self.broken
             if pattern.kept == self.active.kept and pattern.routing == self.active.routing:
                 self.active = pattern  # same experts: nothing to read, but report the requested task
                 return {"task": pattern.task, "experts_read": 0, "bytes_read": 0, "from_cache": 0}
             stats = self._switch(pattern)
             self.switch_stats.append(stats)
             return stats
+
+    @contextmanager
+    def using(self, pattern: ExpertPattern | str) -> Iterator[Any]:
+        """``with runtime.using(task) as model:`` holds the lock with ``pattern`` active, so forward
+        passes inside see only its experts. (``activate`` then a forward, from several threads, can
+        interleave with another thread's switch.)"""
+        with self.lock:
+            self.activate(pattern)
+            yield self.model
 
     def expert_map(self) -> dict[int, list[int]]:
         """Per MoE layer: original expert id -> loaded id, -1 where the expert is absent."""
@@ -140,8 +157,7 @@ class TaskAdaptiveModel:
         """Route ``query`` (text or token ids) to its task pattern, activate it, and generate a
         continuation: its text, or its token ids where the checkpoint has no tokenizer."""
         match = self.retrieve(query)
-        with self.lock:
-            self.activate(match.pattern)
+        with self.using(match.pattern):
             ids = torch.tensor([self._encode(query)], device=self.device)
             generate_kwargs.setdefault("max_new_tokens", 32)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs)
@@ -183,16 +199,36 @@ class TaskAdaptiveModel:
         requests = [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
         read = reader.read(requests)
         fresh = {(layer, e): self._quantized(assemble_expert(self.adapter, layer, e, read)) for layer, e in missing}
-        for layer, kept in sorted(pattern.kept.items()):
-            experts = [live.get((layer, e)) or self.cache.pop((layer, e)) or fresh[(layer, e)] for e in kept]
-            self._fill(blocks[layer].experts, layer, experts)
-            self._set_router(blocks[layer], layer, kept, pattern.routing)
+        done: list[int] = []
+        try:
+            for layer, kept in sorted(pattern.kept.items()):
+                done.append(layer)
+                experts = [live.get((layer, e)) or self.cache.get((layer, e)) or fresh[(layer, e)] for e in kept]
+                self._fill(blocks[layer].experts, layer, experts)
+                self._set_router(blocks[layer], layer, kept, pattern.routing)
+        except BaseException:  # e.g. out of memory in layer l: put layers 0..l back, all or nothing
+            self._restore(blocks, done, live)
+            raise
+        for key in need:
+            self.cache.pop(key)
         for key, tensors in live.items():
             if key not in need:
                 self.cache.put(key, tensors)
         self.active = pattern
         return {"task": pattern.task, "experts_read": len(missing), "bytes_read": reader.stats.bytes,
                 "from_cache": from_cache, "cache_bytes": self.cache.bytes}
+
+    def _restore(self, blocks: dict[int, Any], layers: list[int], live: dict[ExpertKey, dict[str, torch.Tensor]]) -> None:
+        """Put the active pattern's experts back into ``layers`` after a switch failed halfway."""
+        try:
+            for layer in layers:
+                kept = self.active.kept[layer]
+                self._fill(blocks[layer].experts, layer, [live[(layer, e)] for e in kept])
+                self._set_router(blocks[layer], layer, kept, self.active.routing)
+        except BaseException as exc:
+            self.broken = exc
+            raise RuntimeError("a failed pattern switch could not be undone; the model is inconsistent: "
+                               "create a new TaskAdaptiveModel") from exc
 
     def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""

@@ -1,12 +1,18 @@
-"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+"""Atomic writes: a file or folder appears complete under its final name, or not at all.
+
+The data is written to a temporary sibling (``.NAME.HOST-PID.RANDOM.tmp``), flushed to disk, and
+renamed onto the final name. A write that is killed leaves only its temporary sibling, which the
+next write of the same target removes once its process is gone. Files and folders get the usual
+permissions (0666 / 0777 less the umask), as if created directly.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,30 +26,13 @@ def check_file_target(path: str | Path) -> Path:
     return path
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = check_file_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def _owner_tag() -> str:
-    """``host-pid`` of this process, part of its temporary folders' names."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+def _temp_sibling(path: Path, kind: str = "") -> Path:
+    """A fresh name beside ``path`` that says which host and process own it."""
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{kind or secrets.token_hex(4)}.tmp")
 
 
 def _alive(pid: int) -> bool:
@@ -56,44 +45,97 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(path: str | Path) -> list[Path]:
-    """Remove the temporary folders that killed writers of ``path`` left beside it.
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
-    Only folders this host made (its name in the folder's name) whose process is gone are removed, so
-    a write in progress, here or on another host sharing the filesystem, is never touched.
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings that killed writers of ``path`` left behind.
+
+    Only those this host made whose process is gone are removed, so a write in progress, here or on
+    another host sharing the filesystem, is never touched; neither is the previous version of
+    ``path`` set aside by an overwrite that was killed before ``path`` was in place (its only copy).
     """
     path = Path(path)
-    host = socket.gethostname().replace(".", "_")
+    prefix = f".{path.name}.{_host()}-"
     removed = []
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*.tmp"):
-        pid = tmp.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or (tmp.name.endswith(".old.tmp") and not path.exists()):
+            continue
+        _remove(tmp)
+        removed.append(tmp)
     return removed
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or every file under a folder, to disk (a rename after a crash never shows an empty file)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = check_file_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = _temp_sibling(path)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 @contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
-    Temporary folders left by writers of ``path`` that were killed (SIGKILL, power loss) are removed first.
+    Without ``overwrite`` an existing ``path`` is refused, before the block and again at the end
+    (it may have appeared meanwhile, e.g. from a second export to the same place).
     """
     path = Path(path)
+    refuse = f"{path} already exists; choose another --out or pass --overwrite"
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite")
+        raise FileExistsError(refuse)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = _temp_sibling(path)
+    tmp.mkdir(0o777)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        _fsync(tmp)
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise FileExistsError(refuse)
+            old = _temp_sibling(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
-            os.replace(tmp, path)
+            try:
+                os.rename(tmp, path)  # fails rather than replace a non-empty folder that appeared just now
+            except OSError as exc:
+                if path.exists():
+                    raise FileExistsError(refuse) from exc
+                raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)

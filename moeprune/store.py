@@ -99,10 +99,16 @@ class PatternStore:
         return path
 
     def get(self, task: str) -> ExpertPattern:
-        entry = self.list().get(task)
+        entries = self.list()
+        entry = entries.get(task)
         if entry is None:
-            raise StoreError(f"store {self.root} has no task {task!r}; it has: {', '.join(self.list()) or 'none'}")
-        return ExpertPattern.load(self.root / entry["file"])
+            raise StoreError(f"store {self.root} has no task {task!r}; it has: {', '.join(entries) or 'none'}")
+        try:
+            return ExpertPattern.load(self.root / entry["file"])
+        except PatternError:
+            if task not in self.list():  # removed by another process since the index was read
+                raise StoreError(f"store {self.root} has no task {task!r} (it was just removed)") from None
+            raise
 
     def remove(self, task: str) -> None:
         self._check_exists()
@@ -122,6 +128,14 @@ class PatternStore:
         return model
 
     def patterns(self, fingerprint: Fingerprint | None = None) -> list[ExpertPattern]:
-        """All stored patterns, or those made for the model with ``fingerprint``."""
-        out = [self.get(task) for task in self.list()]
+        """All stored patterns, or those made for the model with ``fingerprint``.
+
+        Readers take no lock (a store may be read-only); a task removed while this reads is left out.
+        """
+        out = []
+        for task in self.list():
+            try:
+                out.append(self.get(task))
+            except StoreError:
+                continue
         return [p for p in out if fingerprint is None or p.fingerprint == fingerprint]

@@ -179,6 +179,32 @@ def test_generate_from_token_ids_follows_the_retrieved_pattern(family_checkpoint
     assert rt.activate(twin)["experts_read"] == 0 and rt.active.task == "twin"
 
 
+def test_a_switch_that_fails_halfway_changes_nothing(family_checkpoints, tmp_path, monkeypatch):
+    """An error while filling layer 1 (e.g. out of memory) puts layer 0 back: the model still equals
+    the active pattern, the cache holds no mislabelled experts, and later switches are exact."""
+    full, src = family_checkpoints["mixtral"]
+    a, b, c = _patterns(src, tmp_path)
+    rt = TaskAdaptiveModel(src, patterns=[a, b, c], initial="t0", cache_bytes=10**9)
+    x = torch.randint(0, VOCAB, (1, 12))
+    real_fill, calls = TaskAdaptiveModel._fill, []
+
+    def failing_fill(self, module, layer, experts):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected: out of memory in layer 1")
+        real_fill(self, module, layer, experts)
+
+    monkeypatch.setattr(TaskAdaptiveModel, "_fill", failing_fill)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        rt.activate(b)
+    monkeypatch.setattr(TaskAdaptiveModel, "_fill", real_fill)
+    assert rt.active.task == "t0" and calls[:2] == [0, 1]
+    torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, a.kept), rtol=1e-5, atol=1e-5)
+    for p in (b, c, a, b):
+        rt.activate(p)
+        torch.testing.assert_close(_logits(rt.model, x), _logits(full, x, p.kept), rtol=1e-5, atol=1e-5)
+
+
 def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tmp_path):
     full, src = family_checkpoints["mixtral"]
     pats = _patterns(src, tmp_path)
@@ -190,9 +216,8 @@ def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tm
     def worker(i):
         for j in range(6):
             p = pats[(i + j) % 3]
-            with rt.lock:
-                rt.activate(p)
-                out = _logits(rt.model, x)
+            with rt.using(p) as model:
+                out = _logits(model, x)
             if not torch.allclose(out, expected[p.task], rtol=1e-5, atol=1e-5):
                 errors.append((i, j))
 

@@ -46,6 +46,23 @@ def test_store_round_trip_and_errors(tmp_path):
     assert not (tmp_path / "typo").exists()  # a mistyped store is not created
 
 
+def test_reading_while_a_task_is_removed(tmp_path, monkeypatch):
+    """A reader that listed a task another process then removed leaves it out (patterns) or says it is
+    gone (get), instead of failing on the missing file."""
+    store = PatternStore(tmp_path / "s")
+    store.add(_pattern("a"))
+    store.add(_pattern("b", 8))
+    stale = store.list()
+    store.remove("b")
+    real = PatternStore.list
+    listings = iter([stale, stale, stale])  # patterns(), get("a"), get("b") all see the old index
+    monkeypatch.setattr(PatternStore, "list", lambda self: next(listings, None) or real(self))
+    assert [p.task for p in store.patterns()] == ["a"]
+    listings = iter([stale])
+    with pytest.raises(StoreError, match="no task 'b' \\(it was just removed\\)"):
+        store.get("b")
+
+
 def _writer(root, i):
     PatternStore(root).add(_pattern(f"task{i}", i))
 
