@@ -221,8 +221,9 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     drop_dequantized_config(config_dict)  # MXFP4 / FP8 weights are dequantized as they are read
     if num_layers is not None:
         config_dict["num_hidden_layers"] = num_layers
-        if isinstance(config_dict.get("layer_types"), list):
-            config_dict["layer_types"] = config_dict["layer_types"][:num_layers]
+        for name in ("layer_types", "mlp_layer_types"):  # per-layer lists (attention kind, dense/sparse MLP)
+            if isinstance(config_dict.get(name), list):
+                config_dict[name] = config_dict[name][:num_layers]
     config = _config_object(config_dict)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32

@@ -35,7 +35,9 @@ class MoEAdapter:
     scoring: str = "softmax"  # "softmax" or "sigmoid" (sigmoid: DeepSeek-V3 style with correction bias)
     grouped: bool = False  # group-limited routing via config n_group / topk_group
     shared_expert: str | None = None  # shared expert module (kept untouched)
-    residual_norm: str = "post_attention_layernorm"  # norm whose input is the residual stream h
+    # module whose input is the residual stream h: the pre-MoE norm, or the MoE block itself in post-norm
+    # layers (FlexOlmo; there the block output is normed before it is added, which output-aware ignores)
+    residual_norm: str = "post_attention_layernorm"
     memory_block: str = "mlp"  # MoE block attribute on the in-memory decoder layer
     # in-memory expert parameter -> the checkpoint tensors (per expert, under experts.{e}.) that are
     # concatenated along dim 0 to form one expert's slice of it; fused checkpoints name the [E, ...] tensor
@@ -85,6 +87,19 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
                experts_transposed=True,
                expert_params=tuple((p, (p,)) for p in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
                                                           "down_proj_bias"))),
+    MoEAdapter("glm4_moe", ("glm4_moe",), "mlp", "gate", "n_routed_experts", scoring="sigmoid", grouped=True,
+               shared_expert="shared_experts"),
+    MoEAdapter("glm4_moe_lite", ("glm4_moe_lite",), "mlp", "gate", "n_routed_experts", scoring="sigmoid",
+               grouped=True, shared_expert="shared_experts"),
+    MoEAdapter("deepseek_v32", ("deepseek_v32",), "mlp", "gate", "n_routed_experts", scoring="sigmoid",
+               grouped=True, shared_expert="shared_experts"),
+    MoEAdapter("dots1", ("dots1",), "mlp", "gate", "n_routed_experts", scoring="sigmoid", grouped=True,
+               shared_expert="shared_experts"),
+    MoEAdapter("solar_open", ("solar_open",), "mlp", "gate", "n_routed_experts", scoring="sigmoid", grouped=True,
+               shared_expert="shared_experts"),
+    MoEAdapter("qwen3_next", ("qwen3_next",), "mlp", "gate", "num_experts", shared_expert="shared_expert"),
+    MoEAdapter("flex_olmo", ("flex_olmo",), "mlp", "gate", "num_experts",
+               residual_norm="mlp"),  # OLMo-2 post-norm layers: the MoE block's input is the residual stream
 )
 
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS for mt in a.model_types}

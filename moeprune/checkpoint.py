@@ -121,8 +121,11 @@ class Checkpoint:
         return dict(sorted(grouped.items()))
 
     def in_model(self, key: str) -> bool:
-        """False for tensors of layers past ``num_hidden_layers``: modules transformers does not build,
-        such as DeepSeek-V3's multi-token-prediction layer (``model.layers.61``)."""
+        """False for tensors of layers past ``num_hidden_layers`` and of a top-level ``mtp.`` head: modules
+        transformers does not build, the multi-token-prediction layers of DeepSeek-V3 (``model.layers.61``)
+        and Qwen3-Next (``mtp.layers.0``)."""
+        if key.startswith("mtp."):
+            return False
         m = _DECODER_LAYER.match(key)
         return m is None or int(m.group(1)) < int(self.config.get("num_hidden_layers", 1 << 30))
 

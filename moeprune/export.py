@@ -100,8 +100,9 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
     for name in fields:  # configs name the count differently (num_experts vs num_local_experts)
         new[name] = k
     new.update(pattern.routing)
-    if new.get("num_nextn_predict_layers"):  # the MTP layers are not carried over (their experts are unpruned)
-        new["num_nextn_predict_layers"] = 0
+    for name in ("num_nextn_predict_layers", "mtp_num_hidden_layers"):  # the MTP layers are not carried over
+        if new.get(name):  # (their experts are unpruned)
+            new[name] = 0
     new["moeprune"] = {
         "version": 1,
         "task": pattern.task,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .arch import get_adapter
 from .fingerprint import Fingerprint
 from .pattern import ExpertPattern
 
@@ -56,10 +57,11 @@ def _top(scores: np.ndarray, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-def _grouped_ok(k: int, fp: Fingerprint, adapter_family: str) -> bool:
+def _grouped_ok(k: int, fp: Fingerprint, model_type: str) -> bool:
     n_group, topk_group = fp.groups
     per_group = k // n_group
-    need = 2 if adapter_family == "deepseek_v3" else 1  # V3 scores a group by its top-2 experts
+    # sigmoid (DeepSeek-V3-style) routers score a group by its top-2 experts; DeepSeek-V2 by its best
+    need = 2 if get_adapter({"model_type": model_type}).scoring == "sigmoid" else 1
     return k % n_group == 0 and per_group >= need and per_group * topk_group >= fp.top_k
 
 

@@ -98,6 +98,17 @@ def test_group_limited_selection_keeps_equal_counts_per_group():
     assert p.routing == {"n_group": 1, "topk_group": 1} and p.kept[1] == list(range(10, 16))
 
 
+@pytest.mark.parametrize("model_type,stays_grouped", [("deepseek_v2", True), ("deepseek_v3", False),
+                                                       ("glm4_moe", False), ("dots1", False)])
+def test_one_expert_per_group_needs_a_max_scored_group(model_type, stays_grouped):
+    """Sigmoid routers (DeepSeek-V3 style) score a group by its top-2 experts, so one kept expert per
+    group cannot stay grouped; DeepSeek-V2 scores a group by its best expert."""
+    fp = Fingerprint(model_type, (1,), (8,), 2, "x", groups=(4, 2))
+    p = make_pattern(torch.arange(8, dtype=torch.float64)[None], fp, 4)
+    assert p.kept[1] == ([1, 3, 5, 7] if stays_grouped else [4, 5, 6, 7])
+    assert (p.routing == {}) == stays_grouped
+
+
 def test_scorers_rank_as_published():
     from moeprune.profile import RouterProfile
 

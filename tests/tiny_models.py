@@ -18,6 +18,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
 _MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
             num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1,
             moe_intermediate_size=16, n_routed_experts=8, n_group=2, topk_group=1)
+_V3 = dict(num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=16,
+           n_routed_experts=8, n_group=2, topk_group=1)  # DeepSeek-V3-style routing, standard attention
 FAMILIES = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -28,6 +30,17 @@ FAMILIES = {
     "deepseek_v3": dict(_MLA, num_experts_per_tok=2, rope_interleave=True),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    "glm4_moe": dict(_V3, num_experts_per_tok=2, head_dim=8),
+    "glm4_moe_lite": dict(_MLA, num_experts_per_tok=2),
+    "deepseek_v32": dict(_MLA, num_experts_per_tok=2, index_topk=8, index_head_dim=8, index_n_heads=2),
+    "dots1": dict(_V3, num_experts_per_tok=2, head_dim=8),
+    "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                       n_group=2, topk_group=1, head_dim=8),  # every layer MoE
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=32, head_dim=8,
+                       layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0),
 }
 
 
