@@ -29,7 +29,7 @@ from .io import atomic_dir
 from .merge import merge_transform
 from .pattern import ExpertPattern
 from .quantize_experts import packed_state_dict, quantized_key
-from .stored_formats import drop_dequantized_config, float_dtype, logical_key
+from .stored_formats import drop_dequantized_config, float_dtype, logical_key, packed_experts_config
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -210,6 +210,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
 
         quantizer = ExpertQuantizer(adapter, pattern, group_size)
         config["moeprune"]["quantization"] = quantizer.config_entry()
+    if config["moeprune"].get("quantization"):
+        config["quantization_config"] = packed_experts_config(config["moeprune"]["quantization"])
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)

@@ -371,6 +371,9 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     x = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         assert (loaded(x).logits - reference(x).logits).abs().max() < (0.05 if bits == 8 else 0.5)
+    from transformers import AutoModelForCausalLM  # plain transformers refuses (else: random experts)
+    with pytest.raises(ValueError, match="quant_method"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
 def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, capsys):
