@@ -256,11 +256,16 @@ def _store_add(args: argparse.Namespace, store) -> None:
     if args.pattern:
         pattern = ExpertPattern.load(args.pattern)
     else:
-        from .pipeline import open_workspace, profile_and_select
+        from .checkpoint import open_checkpoint
+        from .fingerprint import checkpoint_fingerprint
+        from .pipeline import check_budget, open_workspace, profile_and_select
 
         if not (args.target and args.demos and args.task):
             raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
-        ws = open_workspace(args.target, args.demos, args.max_tokens, args.device, args.dtype)
+        store.check_free(args.task, args.overwrite)  # before the work, not after
+        ckpt = open_checkpoint(args.target)
+        check_budget(checkpoint_fingerprint(ckpt), args.method, args.keep)
+        ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype)
         _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args))
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},

@@ -92,9 +92,9 @@ class Workspace:
     demo_path: Path
 
 
-def open_workspace(model: str | Path, demos: str | Path, max_tokens: int | None = None, device: str = "cpu",
-                   dtype: str | torch.dtype | None = "auto") -> Workspace:
-    ckpt = open_checkpoint(model)
+def open_workspace(model: str | Path | Checkpoint, demos: str | Path, max_tokens: int | None = None,
+                   device: str = "cpu", dtype: str | torch.dtype | None = "auto") -> Workspace:
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
     net, tokenizer = load_model(ckpt, device, dtype)
     encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens,
@@ -131,6 +131,34 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     return profile
 
 
+def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int, budget: str | None = None,
+                 min_per_layer: int | None = None) -> str:
+    """Refuse a method/keep/budget combination that cannot be selected, before any work; returns the
+    budget (default: the method's own)."""
+    from .scoring import SCORERS, scores_mass
+    from .select import SelectionError, keep_per_layer, select_top_p_share
+
+    if method not in SCORERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    budget = budget or default_budget(method)
+    fp = fingerprint
+    if min_per_layer is not None and not fp.top_k <= min_per_layer <= min(fp.num_experts):
+        raise SelectionError(f"--min-per-layer {min_per_layer} must be between the router's top-k ({fp.top_k}) "
+                             f"and the experts of the smallest layer ({min(fp.num_experts)})")
+    if budget == "top-p":
+        if default_budget(method) == "global":
+            raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
+        if not scores_mass(method):
+            raise SelectionError(f"--budget top-p cuts mass-like scores (frequency, soft-count, output-aware); "
+                                 f"{method} is not one: use --budget uniform or global with it")
+        select_top_p_share(keep)
+    elif budget in ("uniform", "global"):
+        keep_per_layer(keep, fp.num_experts, fp.top_k)
+    else:
+        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
+    return budget
+
+
 def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
                    budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
                    demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
@@ -141,11 +169,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
     get ``checkpoint`` (default: the checkpoint the profile was made on); scorers that run the
     model get ``model`` (a loaded transformers model) and ``demos`` (encoded demos).
     """
-    budget = budget or default_budget(method)
-    if budget == "top-p" and default_budget(method) == "global":
-        from .select import SelectionError
-
-        raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
+    budget = check_budget(profile.fingerprint, method, keep, budget, min_per_layer)
     if checkpoint is None and profile.model and needs_checkpoint(method):
         checkpoint = profile.model
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
@@ -200,7 +224,13 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     weights, Wanda-style with routing-weighted demo activations; ``bits`` or ``avg_bits`` quantize
     them (one width, or mixed per expert by the exact MC-MoE integer program).
     """
-    ws = open_workspace(model, demos, max_tokens, device, dtype)
+    if unstructured and nm:
+        raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
+    if Path(out).exists() and not overwrite:  # the checks an export would make at the end, made first
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    ckpt = open_checkpoint(model)
+    check_budget(checkpoint_fingerprint(ckpt), method, keep, budget, min_per_layer)
+    ws = open_workspace(ckpt, demos, max_tokens, device, dtype)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
     transform, extra = None, None

@@ -33,17 +33,22 @@ class MergingScores:
 SCORERS: dict[str, Scorer] = {}
 _BUDGETS: dict[str, str] = {}
 _READS_CHECKPOINT: set[str] = set()
+_MASS: set[str] = set()
 
 
-def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False) -> Callable[[Scorer], Scorer]:
+def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False,
+                    mass: bool = False) -> Callable[[Scorer], Scorer]:
     """Register a scorer; ``budget`` is how its scores are meant to be cut (``uniform`` or ``global``),
     ``reads_checkpoint`` whether it needs the model's weights or runs the model (passed as ``checkpoint=``,
-    by default the profiled one)."""
+    by default the profiled one), ``mass`` whether its scores are non-negative shares of a layer's
+    mass (then ``--budget top-p`` can cut them)."""
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
         _BUDGETS[name] = budget
         if reads_checkpoint:
             _READS_CHECKPOINT.add(name)
+        if mass:
+            _MASS.add(name)
         return fn
     return deco
 
@@ -54,6 +59,10 @@ def default_budget(method: str) -> str:
 
 def needs_checkpoint(method: str) -> bool:
     return method in _READS_CHECKPOINT
+
+
+def scores_mass(method: str) -> bool:
+    return method in _MASS
 
 
 def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
@@ -86,13 +95,13 @@ def random_scores(profile: RouterProfile, seed: int = 0, **_: Any) -> torch.Tens
     return torch.rand(profile.num_layers, profile.num_experts, generator=g, dtype=torch.float64)
 
 
-@register_scorer("frequency")
+@register_scorer("frequency", mass=True)
 def frequency_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """How many demo tokens chose each expert in their top-k."""
     return profile.stats["count"].clone()
 
 
-@register_scorer("soft-count")
+@register_scorer("soft-count", mass=True)
 def soft_count_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """Sum of the routing weights each expert received."""
     return profile.stats["soft"].clone()
@@ -115,7 +124,7 @@ def tcess_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     return torch.where(first, s, rest)
 
 
-@register_scorer("output-aware")
+@register_scorer("output-aware", mass=True)
 def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """EASY-EP's output-aware importance: g * ||E(x)|| * (1 - cos(h, h + r)), summed over tokens.
 

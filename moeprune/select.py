@@ -14,7 +14,7 @@ ungrouped routing (n_group = topk_group = 1 in the exported config) and says so.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,18 @@ def resolve_keep(keep: str | float | int, num_experts: int, top_k: int) -> int:
     return k
 
 
+def keep_per_layer(keep: str | float | int, num_experts: Sequence[int], top_k: int) -> list[int]:
+    """Experts to keep in each layer: a count is the same in every layer (all of a smaller layer's), a
+    fraction is of each layer's own experts (at least top-k); checked against the largest layer."""
+    k = resolve_keep(keep, max(num_experts), top_k)
+    if len(set(num_experts)) == 1:
+        return [k] * len(num_experts)
+    text = str(keep).strip()
+    if isinstance(keep, int) or ("." not in text and "e" not in text.lower() and float(text) >= 1):
+        return [min(k, n) for n in num_experts]
+    return [min(n, max(top_k, int(math.floor(float(text) * n + 0.5)))) for n in num_experts]
+
+
 def _top(scores: np.ndarray, k: int) -> list[int]:
     order = np.lexsort((np.arange(len(scores)), -scores))  # best score first, ties to lower id
     return sorted(order[:k].tolist())
@@ -84,13 +96,13 @@ def group_routing(kept: dict[int, list[int]], fp: Fingerprint) -> tuple[dict[str
 def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
     """Kept experts per layer, routing overrides and notes for a uniform keep budget."""
     fp = fingerprint
-    E = max(fp.num_experts)
-    k = resolve_keep(keep, E, fp.top_k)
+    counts = keep_per_layer(keep, fp.num_experts, fp.top_k)
+    k = max(counts)
     s = scores.detach().cpu().numpy().astype(np.float64)
     n_group, _ = fp.groups
     routing: dict[str, Any] = {}
     notes: list[str] = []
-    grouped = n_group > 1 and _grouped_ok(k, fp, fp.model_type)
+    grouped = n_group > 1 and len(set(fp.num_experts)) == 1 and _grouped_ok(k, fp, fp.model_type)
     if n_group > 1 and not grouped:
         routing = {"n_group": 1, "topk_group": 1}
         notes.append(f"keep {k} cannot be split over {n_group} routing groups; routing falls back to "
@@ -98,7 +110,7 @@ def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | f
     elif grouped:
         notes.append(f"group-limited routing kept: {k // n_group} experts in each of {n_group} groups")
     kept = {}
-    for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts)):
+    for row, (layer, n, k) in enumerate(zip(fp.moe_layers, fp.num_experts, counts)):
         if grouped:
             size = n // n_group
             kept[layer] = sorted(g * size + e for g in range(n_group)
@@ -112,8 +124,8 @@ def select_global(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | fl
                   min_per_layer: int | None = None) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
     """Kept experts per layer for a global budget of ``keep`` x layers experts (non-uniform counts)."""
     fp = fingerprint
-    E, L = max(fp.num_experts), len(fp.moe_layers)
-    budget = resolve_keep(keep, E, fp.top_k) * L
+    L = len(fp.moe_layers)
+    budget = sum(keep_per_layer(keep, fp.num_experts, fp.top_k))
     floor = max(fp.top_k, min_per_layer or 0)
     if floor > min(fp.num_experts):
         raise SelectionError(f"--min-per-layer {floor} exceeds the {min(fp.num_experts)} experts of a layer")
@@ -132,16 +144,22 @@ def select_global(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | fl
     return kept_sorted, routing, notes
 
 
+def select_top_p_share(p: str | float) -> float:
+    """``--keep`` of a top-p budget: a share of the score mass in (0, 1]."""
+    try:
+        share = float(p)
+    except ValueError:
+        raise SelectionError(f"--keep {p!r} must be a share in (0, 1] for --budget top-p") from None
+    if not 0 < share <= 1:
+        raise SelectionError(f"--keep {p} must be a share in (0, 1] for --budget top-p")
+    return share
+
+
 def select_top_p(scores: torch.Tensor, fingerprint: Fingerprint, p: str | float,
                  min_per_layer: int | None = None) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
     """Per layer, the fewest best experts covering a share ``p`` of the layer's score mass (>= top-k)."""
     fp = fingerprint
-    try:
-        p = float(p)
-    except ValueError:
-        raise SelectionError(f"--keep {p!r} must be a share in (0, 1] for --budget top-p") from None
-    if not 0 < p <= 1:
-        raise SelectionError(f"--keep {p} must be a share in (0, 1] for --budget top-p")
+    p = select_top_p_share(p)
     s = scores.detach().cpu().numpy().astype(np.float64)
     if (s < 0).any():
         raise SelectionError("--budget top-p needs non-negative, mass-like scores (frequency, soft-count, "

@@ -86,9 +86,7 @@ class PatternStore:
             pattern.meta["model"] = os.path.relpath(Path(model).expanduser().resolve(), self.root.resolve())
         with self._lock():
             index = self._read_index()
-            if task in index["patterns"] and not overwrite:
-                raise FileExistsError(f"store {self.root} already has task {task!r}; pass --overwrite "
-                                      "(overwrite=True) to replace it, or choose another task name")
+            self._check_free(index, task, overwrite)
             path = pattern.save(self.root / f"{task}.json")
             index["patterns"][task] = {
                 "file": path.name, "method": pattern.method, "model": pattern.fingerprint.describe(),
@@ -97,6 +95,16 @@ class PatternStore:
             }
             write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
         return path
+
+    def check_free(self, task: str, overwrite: bool = False) -> None:
+        """Refuse ``task`` if the store has it and ``overwrite`` is not given (``add`` checks it again)."""
+        if self.root.is_dir():
+            self._check_free(self._read_index(), task, overwrite)
+
+    def _check_free(self, index: dict[str, Any], task: str, overwrite: bool) -> None:
+        if task in index["patterns"] and not overwrite:
+            raise FileExistsError(f"store {self.root} already has task {task!r}; pass --overwrite "
+                                  "(overwrite=True) to replace it, or choose another task name")
 
     def get(self, task: str) -> ExpertPattern:
         entries = self.list()

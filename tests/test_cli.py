@@ -126,6 +126,35 @@ def _any_pattern(src, tmp_path):
                           "frequency", "0.5")
 
 
+def test_bad_requests_are_refused_before_profiling(family_checkpoints, tmp_path, capsys, monkeypatch):
+    """What an export or a store would refuse at the end is refused before the model is even loaded."""
+    import moeprune.pipeline as pipeline
+    from moeprune.store import PatternStore
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    PatternStore(tmp_path / "store").add(_any_pattern(src, tmp_path), task="t")
+    (tmp_path / "exists").mkdir()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    prune = ["prune", src, "--demos", demos, "--out"]
+    for argv, message in [
+        ([*prune, tmp_path / "exists", "--keep", "0.5"], "already exists"),
+        ([*prune, tmp_path / "o", "--keep", "1"], "below the router's top-k"),
+        ([*prune, tmp_path / "o", "--keep", "0.9", "--budget", "top-p", "--method", "tcess"], "mass-like"),
+        ([*prune, tmp_path / "o", "--keep", "0.5", "--budget", "global", "--min-per-layer", "1"], "min-per-layer 1"),
+        ([*prune, tmp_path / "o", "--keep", "0.5", "--unstructured", "0.5", "--nm", "2:4"], "give one"),
+        (["store", "add", tmp_path / "store", src, "--demos", demos, "--task", "t"], "already has task 't'"),
+        (["store", "add", tmp_path / "store", src, "--demos", demos, "--task", "u", "--keep", "1"], "top-k"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err, (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monkeypatch):
     import moeprune.export as export_mod
 

@@ -80,6 +80,30 @@ def test_keep_parsing_and_refusals():
         resolve_keep("half", 64, 4)
 
 
+def test_keep_on_layers_of_different_sizes_and_budget_checks():
+    """A fraction keeps that share of each layer's own experts (at least top-k), a count the same number
+    (all of a smaller layer); check_budget refuses what selection would, before any work."""
+    from moeprune.pipeline import check_budget
+    from moeprune.select import keep_per_layer
+
+    assert keep_per_layer("0.5", [12, 5, 6, 9], 2) == [6, 3, 3, 5]  # halves round up
+    assert keep_per_layer("0.25", [12, 5, 6, 9], 2) == [3, 2, 2, 2]
+    assert keep_per_layer("6", [12, 5, 6, 9], 2) == [6, 5, 6, 6]
+    fp = Fingerprint("qwen3_moe", (0, 1, 2, 3), (12, 5, 6, 9), 2, "abcd")
+    p = make_pattern(torch.arange(12, dtype=torch.float64).repeat(4, 1), fp, "0.5")
+    assert [len(k) for k in p.kept.values()] == [6, 3, 3, 5] and p.kept[1] == [2, 3, 4]
+    g = make_pattern(torch.arange(12, dtype=torch.float64).repeat(4, 1), fp, "0.5", budget="global")
+    assert sum(len(k) for k in g.kept.values()) == 17
+    assert check_budget(FP, "stun", "0.5") == "global" and check_budget(FP, "frequency", "0.9", "top-p") == "top-p"
+    for args, message in [(("tcess", "0.9", "top-p"), "mass-like"), (("stun", "0.9", "top-p"), "per-layer counts"),
+                          (("frequency", "1.5", "top-p"), "share"), (("frequency", "3"), "top-k"),
+                          (("frequency", "0.5", "global", 2), "min-per-layer 2"),
+                          (("frequency", "0.5", "global", 65), "min-per-layer 65"),
+                          (("frequency", "0.5", "sideways"), "budget"), (("nope", "0.5"), "unknown method")]:
+        with pytest.raises(ValueError, match=message):
+            check_budget(FP, *args)
+
+
 def test_selection_is_top_k_with_deterministic_ties():
     s = torch.zeros(3, 64, dtype=torch.float64)
     s[0, [10, 20, 30]] = 1.0
