@@ -78,7 +78,7 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_select(args: argparse.Namespace) -> None:
     from .io import check_file_target
-    from .pipeline import select_pattern
+    from .pipeline import check_budget, select_pattern
     from .profile import RouterProfile
 
     check_file_target(args.out)
@@ -88,16 +88,22 @@ def cmd_select(args: argparse.Namespace) -> None:
     for other in profiles[1:]:
         prof = prof + other
     params = _method_params(args)
-    demos = None
-    if args.demos:
+    check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
+    ckpt = net = demos = None
+    if args.model or (args.demos and prof.model):
         from .checkpoint import open_checkpoint
-        from .demos import encode_demos, read_demos
-        from .pipeline import load_tokenizer
 
         ckpt = open_checkpoint(args.model or prof.model)
-        demos = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), vocab_size=ckpt.config.get("vocab_size"))
+    if args.demos:  # the model runs (diep, enumerate): on --device, in --dtype
+        from .demos import encode_demos, read_demos
+        from .pipeline import load_model
+
+        if ckpt is None:
+            raise ValueError("the profile names no model: give the checkpoint (--model)")
+        net, tokenizer = load_model(ckpt, args.device, args.dtype)
+        demos = encode_demos(read_demos(args.demos), tokenizer, vocab_size=ckpt.config.get("vocab_size"))
     pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
-                             min_per_layer=args.min_per_layer, checkpoint=args.model, demos=demos,
+                             min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
                              progress=_progress(args), **params)
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
@@ -212,7 +218,8 @@ def _heatmap(matrix, layers: list[int], title: str, out: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    results = run_demo(method=args.method, keep=args.keep, model=args.model, progress=_progress(args))
+    results = run_demo(method=args.method, keep=args.keep, model=args.model, progress=_progress(args),
+                       device=args.device, dtype=args.dtype)
     rows = []
     for r in results:
         first = min(r.kept)
@@ -345,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         return c
 
-    def runtime(c: argparse.ArgumentParser) -> None:
+    def runtime(c: argparse.ArgumentParser, dtype: str = "auto") -> None:
         c.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
-        c.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+        c.add_argument("--dtype", default=dtype, help=f"model dtype: auto, float32, bfloat16, float16 (default {dtype})")
 
     def demos(c: argparse.ArgumentParser) -> None:
         c.add_argument("--demos", required=True, help="demo file: JSONL (text | messages | input_ids) or plain text")
@@ -395,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="pattern file to write (.json)")
     c.add_argument("--model", help="checkpoint, for methods that read weights (default: the profiled one)")
     c.add_argument("--demos", help="demo file, for methods that run the model (diep, enumerate)")
+    runtime(c, dtype="float32")  # where the model runs (with --demos); diep trains gates in it
     c.set_defaults(func=cmd_select)
 
     c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")
@@ -454,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="tcess", choices=methods)
     c.add_argument("--keep", default="0.5", help="fraction or count of experts kept per layer (default 0.5)")
     c.add_argument("--model", help="another checkpoint with the embedded model's domains (default: embedded)")
+    runtime(c, dtype="float32")
     c.set_defaults(func=cmd_demo)
     return p
 

@@ -44,11 +44,12 @@ class EmbeddedBench:
     """The embedded model with its domains' profiles and eval sets, loaded once."""
 
     def __init__(self, model: str | Path | None = None, domains: Iterable[str] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, device: str = "cpu", dtype: str = "float32"):
         self.path = Path(model) if model else embedded.model_dir()
         self.ckpt = open_checkpoint(self.path)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
-        self.model, self.tokenizer = load_model(self.ckpt, "cpu", "float32")
+        self.device, self.dtype = device, dtype
+        self.model, self.tokenizer = load_model(self.ckpt, device, dtype)
         self.domains = list(domains or embedded.domains())
         self.progress = progress
         ctx = max_context(self.model)
@@ -68,7 +69,7 @@ class EmbeddedBench:
 
         with tempfile.TemporaryDirectory() as tmp:
             export_pruned(self.ckpt, pattern, Path(tmp) / "pruned", progress=False, bits=bits)
-            return from_pretrained(Path(tmp) / "pruned", dtype="float32")
+            return from_pretrained(Path(tmp) / "pruned", device=self.device, dtype=self.dtype)
 
     def run(self, domain: str, method: str, keep: str, cross: bool = False, bits: int | None = None,
             avg_bits: float | None = None, **params: Any) -> DomainResult:
@@ -92,6 +93,6 @@ class EmbeddedBench:
 
 
 def run_demo(method: str = "tcess", keep: str = "0.5", model: str | Path | None = None,
-             progress: bool = True) -> list[DomainResult]:
-    bench = EmbeddedBench(model, progress=progress)
+             progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[DomainResult]:
+    bench = EmbeddedBench(model, progress=progress, device=device, dtype=dtype)
     return [bench.run(d, method, keep) for d in bench.domains]

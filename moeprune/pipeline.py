@@ -174,6 +174,8 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
         checkpoint = profile.model
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
+    if checkpoint is not None and needs_checkpoint(method):  # its weights must be the profiled model's
+        profile.fingerprint.check_compatible(checkpoint_fingerprint(checkpoint), "profile")
     scores, clusters = score_with_clusters(method, profile, model=model, demos=demos, checkpoint=checkpoint,
                                            keep=keep, budget=budget, min_per_layer=min_per_layer,
                                            progress=progress, **params)

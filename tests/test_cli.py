@@ -251,6 +251,14 @@ def test_model_running_methods_without_model_flag(family_checkpoints, tmp_path, 
         assert stored.kept == ExpertPattern.load(tmp_path / f"{method}.json").kept
     code, _, err = run(capsys, "store", "add", tmp_path / "s", src, "--demos", demos, "--task", "diep", "-q")
     assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "select", tmp_path / "p.safetensors", "--method", "diep", "--keep", "4", "--demos",
+                       demos, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "d16.json", "-q")
+    assert code == 0, err
+    _, other = family_checkpoints["qwen3_moe"]  # another model's weights: refused by fingerprint
+    for extra in ([], ["--demos", demos]):
+        code, _, err = run(capsys, "select", tmp_path / "p.safetensors", "--method", "stun", "--keep", "4",
+                           "--model", other, *extra, "--out", tmp_path / "x.json")
+        assert code == 2 and "this profile was made for" in err, err
 
 
 def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, monkeypatch):
