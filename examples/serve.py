@@ -54,10 +54,13 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
                 if self.path == "/retrieve":
                     self._reply(200, runtime.retrieve(query).to_dict())
                 elif self.path == "/generate":
+                    max_new_tokens = int(body.get("max_new_tokens", 32))  # a bad request fails before a switch
+                    if max_new_tokens < 1:
+                        raise ValueError("max_new_tokens must be a positive integer")
                     with runtime.lock:  # retrieve, switch and generate as one step per request
                         match = runtime.retrieve(query)
                         switch = runtime.activate(match.pattern)
-                        text = runtime.generate(query, max_new_tokens=int(body.get("max_new_tokens", 32)))
+                        text = runtime.generate(query, max_new_tokens=max_new_tokens)
                     self._reply(200, {**match.to_dict(), "text": text, "switch": switch})
                 else:
                     self._reply(404, {"error": f"no route {self.path}"})

@@ -37,6 +37,10 @@ def select_backend(module, hidden_states: torch.Tensor) -> str:
     if forced == "triton" and _needs_grad(module, hidden_states):
         warnings.warn("MOEPRUNE_KERNEL=triton is forward-only: no gradient flows through the experts of this "
                       "call (run under torch.no_grad(), or unset it for training)", stacklevel=3)
+    if forced == "triton" and not hidden_states.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"MOEPRUNE_KERNEL=triton: the inputs are on {hidden_states.device}, and Triton runs "
+                           "on CUDA only (or on CPU in its interpreter, TRITON_INTERPRET=1, for testing); "
+                           "unset MOEPRUNE_KERNEL or set it to torch")
     if forced in BACKENDS:
         return forced
     if forced not in ("", "auto"):

@@ -24,7 +24,7 @@ from moeprune.arch import moe_blocks
 from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.pattern import ExpertPattern
-from moeprune.pipeline import load_tokenizer
+from moeprune.pipeline import load_tokenizer, parse_dtype
 from moeprune.retrieval import Match, Retriever, general_pattern, query_signatures
 
 from .reader import TensorReader
@@ -77,7 +77,7 @@ class TaskAdaptiveModel:
 
     def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
                  store: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, cache_bytes: int = 2**30, initial: str | None = None,
+                 dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
                  threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128):
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
@@ -90,6 +90,8 @@ class TaskAdaptiveModel:
             p.fingerprint.check_compatible(self.fingerprint)
             _refuse_merged(p)
         self.adapter = self.ckpt.adapter
+        dtype = parse_dtype(dtype)  # "bfloat16", torch.bfloat16 or None/"auto" (the checkpoint's)
+        dtype = None if dtype == "auto" else dtype
         self.device, self.dtype = device, dtype
         self.cache = ExpertCache(cache_bytes)
         self.lock = threading.RLock()
@@ -174,6 +176,8 @@ class TaskAdaptiveModel:
 
     def _encode(self, query: str | Sequence[int]) -> list[int]:
         if isinstance(query, str):
+            if not query.strip():
+                raise ValueError("the query is empty: give some text")
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer(query)["input_ids"]
@@ -181,6 +185,8 @@ class TaskAdaptiveModel:
 
         if isinstance(query, (bytes, dict)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in query):
             raise ValueError("a query is a text or a list of token ids")
+        if not query:
+            raise ValueError("the query is empty: give some token ids")
         return encode_demos([{"input_ids": list(query)}], None,
                             vocab_size=getattr(self.model.config, "vocab_size", None))[0]
 

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -182,7 +183,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             p = f[f > 0] / f.sum().clamp_min(1e-30)
             effective = float((-(p * p.log()).sum()).exp())  # exp(entropy) of the routing shares
             layers.append({"layer": layer, "experts_used": int((f > 0).sum()), "effective_experts": round(effective, 2),
-                           "most_used": f.argsort(descending=True).tolist()})
+                           "most_used": [e for e in f.argsort(descending=True).tolist() if f[e] > 0]})
         rows = [(d["layer"], d["experts_used"], d["effective_experts"], _ids(d["most_used"], 8)) for d in layers]
         data = {"kind": "profile", "task": prof.task, "tokens": prof.tokens, "demos": prof.num_demos,
                 "fingerprint": prof.fingerprint.to_dict(), "frequency": freq.tolist(), "layers": layers}
@@ -306,6 +307,9 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
         queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
         if not queries:
             raise ValueError(f"queries file {args.queries} holds no queries")
+    empty = [i for i, q in enumerate(queries) if not (q["input_ids"] if "input_ids" in q else _query_text(q).strip())]
+    if empty:
+        raise ValueError(f"query {empty[0]} is empty: give each query some text")
     if args.layers == "first":
         net, tokenizer, fp = load_signature_model(model, args.device)
     else:
@@ -487,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # -q: no load reports either, only errors
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     try:
@@ -497,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, LookupError, CheckpointError, OSError) as exc:
         if os.environ.get("MOEPRUNE_DEBUG"):
-            raise
+            traceback.print_exc()
         msg = " ".join(str(exc).split())  # one line, even for multi-line library messages
         if args.json:
             print(json.dumps({"error": msg, "type": type(exc).__name__}))

@@ -68,7 +68,8 @@ def encode_demos(demos: Sequence[Demo], tokenizer: Any | None, max_length: int |
             raise DemoError(f"demo {i} is text but the model has no tokenizer: give pre-tokenized 'input_ids'")
         elif "messages" in demo:
             if not getattr(tokenizer, "chat_template", None):
-                raise DemoError(f"demo {i} is a chat but the tokenizer has no chat template: use 'text' demos")
+                raise DemoError(f"demo {i} is a chat but the tokenizer has no chat template: give the conversation "
+                                "as a 'text' demo, or 'input_ids'")
             ids = tokenizer.apply_chat_template(demo["messages"], tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]

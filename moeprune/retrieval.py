@@ -41,9 +41,11 @@ def _rows(layers: str | Sequence[int], num_layers: int) -> list[int]:
 
 
 def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
-    """Positions that count in a signature: all but ignored (special) tokens, or all if nothing is left."""
+    """Positions that count in a signature: all but ignored (special) tokens."""
     keep = torch.tensor([t not in ignore_ids for t in ids], dtype=torch.bool)
-    return keep if keep.any() else torch.ones_like(keep)
+    if not keep.any():
+        raise ValueError("a query is empty (no tokens besides special ones): nothing to retrieve a task for")
+    return keep
 
 
 @torch.inference_mode()

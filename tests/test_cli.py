@@ -49,7 +49,7 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
         shares = row[row > 0] / row.sum()
         assert layer["effective_experts"] == round(float(torch.exp(-(shares * shares.log()).sum())), 2)
         assert 1 <= layer["effective_experts"] <= layer["experts_used"] <= 8
-        assert layer["most_used"][0] == int(row.argmax())
+        assert layer["most_used"][0] == int(row.argmax()) and len(layer["most_used"]) == layer["experts_used"]
     code, out, _ = run(capsys, "inspect", tmp_path / "pat.json", "--json")
     assert code == 0 and json.loads(out)["kind"] == "pattern"
     # the same export again is refused (nothing overwritten) unless --overwrite

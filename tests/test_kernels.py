@@ -350,6 +350,10 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("MOEPRUNE_KERNEL", "triton")
     with torch.no_grad():  # forward-only: no warning
         assert select_backend(m, x) == "triton"
+    if not x.is_cuda:  # CPU inputs outside the interpreter: a clear error, not Triton's driver traceback
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="CUDA only"):
+            select_backend(m, x)
     monkeypatch.setenv("MOEPRUNE_KERNEL", "cuda")
     with pytest.raises(ValueError):
         select_backend(m, x)

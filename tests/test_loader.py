@@ -211,6 +211,10 @@ def test_generate_from_token_ids_follows_the_retrieved_pattern(family_checkpoint
     assert rt.tokenizer is None and out == expected and rt.active.task == rt.retrieve(ids).task
     rt.activate(pats[0])
     assert rt.activate(twin)["experts_read"] == 0 and rt.active.task == "twin"
+    for empty in ([], "", "  "):
+        with pytest.raises(ValueError, match="empty"):
+            rt.retrieve(empty)
+    assert TaskAdaptiveModel(src, patterns=pats, dtype="bfloat16").model.dtype == torch.bfloat16
 
 
 def test_a_switch_that_fails_halfway_changes_nothing(family_checkpoints, tmp_path, monkeypatch):

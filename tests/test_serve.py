@@ -48,5 +48,14 @@ def test_server_routes_and_reports_expert_map(family_checkpoints, tmp_path):
                     raise AssertionError(f"{data} must fail")
                 except urllib.error.HTTPError as err:
                     assert err.code == 400 and message in json.loads(err.read())["error"], data
+        for extra in ({"max_new_tokens": "x"}, {"max_new_tokens": 0}):  # refused before any switch
+            req = urllib.request.Request(base + "/generate", data=json.dumps({"input_ids": ids, **extra}).encode(),
+                                         method="POST")
+            try:
+                urllib.request.urlopen(req, timeout=30)
+                raise AssertionError(f"{extra} must fail")
+            except urllib.error.HTTPError as err:
+                assert err.code == 400
+        assert rt.active.task == "general"
     finally:
         server.shutdown()

@@ -102,6 +102,9 @@ def test_store_cli(family_checkpoints, tmp_path, capsys, monkeypatch):
     assert [m["task"] for m in out] == ["alpha", "beta"] and all("distance" in m for m in out)
     assert main(["retrieve", str(store), "--queries", "missing.txt"]) == 2
     assert "queries file missing.txt does not exist" in capsys.readouterr().err
+    (tmp_path / "e.jsonl").write_text('{"input_ids": [5, 6]}\n{"input_ids": []}\n')
+    assert main(["retrieve", str(store), "--queries", str(tmp_path / "e.jsonl")]) == 2
+    assert "query 1 is empty" in capsys.readouterr().err
     assert main(["store", "remove", str(store), "alpha"]) == 0
     assert main(["store", "show", str(store), "alpha"]) == 2
     assert "no task 'alpha'" in capsys.readouterr().err
