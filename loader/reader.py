@@ -1,8 +1,9 @@
 """Selective tensor reads from a sharded safetensors checkpoint, counted.
 
 Requests are grouped by shard and issued in file-offset order; a request for rows of a tensor
-whose first axis is the expert axis reads only those rows (``get_slice``), one contiguous slice
-per run of consecutive rows. Every read is counted, so callers can prove what they touched.
+reads only those rows of its expert axis (``get_slice``; ``Checkpoint.expert_axis``, the first but
+for a few router tensors), one contiguous slice per run of consecutive rows. Every read is counted,
+so callers can prove what they touched.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class TensorReader:
         return self._offsets[shard].get(key, 0)
 
     def read(self, requests: Iterable[Request]) -> dict[Request, torch.Tensor]:
-        """The tensors of ``requests`` (rows keep their leading axis: shape ``[len(rows), ...]``)."""
+        """The tensors of ``requests`` (rows keep their expert axis: shape ``[len(rows), ...]`` mostly)."""
         return dict(self.iter_read(requests))
 
     def iter_read(self, requests: Iterable[Request]) -> Iterator[tuple[Request, torch.Tensor]]:
@@ -131,17 +132,19 @@ class TensorReader:
 
     def _read_stored(self, f, shard: str, key: str, rows: tuple[int, ...] | None) -> torch.Tensor:
         try:
+            axis = 0
             if rows is None:
                 parts = [f.get_tensor(key)]
             else:
                 sl = f.get_slice(key)
-                parts = [sl[a:b] for a, b in _runs(rows)]
+                axis = self.ckpt.expert_axis(key)
+                parts = [sl[(slice(None),) * axis + (slice(a, b),)] for a, b in _runs(rows)]
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {key!r} from shard {shard!r}: {exc}") from exc
         self.stats.tensors += len(parts)
         self.stats.bytes += sum(p.numel() * p.element_size() for p in parts)
         self.stats.keys.add(key)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 def _quant_bytes(f, key: str, rows: tuple[int, ...] | None) -> int:

@@ -269,11 +269,11 @@ class TaskAdaptiveModel:
                                                         self.dtype).to(self.device))
 
     def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:
-        prefix = self.adapter.router_prefix(layer)
         rows = torch.tensor(kept)
         for key, full in self.full_router.items():
-            if key.startswith(prefix):
-                set_tensor(self.model, self.adapter.memory_name(key), full[rows], self.device, None)
+            axis = self.adapter.router_axis(layer, key)
+            if axis is not None:
+                set_tensor(self.model, self.adapter.memory_name(key), full.index_select(axis, rows), self.device, None)
         resize_block(block, self.adapter, len(kept), routing, self.ckpt.config)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from accelerate import init_empty_weights
 
-from moeprune.arch import MoEAdapter, moe_blocks
+from moeprune.arch import MoEAdapter, get_path, moe_blocks
 from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.merge import merge_transform, merged_expert
@@ -295,19 +295,30 @@ def _within(key: str, num_layers: int | None) -> bool:
 
 def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | None = None) -> dict[str, torch.Tensor]:
     """Read every router tensor of the model's MoE layers whole, and give each router a full copy
-    (``router.moeprune_full_router``): it routes over all experts with the checkpoint's own routing
+    (``router.moeprune_full_router``: a module holding a copy of the router and the block tensors it
+    takes, for ``MoEAdapter.route``): it routes over all experts with the checkpoint's own routing
     groups, as the unpruned model does, whichever experts are loaded. Retrieval signatures use it."""
     adapter = ckpt.adapter
     blocks = moe_blocks(model, adapter)
-    prefixes = tuple(adapter.router_prefix(layer) for layer in blocks)
+    keys: dict[int, list[str]] = {}
+    for key in ckpt.weight_map:
+        m = _LAYER.match(key)
+        if m and int(m.group(1)) in blocks and adapter.router_axis(int(m.group(1)), key) is not None:
+            keys.setdefault(int(m.group(1)), []).append(key)
     reader = reader or TensorReader(ckpt)
-    full = {k: t for (k, _), t in reader.read((k, None) for k in ckpt.weight_map if k.startswith(prefixes)).items()}
+    full = {k: t for (k, _), t in reader.read((k, None) for ks in keys.values() for k in ks).items()}
     for layer, block in blocks.items():
-        prefix = adapter.router_prefix(layer)
         router = getattr(block, adapter.router)
-        copy_ = copy.deepcopy(router)
-        for key in (k for k in full if k.startswith(prefix)):
-            set_tensor(copy_, key[len(prefix):], full[key], router.weight.device, None)
-        resize_router(copy_, full[prefix + "weight"].shape[0], {}, ckpt.config)
-        object.__setattr__(router, "moeprune_full_router", copy_)  # not a submodule: no state-dict entry
+        holder = torch.nn.Module()
+        holder.add_module(adapter.router, copy.deepcopy(router))
+        prefix = f"model.layers.{layer}.{adapter.memory_block}."
+        for key in keys[layer]:
+            name = adapter.memory_name(key)[len(prefix):]
+            live = get_path(block, name)
+            if name in adapter.router_inputs:  # held by the block, not the router
+                holder.register_buffer(name, None)
+            set_tensor(holder, name, full[key], live.device, live.dtype)
+        num_experts = full[adapter.block_prefix(layer) + adapter.router_weight].shape[0]
+        resize_router(getattr(holder, adapter.router), num_experts, {}, ckpt.config)
+        object.__setattr__(router, "moeprune_full_router", holder)  # not a submodule: no state-dict entry
     return full

@@ -6,13 +6,18 @@ against these few facts, so adding a family is one entry here plus a test.
 Facts shared by every supported family (transformers >= 5 and the Hub checkpoints):
 - decoder layers are ``model.layers.{i}``; in memory the MoE block is ``layer.mlp`` with an
   ``experts`` module implementing ``forward(hidden[T,H], top_k_index[T,k], top_k_weights[T,k])``;
-- a layer is a MoE layer iff the checkpoint holds ``{layer}.{block}.{router}.weight`` ([E, H]);
+- a layer is a MoE layer iff the checkpoint holds ``{layer}.{block}.{router}.weight`` ([E, H];
+  ``{router}.{router_linear}.weight`` where the logits come from a submodule, HunYuan's ``gate.wg``);
 - expert tensors live under ``{layer}.{block}.experts.``: per-expert keys
   ``experts.{e}.<name>`` or fused ``[E, ...]`` tensors (GPT-OSS, incl. MXFP4 blocks/scales);
 - the router module returns a tuple whose first item is the raw logits ``[T, E]`` (else set
   ``router_returns_logits=False`` and the profiler recomputes them from the router weights);
 - every router tensor under ``{layer}.{block}.{router}.`` has the expert axis first
-  (weight rows, GPT-OSS bias, DeepSeek-V3 ``e_score_correction_bias``).
+  (weight rows, GPT-OSS bias, DeepSeek-V3 ``e_score_correction_bias``); router tensors stored
+  elsewhere in the block are listed in ``router_tensors`` with their in-memory name and expert axis
+  (a selection bias on the block: MiniMax-M2, EXAONE-MoE; ERNIE-4.5's ``[1, E]`` one). One that
+  the in-memory block (not its router) holds is passed to the router's forward after the hidden
+  states, as MiniMax-M2 does: call routers through :meth:`MoEAdapter.route`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ class MoEAdapter:
     fused_experts: bool = False  # checkpoint stores experts as [E, ...] tensors
     experts_transposed: bool = False  # expert matrices stored [in, out] (GPT-OSS) instead of [out, in]
     router_returns_logits: bool = True  # router forward returns (raw logits [T, E], ...)
+    router_linear: str = ""  # router submodule holding the logits matrix ``weight`` [E, H] ("" = the router)
+    # router tensors outside ``{block}.{router}.`` in the checkpoint: (name under the checkpoint block,
+    # in-memory name under the memory block, expert axis); see the module docstring
+    router_tensors: tuple[tuple[str, str, int], ...] = ()
+    top_k_field: str = "num_experts_per_tok"  # config field holding the router's top-k
 
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."
@@ -58,9 +68,47 @@ class MoEAdapter:
     def experts_prefix(self, layer: int) -> str:
         return f"{self.block_prefix(layer)}experts."
 
+    @property
+    def router_weight(self) -> str:
+        """The router's ``[E, H]`` logits matrix, under the MoE block (checkpoint and memory alike)."""
+        return ".".join(filter(None, (self.router, self.router_linear, "weight")))
+
+    @property
+    def router_inputs(self) -> tuple[str, ...]:
+        """Block tensors (in-memory names) the router's forward takes after the hidden states."""
+        return tuple(memory for _, memory, _ in self.router_tensors if not memory.startswith(f"{self.router}."))
+
+    def router_axis(self, layer: int, key: str) -> int | None:
+        """The expert axis of checkpoint tensor ``key`` if it is a router tensor of MoE layer ``layer``, else None."""
+        if key.startswith(self.router_prefix(layer)):
+            return 0
+        block = self.block_prefix(layer)
+        return next((axis for stored, _, axis in self.router_tensors if key == block + stored), None)
+
     def memory_name(self, checkpoint_key: str) -> str:
         """In-memory parameter name of a non-expert checkpoint tensor."""
+        head, sep, name = checkpoint_key.partition(f".{self.checkpoint_block}.")
+        memory = next((m for stored, m, _ in self.router_tensors if sep and name == stored), None)
+        if memory is not None:
+            return f"{head}.{self.memory_block}.{memory}"
         return checkpoint_key.replace(f".{self.checkpoint_block}.", f".{self.memory_block}.", 1)
+
+    def logits_layer(self, block: Any) -> Any:
+        """The module of an in-memory MoE block holding the router's logits ``weight`` (and ``bias``, if any)."""
+        return get_path(block, self.router_weight.rpartition(".")[0])
+
+    def route(self, block: Any, hidden: Any) -> Any:
+        """The router's output for ``hidden`` ``[T, H]``, given the block tensors it takes (its ``forward``:
+        hooks do not run). ``block`` may be any module holding the router and those tensors."""
+        return getattr(block, self.router).forward(hidden, *(get_path(block, n) for n in self.router_inputs))
+
+    def router_state(self, block: Any) -> dict[str, tuple[Any, int]]:
+        """Every router tensor of an in-memory MoE block: name under the block -> (tensor, expert axis)."""
+        router = getattr(block, self.router)
+        axes = {memory: axis for _, memory, axis in self.router_tensors}
+        named = {f"{self.router}.{n}": t for n, t in (*router.named_parameters(), *router.named_buffers())}
+        named.update({memory: get_path(block, memory) for memory in axes})
+        return {name: (t, axes.get(name, 0)) for name, t in named.items()}
 
     def expert_sources(self, layer: int, expert: int) -> dict[str, list[tuple[str, int | None]]]:
         """In-memory expert param -> checkpoint (key, row) pieces holding expert ``expert``.
@@ -73,9 +121,10 @@ class MoEAdapter:
         return {p: [(f"{prefix}{expert}.{name}", None) for name in names] for p, names in self.expert_params}
 
 
+_W1_W3_W2 = (("gate_up_proj", ("w1.weight", "w3.weight")), ("down_proj", ("w2.weight",)))  # Mixtral's expert names
+
 ADAPTERS: tuple[MoEAdapter, ...] = (
-    MoEAdapter("mixtral", ("mixtral",), "block_sparse_moe", "gate", "num_local_experts",
-               expert_params=(("gate_up_proj", ("w1.weight", "w3.weight")), ("down_proj", ("w2.weight",)))),
+    MoEAdapter("mixtral", ("mixtral",), "block_sparse_moe", "gate", "num_local_experts", expert_params=_W1_W3_W2),
     MoEAdapter("qwen2_moe", ("qwen2_moe",), "mlp", "gate", "num_experts", shared_expert="shared_expert"),
     MoEAdapter("qwen3_moe", ("qwen3_moe",), "mlp", "gate", "num_experts"),
     MoEAdapter("olmoe", ("olmoe",), "mlp", "gate", "num_experts"),
@@ -100,6 +149,18 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     MoEAdapter("qwen3_next", ("qwen3_next",), "mlp", "gate", "num_experts", shared_expert="shared_expert"),
     MoEAdapter("flex_olmo", ("flex_olmo",), "mlp", "gate", "num_experts",
                residual_norm="mlp"),  # OLMo-2 post-norm layers: the MoE block's input is the residual stream
+    # the selection bias is the block's, passed to the router's forward
+    MoEAdapter("minimax_m2", ("minimax_m2",), "block_sparse_moe", "gate", "num_local_experts", scoring="sigmoid",
+               expert_params=_W1_W3_W2, router_tensors=(("e_score_correction_bias", "e_score_correction_bias", 0),)),
+    MoEAdapter("exaone_moe", ("exaone_moe",), "mlp", "gate", "num_experts", scoring="sigmoid", grouped=True,
+               shared_expert="shared_experts",
+               router_tensors=(("e_score_correction_bias", "gate.e_score_correction_bias", 0),)),
+    # softmax scores plus a [1, E] selection bias
+    MoEAdapter("ernie4_5_moe", ("ernie4_5_moe",), "mlp", "gate", "moe_num_experts", shared_expert="shared_experts",
+               router_tensors=(("moe_statics.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias", 1),),
+               top_k_field="moe_k"),
+    MoEAdapter("hunyuan_v1_moe", ("hunyuan_v1_moe",), "mlp", "gate", "num_experts", shared_expert="shared_mlp",
+               router_linear="wg", top_k_field="moe_topk"),
 )
 
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS for mt in a.model_types}
@@ -133,11 +194,23 @@ def config_get(config: Mapping[str, Any] | Any, name: str, default: Any = None) 
     return getattr(config, name, default)
 
 
+def get_path(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``path`` ``"a.b"`` (``obj`` itself for ``""``)."""
+    for name in filter(None, path.split(".")):
+        obj = getattr(obj, name)
+    return obj
+
+
 def top_k_of(config: Mapping[str, Any] | Any) -> int:
-    """Experts each token is routed to (``num_experts_per_tok`` in every supported family)."""
-    k = config_get(config, "num_experts_per_tok")
+    """Experts each token is routed to (the adapter's ``top_k_field``; a per-layer list must be uniform)."""
+    field = get_adapter(config).top_k_field
+    k = config_get(config, field)
+    if isinstance(k, (list, tuple)):
+        if len(set(k)) != 1:
+            raise UnsupportedModelError(f"config {field} {k} differs between layers; moeprune needs one top-k")
+        k = k[0]
     if not k:
-        raise UnsupportedModelError("config has no num_experts_per_tok: is this a MoE model?")
+        raise UnsupportedModelError(f"config has no {field}: is this a MoE model?")
     return int(k)
 
 

@@ -29,6 +29,7 @@ class CheckpointError(RuntimeError):
 
 
 _DECODER_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP_HEAD = re.compile(r"^(model\.)?mtp[._]")
 
 
 @dataclass
@@ -121,19 +122,25 @@ class Checkpoint:
         return dict(sorted(grouped.items()))
 
     def in_model(self, key: str) -> bool:
-        """False for tensors of layers past ``num_hidden_layers`` and of a top-level ``mtp.`` head: modules
-        transformers does not build, the multi-token-prediction layers of DeepSeek-V3 (``model.layers.61``)
-        and Qwen3-Next (``mtp.layers.0``)."""
-        if key.startswith("mtp."):
+        """False for tensors of layers past ``num_hidden_layers`` and of a multi-token-prediction head
+        (``mtp.``, ``model.mtp_*``): modules transformers does not build, the MTP layers of DeepSeek-V3
+        (``model.layers.61``), Qwen3-Next and EXAONE-MoE (``mtp.layers.0``) and ERNIE-4.5 (``model.mtp_block.0``)."""
+        if _MTP_HEAD.match(key):
             return False
         m = _DECODER_LAYER.match(key)
         return m is None or int(m.group(1)) < int(self.config.get("num_hidden_layers", 1 << 30))
+
+    def expert_axis(self, key: str) -> int:
+        """The expert axis of a router or fused expert tensor: the first, but where the adapter's
+        ``router_tensors`` say otherwise (ERNIE-4.5's ``[1, E]`` selection bias)."""
+        m = _DECODER_LAYER.match(key)
+        return (m is not None and self.adapter.router_axis(int(m.group(1)), key)) or 0
 
     def moe_layers(self) -> dict[int, int]:
         """MoE decoder layers of the checkpoint and their routed-expert counts, from router weights."""
         adapter = self.adapter
         pattern = re.compile(
-            rf"^model\.layers\.(\d+)\.{re.escape(adapter.checkpoint_block)}\.{re.escape(adapter.router)}\.weight$"
+            rf"^model\.layers\.(\d+)\.{re.escape(adapter.checkpoint_block)}\.{re.escape(adapter.router_weight)}$"
         )
         layers = {int(m.group(1)): k for k in self.weight_map if (m := pattern.match(k)) and self.in_model(k)}
         if not layers:
@@ -142,7 +149,7 @@ class Checkpoint:
 
     def router_weights(self) -> dict[int, torch.Tensor]:
         adapter = self.adapter
-        keys = {layer: adapter.router_prefix(layer) + "weight" for layer in self.moe_layers()}
+        keys = {layer: adapter.block_prefix(layer) + adapter.router_weight for layer in self.moe_layers()}
         out: dict[int, torch.Tensor] = {}
         for shard, shard_keys in self.keys_by_shard(keys.values()).items():
             with self.open(shard) as f:

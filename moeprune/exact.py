@@ -19,22 +19,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .arch import get_adapter, moe_blocks
+from .arch import MoEAdapter, get_adapter, moe_blocks
 from .profile import RouterProfile, expert_pair_outputs
 from .scoring import register_scorer
 from .select import resolve_keep
 
 
 @contextmanager
-def router_restricted_to(router: torch.nn.Module, allowed: torch.Tensor) -> Iterator[None]:
-    """Inside the block, ``router`` can only select experts where ``allowed`` is True.
+def router_restricted_to(adapter: MoEAdapter, block: torch.nn.Module, allowed: torch.Tensor) -> Iterator[None]:
+    """Inside MoE ``block``, the router can only select experts where ``allowed`` is True.
 
     The router's logits come from its one ``F.linear`` call, which is wrapped for the duration
-    (not thread-safe: offline use only); a selection bias (DeepSeek-V3) is masked too.
+    (not thread-safe: offline use only); the others' entries in every other router tensor (selection
+    biases: DeepSeek-V3's, MiniMax-M2's on the block, ERNIE-4.5's ``[1, E]``) are -inf too.
     """
+    router = getattr(block, adapter.router)
     real = F.linear
-    bias = getattr(router, "e_score_correction_bias", None)
-    saved = None if bias is None else bias.detach().clone()
 
     def linear(x, w, b=None):
         return real(x, w, b).masked_fill(~allowed.to(x.device), float("-inf"))
@@ -48,19 +48,21 @@ def router_restricted_to(router: torch.nn.Module, allowed: torch.Tensor) -> Iter
         finally:
             torch.nn.functional.linear = real
 
+    weight = adapter.logits_layer(block).weight
+    saved = [(t, axis, t.detach().clone()) for t, axis in adapter.router_state(block).values() if t is not weight]
     router.forward = forward
-    if bias is not None:
-        bias.data.masked_fill_(~allowed.to(bias.device), float("-inf"))
+    for t, axis, _ in saved:
+        t.data.movedim(axis, -1).masked_fill_(~allowed.to(t.device), float("-inf"))
     try:
         yield
     finally:
         del router.forward
-        if bias is not None:
-            bias.data.copy_(saved)
+        for t, _, value in saved:
+            t.data.copy_(value)
 
 
-def _routed(router: torch.nn.Module, x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    _, weights, index = router(x)
+def _routed(adapter: MoEAdapter, block: torch.nn.Module, x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    _, weights, index = adapter.route(block, x)
     return (Y.gather(1, index[..., None].expand(-1, -1, Y.shape[-1])) * weights[..., None].to(Y.dtype)).sum(1)
 
 
@@ -92,18 +94,17 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
     out = {}
     for layer, block in tqdm(blocks.items(), desc="enumerate", disable=not progress):
         x = torch.cat(inputs[layer])
-        router = getattr(block, adapter.router)
         E = block.experts.num_experts  # per layer: a non-uniform export's layers differ
         every = torch.arange(E, device=x.device)[None].expand(x.shape[0], E)
         Y = expert_pair_outputs(block.experts, x, every)  # [T, E, H]: each expert on every token
-        target = _routed(router, x, Y)
+        target = _routed(adapter, block, x, Y)
         best, best_err = None, float("inf")
         allowed = torch.zeros(E, dtype=torch.bool)
         for subset in itertools.combinations(range(E), min(k, E)):
             allowed.zero_()
             allowed[list(subset)] = True
-            with router_restricted_to(router, allowed):
-                err = (_routed(router, x, Y) - target).pow(2).sum().item()
+            with router_restricted_to(adapter, block, allowed):
+                err = (_routed(adapter, block, x, Y) - target).pow(2).sum().item()
             if err < best_err:
                 best, best_err = list(subset), err
         out[layer] = (best, best_err)

@@ -3,8 +3,9 @@
 The export streams tensor by tensor from the source shards (one expert of a fused ``[E, ...]``
 tensor is one ``get_slice`` read), so peak memory is about one output shard, not the model.
 Kept experts are renumbered 0..K-1 in original order; router rows and per-expert router
-tensors (GPT-OSS bias, DeepSeek-V3 correction bias) are sliced the same way. Everything is
-written into a temporary folder that is renamed onto ``out`` only once complete.
+tensors (GPT-OSS bias, selection biases, wherever the block keeps them) are sliced the same way,
+along their expert axis. Everything is written into a temporary folder that is renamed onto
+``out`` only once complete.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class TensorPlan:
 
     source: str
     target: str
-    rows: tuple[int, ...] | None = None  # expert-axis (dim 0) rows to keep; None = whole tensor
+    rows: tuple[int, ...] | None = None  # expert-axis rows to keep (Checkpoint.expert_axis); None = whole tensor
 
 
 def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = False) -> list[TensorPlan]:
@@ -56,7 +57,6 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     would stay unpruned."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
-    prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in layers}
     layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     plans = []
     for stored in ckpt.weight_map:
@@ -67,10 +67,10 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
             continue
         m = layer_of.match(key)
         layer = int(m.group(1)) if m else None
-        if layer not in prefixes:
+        if layer not in layers:
             plans.append(TensorPlan(key, key))
             continue
-        experts_prefix, router_prefix = prefixes[layer]
+        experts_prefix = adapter.experts_prefix(layer)
         kept = pattern.kept[layer]
         if key.startswith(experts_prefix):
             rest = key[len(experts_prefix):]
@@ -80,12 +80,12 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
                 if e in kept:
                     plans.append(TensorPlan(key, f"{experts_prefix}{kept.index(e)}.{per_expert.group(2)}"))
                 continue
-        elif not key.startswith(router_prefix):
+        elif adapter.router_axis(layer, key) is None:
             plans.append(TensorPlan(key, key))
             continue
-        shape = ckpt.shape(stored)  # fused expert tensor or router tensor: expert axis first
-        if not shape or shape[0] != layers[layer]:
-            raise ValueError(f"tensor {key} has shape {shape}; expected its first axis to be the "
+        shape, axis = ckpt.shape(stored), ckpt.expert_axis(key)  # fused expert tensor or router tensor
+        if len(shape) <= axis or shape[axis] != layers[layer]:
+            raise ValueError(f"tensor {key} has shape {shape}; expected its axis {axis} to be the "
                              f"{layers[layer]} experts of layer {layer}")
         plans.append(TensorPlan(key, key, rows=tuple(kept)))
     return plans

@@ -87,7 +87,7 @@ def model_fingerprint(model: Any) -> Fingerprint:
     """Fingerprint of an in-memory transformers model."""
     adapter = get_adapter(model.config)
     blocks = moe_blocks(model, adapter)
-    weights = {i: getattr(b, adapter.router).weight for i, b in blocks.items()}
+    weights = {i: adapter.logits_layer(b).weight for i, b in blocks.items()}
     return Fingerprint(
         model_type=model.config.model_type,
         moe_layers=tuple(blocks),

@@ -3,8 +3,8 @@
 A pattern's ``merges`` (e.g. STUN with ``merge="average"``) map, per MoE layer, a kept expert to
 the experts of its cluster (itself included). Export and the selective loader then write, in the
 kept expert's place, the element-wise mean of the members' expert tensors (every piece: gate/up,
-down, biases, fused rows) and of their router tensors (weight rows, GPT-OSS bias, DeepSeek-V3
-correction bias). Means are taken in float32 and cast back to the checkpoint's dtype.
+down, biases, fused rows) and of their router tensors (weight rows, GPT-OSS bias, selection biases,
+along their expert axis). Means are taken in float32 and cast back to the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ def merge_transform(ckpt: Checkpoint, pattern: ExpertPattern, reader=None) -> Ca
 
     reader = reader or TensorReader(ckpt)
     adapter: MoEAdapter = ckpt.adapter
-    prefixes = {layer: (adapter.experts_prefix(layer), adapter.router_prefix(layer)) for layer in pattern.merges}
+    prefixes = {layer: (adapter.experts_prefix(layer), adapter.block_prefix(layer)) for layer in pattern.merges}
 
     def transform(plan, tensor: torch.Tensor) -> torch.Tensor:
-        for layer, (experts_prefix, router_prefix) in prefixes.items():
+        for layer, (experts_prefix, block_prefix) in prefixes.items():
             clusters = pattern.merges[layer]
             if plan.source.startswith(experts_prefix) and plan.rows is None:
                 m = _PER_EXPERT.match(plan.source[len(experts_prefix):])
@@ -49,12 +49,13 @@ def merge_transform(ckpt: Checkpoint, pattern: ExpertPattern, reader=None) -> Ca
                     got = reader.read((k, None) for k in keys)
                     return _mean([got[(k, None)] for k in keys])
                 return tensor
-            if plan.rows is not None and plan.source.startswith((experts_prefix, router_prefix)):
-                out = tensor.clone()
+            if plan.rows is not None and plan.source.startswith(block_prefix):  # fused experts, router tensors
+                out, axis = tensor.clone(), ckpt.expert_axis(plan.source)
                 for i, e in enumerate(plan.rows):
                     if e in clusters:
                         got = reader.read((plan.source, (member,)) for member in clusters[e])
-                        out[i] = _mean([got[(plan.source, (member,))][0] for member in clusters[e]])
+                        out.select(axis, i).copy_(_mean([got[(plan.source, (member,))].select(axis, 0)
+                                                         for member in clusters[e]]))
                 return out
         return tensor
 

@@ -186,6 +186,7 @@ class _LayerState:
 
     row: int
     router: torch.nn.Module
+    linear: torch.nn.Module  # holds the router's logits ``weight`` (and ``bias``): the router or a submodule
     sums: torch.Tensor  # [len(_SUM_ORDER), E] float64 totals
     coact: torch.Tensor  # [E, E] float64 totals
     flush_elements: int
@@ -245,7 +246,8 @@ class RouterProfiler:
         flush_elements = max(1 << 14, PENDING_BYTES // (4 * max(len(self.blocks), 1)))
         try:
             for row, (i, block) in enumerate(self.blocks.items()):
-                state = _LayerState(row=row, router=getattr(block, self.adapter.router), sums=sums[:, row],
+                state = _LayerState(row=row, router=getattr(block, self.adapter.router),
+                                    linear=self.adapter.logits_layer(block), sums=sums[:, row],
                                     coact=self.profile.stats["coact"][row], flush_elements=flush_elements)
                 states.append(state)
                 norm = getattr(layers[i], self.adapter.residual_norm)
@@ -293,10 +295,10 @@ class RouterProfiler:
         """The hidden-size reductions of one call, in float32: raw router logits (the router's own
         when it returned them), and the EASY-EP signal g * ||E(x)|| * max(0, 1 - cos(h, h + r))."""
         z, state.logits = state.logits, None
-        E = state.router.weight.shape[0]
+        E = state.linear.weight.shape[0]
         if z is None or z.shape != (x.shape[0], E):
-            bias = getattr(state.router, "bias", None)
-            z = F.linear(x.float(), state.router.weight.float(), None if bias is None else bias.float())
+            bias = getattr(state.linear, "bias", None)
+            z = F.linear(x.float(), state.linear.weight.float(), None if bias is None else bias.float())
         w = weights.float().reshape(-1)
         h = (state.residual if state.residual is not None else x).float()
         drift = (1 - F.cosine_similarity(h, h + routed.float(), dim=-1)).clamp_min(0)  # [T]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .arch import get_adapter, moe_blocks
+from .arch import get_adapter, moe_blocks, top_k_of
 from .pattern import ExpertPattern
 
 GENERAL_TASK = "general"
@@ -64,19 +64,20 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
     adapter = get_adapter(model.config)
     blocks = list(moe_blocks(model, adapter).values())
     rows = _rows(layers, len(blocks))
-    top_k = int(model.config.num_experts_per_tok)
+    top_k = top_k_of(model.config)
     device = next(model.parameters()).device
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for row in rows:
         router = getattr(blocks[row], adapter.router)
         # A pattern's router may hold only kept rows: route with its full copy (see attach_full_routers).
-        full = router.__dict__.get("moeprune_full_router", router)
+        full = router.__dict__.get("moeprune_full_router", blocks[row])
 
         def hook(module, args, row=row, full=full):
             x = args[0].reshape(-1, args[0].shape[-1])
-            chosen = _chosen_experts(full.forward(x), top_k)
-            onehot = torch.zeros(x.shape[0], full.weight.shape[0], device=x.device).scatter_(1, chosen, 1.0)
+            chosen = _chosen_experts(adapter.route(full, x), top_k)
+            E = adapter.logits_layer(full).weight.shape[0]
+            onehot = torch.zeros(x.shape[0], E, device=x.device).scatter_(1, chosen, 1.0)
             captured[row] = onehot[counted.to(x.device)].mean(0)
             if row == rows[-1]:
                 raise _Stop

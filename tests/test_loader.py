@@ -109,9 +109,13 @@ def test_deepseek_mtp_layer_is_left_out(family_checkpoints, tmp_path):
     torch.testing.assert_close(_logits(plain, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_qwen3_next_mtp_head_is_left_out(family_checkpoints, tmp_path):
-    """Qwen3-Next on the Hub also stores a multi-token-prediction head under ``mtp.`` (a MoE layer with all
-    experts) that transformers does not build: the loader skips it and an export leaves it out."""
+@pytest.mark.parametrize("family,head,proj,count", [
+    ("qwen3_next", "mtp.layers.0.", "mtp.fc.weight", "mtp_num_hidden_layers"),
+    ("ernie4_5_moe", "model.mtp_block.0.", "model.mtp_linear_proj.0.weight", "num_nextn_predict_layers")])
+def test_mtp_head_is_left_out(family, head, proj, count, family_checkpoints, tmp_path):
+    """Qwen3-Next (EXAONE-MoE alike) on the Hub also stores a multi-token-prediction head under ``mtp.``,
+    ERNIE-4.5 under ``model.mtp_block.0.`` and ``model.mtp_*`` (a MoE layer with all experts), that
+    transformers does not build: the loader skips it and an export leaves it out."""
     import json
     import shutil
 
@@ -120,30 +124,31 @@ def test_qwen3_next_mtp_head_is_left_out(family_checkpoints, tmp_path):
     from moeprune.checkpoint import open_checkpoint
     from moeprune.export import export_pruned
 
-    full, src = family_checkpoints["qwen3_next"]
+    full, src = family_checkpoints[family]
     mtp = tmp_path / "mtp"
     shutil.copytree(src, mtp)
     ckpt = open_checkpoint(src)
-    extra = {k.replace("model.layers.1.", "mtp.layers.0.", 1): ckpt.read(k).clone()
+    extra = {k.replace("model.layers.1.", head, 1): ckpt.read(k).clone()
              for k in ckpt.weight_map if k.startswith("model.layers.1.")}
-    extra["mtp.fc.weight"] = torch.randn(full.config.hidden_size, 2 * full.config.hidden_size)
+    extra[proj] = torch.randn(full.config.hidden_size, 2 * full.config.hidden_size)
     save_file(extra, str(mtp / "model-mtp.safetensors"))
     index = json.loads((mtp / "model.safetensors.index.json").read_text())
     index["weight_map"].update({k: "model-mtp.safetensors" for k in extra})
     (mtp / "model.safetensors.index.json").write_text(json.dumps(index))
     config = json.loads((mtp / "config.json").read_text())
-    (mtp / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
+    (mtp / "config.json").write_text(json.dumps({**config, count: 1}))
 
     pattern = _patterns(mtp, tmp_path, 1)[0]
     x = torch.randint(0, VOCAB, (1, 10))
     torch.testing.assert_close(_logits(moeprune.from_pretrained(mtp, pattern), x), _logits(full, x, pattern.kept),
                                rtol=1e-5, atol=1e-5)
     export_pruned(mtp, pattern, tmp_path / "out", progress=False)
-    assert not any(k.startswith("mtp.") for k in open_checkpoint(tmp_path / "out").weight_map)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["mtp_num_hidden_layers"] == 0
+    assert not any("mtp" in k for k in open_checkpoint(tmp_path / "out").weight_map)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[count] == 0
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss", "minimax_m2", "exaone_moe",
+                                    "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_task_switch_reads_only_the_difference(family, family_checkpoints, tmp_path):
     full, src = family_checkpoints[family]
     a, b, c = _patterns(src, tmp_path)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moeprune
+from moeprune.arch import get_adapter
 from moeprune.checkpoint import open_checkpoint
 from moeprune.export import export_pruned
 from moeprune.pattern import ExpertPattern, PatternError
@@ -39,7 +40,8 @@ def test_stun_collapses_duplicate_experts_to_one(tmp_path):
         assert 2 in kept and 5 not in kept and len(kept) == 7
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "minimax_m2", "exaone_moe",
+                                    "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_stun_average_merges_weights_and_router_rows(family, family_checkpoints, tmp_path):
     """--merge average: each kept expert holds the mean of its cluster's experts and router rows, in the
     export and in the selectively loaded model alike; the merged pattern survives a round trip."""
@@ -52,22 +54,20 @@ def test_stun_average_merges_weights_and_router_rows(family, family_checkpoints,
     export_pruned(src, pattern, tmp_path / "out", progress=False)
     exported = moeprune.from_pretrained(tmp_path / "out", dtype="float32")
     loaded = moeprune.from_pretrained(src, pattern, dtype="float32")
+    adapter = get_adapter(full.config)
     for layer, kept in pattern.kept.items():
         mine = full.model.layers[layer].mlp
         for model in (exported, loaded):
             moe = model.model.layers[layer].mlp
-            router = "router" if family == "gpt_oss" else "gate"
             for i, e in enumerate(kept):
                 members = pattern.merges.get(layer, {}).get(e, [e])
                 for name, param in moe.experts.named_parameters():
                     want = getattr(mine.experts, name)[members].mean(0)
                     torch.testing.assert_close(param[i], want, rtol=1e-6, atol=1e-6, msg=f"{layer} {e} {name}")
-                for name, param in getattr(moe, router).named_parameters():
-                    want = getattr(getattr(mine, router), name)[members].mean(0)
-                    torch.testing.assert_close(param[i], want, rtol=1e-6, atol=1e-6)
-                bias = getattr(getattr(mine, router), "e_score_correction_bias", None)
-                if bias is not None:
-                    torch.testing.assert_close(getattr(moe, router).e_score_correction_bias[i], bias[members].mean(0))
+                theirs = adapter.router_state(mine)  # weight rows, biases (selection biases on any axis)
+                for name, (param, axis) in adapter.router_state(moe).items():
+                    want = theirs[name][0].index_select(axis, torch.tensor(members)).mean(axis)
+                    torch.testing.assert_close(param.select(axis, i), want, rtol=1e-6, atol=1e-6, msg=name)
     ids = torch.tensor([[3, 5, 7, 9, 11]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, exported(ids).logits, rtol=1e-5, atol=1e-5)
@@ -204,6 +204,38 @@ def test_enumerate_finds_the_best_subset_and_refuses_explosions(family_checkpoin
     assert errs[tuple(best[layer0][0])] == pytest.approx(best[layer0][1], rel=1e-3, abs=1e-5)
     with pytest.raises(ValueError, match="subsets per layer"):
         best_subsets(full, demos, 4, max_subsets=10)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "minimax_m2", "exaone_moe", "ernie4_5_moe", "hunyuan_v1_moe"])
+def test_enumerate_restriction_routes_as_the_masked_reference(family, family_checkpoints):
+    """enumerate's router restriction (the others' logits and selection bias at -inf, wherever the bias is
+    kept) picks the experts, with the weights, of the masked reference, and only allowed ones."""
+    from moeprune.arch import moe_blocks
+    from moeprune.exact import router_restricted_to
+
+    full, _ = family_checkpoints[family]
+    adapter = get_adapter(full.config)
+    blocks = moe_blocks(full, adapter)
+    layer = min(blocks)
+    subset = [0, 2, 5, 7]
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[subset] = True
+    routed = []
+    handle = blocks[layer].experts.register_forward_pre_hook(lambda m, a: routed.append((a[1], a[2])))
+    x = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))
+    try:
+        with torch.no_grad():
+            with masked_routers(full, {l: subset if l == layer else list(range(8)) for l in blocks}):
+                full(x)
+            with router_restricted_to(adapter, blocks[layer], allowed):
+                full(x)
+            full(x)
+    finally:
+        handle.remove()
+    (ref_index, ref_weights), (index, weights), (free_index, _) = routed
+    assert allowed[index].all() and not allowed[free_index].all()
+    torch.testing.assert_close(index, ref_index)
+    torch.testing.assert_close(weights, ref_weights)
 
 
 def test_unstructured_rows_have_exact_sparsity_and_nm_structure():

@@ -77,11 +77,21 @@ def test_deepseek_group_fallback_when_keep_does_not_split(family_checkpoints, tm
     AutoModelForCausalLM.from_pretrained(tmp_path / "p")(torch.tensor([[1, 2, 3]]))
 
 
-def test_fingerprint_same_from_checkpoint_and_memory_in_any_dtype(family_checkpoints):
-    model, src = family_checkpoints["mixtral"]
+@pytest.mark.parametrize("family", ["mixtral", "ernie4_5_moe", "hunyuan_v1_moe"])
+def test_fingerprint_same_from_checkpoint_and_memory_in_any_dtype(family, family_checkpoints):
+    model, src = family_checkpoints[family]
     fp = checkpoint_fingerprint(open_checkpoint(src))
-    assert fp == model_fingerprint(model)
+    assert fp == model_fingerprint(model) and fp.top_k == 2
     assert fp == model_fingerprint(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16))
+
+
+def test_top_k_from_the_family_field():
+    from moeprune.arch import UnsupportedModelError, top_k_of
+
+    assert top_k_of({"model_type": "ernie4_5_moe", "moe_k": 6}) == 6
+    assert top_k_of({"model_type": "hunyuan_v1_moe", "moe_topk": [8] * 32}) == 8  # per layer, as on the Hub
+    with pytest.raises(UnsupportedModelError, match="differs between layers"):
+        top_k_of({"model_type": "hunyuan_v1_moe", "moe_topk": [8, 4]})
 
 
 def test_export_reads_only_kept_experts(family_checkpoints, tmp_path, monkeypatch):

@@ -156,7 +156,8 @@ def test_demo_formats(tmp_path):
         encode_demos([{"input_ids": [1, 2]}, {"input_ids": [3, 500]}], None, vocab_size=128)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "exaone_moe",
+                                    "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_offloaded_profile_equals_in_memory(family, family_checkpoints):
     from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint

@@ -41,6 +41,11 @@ FAMILIES = {
                        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, bos_token_id=1, eos_token_id=2),
+    "exaone_moe": dict(_V3, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, head_dim=8),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+                         num_hidden_layers=3, moe_layer_start_index=1),  # layer 0 dense
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=[2, 2], head_dim=8),  # per-layer top-k, as on the Hub
 }
 
 
@@ -48,15 +53,16 @@ def make_model(family: str, seed: int = 0, **overrides):
     cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    adapter = get_adapter(cfg)
     with torch.no_grad():  # random init leaves some biases at zero: make routing non-trivial
         for name, p in model.named_parameters():
             if "bias" in name or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight")):
-                p.mul_(20)  # token-dependent routing (else biases alone decide)
-        for b in model.buffers():
-            if b.dtype.is_floating_point and b.dim() == 1 and b.numel() == 8:  # e_score_correction_bias
-                b.copy_(0.01 * torch.randn_like(b))
+        for block in moe_blocks(model, adapter).values():
+            adapter.logits_layer(block).weight.mul_(20)  # token-dependent routing (else biases alone decide)
+        for b in model.buffers():  # e_score_correction_bias, as large as score gaps: were a pruned
+            if b.dtype.is_floating_point and b.dim() == 1 and b.numel() == 8:  # expert's left unmasked, it
+                b.copy_(0.3 * torch.randn_like(b))  # would win slots, so the tests catch a mishandled bias
     return model
 
 
@@ -79,14 +85,16 @@ def write_token_demos(path: Path, n: int = 6, length: int = 24, seed: int = 0, l
 def masked_routers(model, kept: dict[int, list[int]]):
     """Reference: the full model with pruned experts' router logits set to -inf.
 
-    Sigmoid routers with a selection bias (DeepSeek-V3) get the bias masked too, since
-    sigmoid(-inf) + bias would still be selectable.
+    Their entries in every other router tensor are -inf too: a selection bias (DeepSeek-V3's, MiniMax-M2's
+    on the block, ERNIE-4.5's [1, E]) is added to the scores after the sigmoid/softmax, where it would
+    leave a pruned expert selectable.
     """
     adapter = get_adapter(model.config)
     restore = []
     for layer, block in moe_blocks(model, adapter).items():
         router = getattr(block, adapter.router)
-        pruned = torch.ones(router.weight.shape[0], dtype=torch.bool)
+        weight = adapter.logits_layer(block).weight
+        pruned = torch.ones(weight.shape[0], dtype=torch.bool)
         pruned[kept[layer]] = False
         original = router.forward
 
@@ -103,18 +111,17 @@ def masked_routers(model, kept: dict[int, list[int]]):
                 torch.nn.functional.linear = real
 
         router.forward = forward
-        bias = getattr(router, "e_score_correction_bias", None)
-        saved = None if bias is None else bias.clone()
-        if bias is not None:
-            bias.data.masked_fill_(pruned, float("-inf"))
-        restore.append((router, bias, saved))
+        others = [(t, axis, t.detach().clone()) for t, axis in adapter.router_state(block).values() if t is not weight]
+        for t, axis, _ in others:
+            t.data.movedim(axis, -1).masked_fill_(pruned, float("-inf"))
+        restore.append((router, others))
     try:
         yield model
     finally:
-        for router, bias, saved in restore:
+        for router, others in restore:
             del router.forward
-            if bias is not None:
-                bias.data.copy_(saved)
+            for t, _, saved in others:
+                t.data.copy_(saved)
 
 
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -153,8 +160,8 @@ def save_mxfp4(model, path: Path) -> Path:
 
 
 def save_fp8(model, path: Path, block: int = 8) -> Path:
-    """Save a model the way DeepSeek-V3 ships it: every projection matrix of the decoder layers in
-    float8_e4m3fn with a ``weight_scale_inv`` per ``block x block`` tile, and an fp8
+    """Save a model the way DeepSeek-V3 and MiniMax-M2 ship it: every projection and expert matrix of the
+    decoder layers in float8_e4m3fn with a ``weight_scale_inv`` per ``block x block`` tile, and an fp8
     ``quantization_config`` (router, norms, embeddings and head stay float)."""
     from safetensors.torch import save_file
 
@@ -165,8 +172,8 @@ def save_fp8(model, path: Path, block: int = 8) -> Path:
 
     for shard in sorted(set(index["weight_map"].values())):
         tensors = load_file(str(path / shard))
-        for key in [k for k, v in tensors.items() if k.startswith("model.layers.") and k.endswith("proj.weight")
-                    and v.dim() == 2]:
+        for key in [k for k, v in tensors.items() if k.startswith("model.layers.") and v.dim() == 2
+                    and (k.endswith("proj.weight") or ".experts." in k)]:
             w = tensors[key].float()
             tiles = w.reshape(w.shape[0] // block, block, w.shape[1] // block, block)
             scale = tiles.abs().amax((1, 3)).clamp_min(1e-12) / 448.0
