@@ -162,16 +162,35 @@ def _config_object(config_dict: dict[str, Any]):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
+def kept_in_float32(model: Any, dtype: torch.dtype | None) -> re.Pattern | None:
+    """The tensors transformers keeps in float32 when it loads ``model`` in ``dtype`` (the model's
+    keep-in-fp32 lists, e.g. DeepSeek-V3's ``e_score_correction_bias`` in bfloat16), or None."""
+    if dtype not in (torch.float16, torch.bfloat16) or not hasattr(model, "_get_dtype_plan"):
+        return None
+    cache = model.__dict__.setdefault("_moeprune_fp32", {})
+    if dtype not in cache:
+        plan = model._get_dtype_plan(dtype)  # {glob: torch.float32}, matched as transformers' loader does
+        cache[dtype] = re.compile("|".join(g.replace("*", ".*") for g in plan)) if plan else None
+    return cache[dtype]
+
+
 def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.device,
                dtype: torch.dtype | None) -> None:
-    """Replace parameter or buffer ``name`` by ``value`` (any shape: expert counts change)."""
+    """Replace parameter or buffer ``name`` by ``value`` (any shape: expert counts change), in the dtype
+    transformers would load it in: the skeleton's (built in the load dtype), or float32 where the
+    model keeps it so in ``dtype``."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
     if old is None and attr not in module._buffers:
         raise AttributeError(f"{type(module).__name__} {module_name!r} has no parameter or buffer {attr!r}")
-    if value.is_floating_point():
-        value = value.to(dtype or (old.dtype if old is not None else value.dtype))
+    if value.is_floating_point():  # the dtype transformers' loader would give it:
+        fp32 = kept_in_float32(model, dtype)
+        if fp32 is not None and fp32.search(name):  # kept in float32 by the model's lists
+            dtype = torch.float32
+        elif old is not None and old.is_floating_point():  # the skeleton's: ``dtype``, or one the module
+            dtype = old.dtype  # fixed itself (HunYuan's float32 router)
+        value = value.to(dtype or value.dtype)
     value = value.to(device)
     if attr in module._parameters:
         module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)

@@ -33,6 +33,25 @@ def _logits(model, x, kept=None):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_half_precision_load_keeps_what_transformers_keeps_in_float32(family, family_checkpoints):
+    """In bfloat16 every tensor has the dtype transformers gives it (its keep-in-fp32 lists: e.g. a
+    selection bias stays float32, which changes routing), so every expert kept == a plain load."""
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.pipeline import every_expert
+    from moeprune.checkpoint import open_checkpoint
+
+    _, src = family_checkpoints[family]
+    ours = moeprune.from_pretrained(src, every_expert(open_checkpoint(src)), dtype="bfloat16")
+    theirs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    dtypes = lambda m: {n: t.dtype for n, t in (*m.named_parameters(), *m.named_buffers())  # noqa: E731
+                        if t.is_floating_point() and ".experts." not in n}
+    assert dtypes(ours) == dtypes(theirs)
+    x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_loaded_model_equals_masked_full_model(family, family_checkpoints, tmp_path, monkeypatch):
     full, src = family_checkpoints[family]
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
