@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .scoring import SCORERS
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -346,6 +345,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .scoring import SCORERS  # imports torch: after main() can handle Ctrl-C
+
     methods = sorted(SCORERS)
     p = argparse.ArgumentParser(prog="moeprune", description="Task-adaptive expert pruning for MoE language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -484,30 +485,33 @@ def _check_device(device: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
-    args = build_parser().parse_args(argv)
-    if not _progress(args):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()  # -q: no load reports either, only errors
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
+    command = "moeprune"
     try:
-        _check_device(getattr(args, "device", None))
-        args.func(args)
+        from .checkpoint import CheckpointError  # torch and transformers load here: Ctrl-C is handled
+
+        args = build_parser().parse_args(argv)
+        command = f"moeprune {args.command}"
+        if not _progress(args):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()  # -q: no load reports either, only errors
+        try:
+            _check_device(getattr(args, "device", None))
+            args.func(args)
+        except (ValueError, LookupError, CheckpointError, OSError) as exc:
+            if os.environ.get("MOEPRUNE_DEBUG"):
+                traceback.print_exc()
+            msg = " ".join(str(exc).split())  # one line, even for multi-line library messages
+            if args.json:
+                print(json.dumps({"error": msg, "type": type(exc).__name__}))
+            print(f"{command}: error: {msg}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print(f"moeprune {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        print(f"{command}: interrupted; no output was left half-written", file=sys.stderr)
         return 130
-    except (ValueError, LookupError, CheckpointError, OSError) as exc:
-        if os.environ.get("MOEPRUNE_DEBUG"):
-            traceback.print_exc()
-        msg = " ".join(str(exc).split())  # one line, even for multi-line library messages
-        if args.json:
-            print(json.dumps({"error": msg, "type": type(exc).__name__}))
-        print(f"moeprune {args.command}: error: {msg}", file=sys.stderr)
-        return 2
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -299,3 +299,19 @@ def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, mo
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == [] and not (tmp_path / "o").exists()
+
+
+def test_interrupt_while_the_libraries_load(tmp_path):
+    """Ctrl-C in the first seconds, while torch and transformers import, is handled like any other."""
+    code = ("import sys, threading, os, signal, time\n"
+            "import moeprune.cli\n"
+            "assert 'torch' not in sys.modules\n"
+            "real = __import__\n"
+            "def slow(name, *a, **k):  # Ctrl-C lands while torch is being imported\n"
+            "    if name == 'torch' and 'torch' not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(1)\n"
+            "    return real(name, *a, **k)\n"
+            "import builtins; builtins.__import__ = slow\n"
+            "sys.exit(moeprune.cli.main(['profile', 'x', '--demos', 'y', '--out', 'z']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
