@@ -80,6 +80,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     from .io import check_file_target
     from .pipeline import check_budget, select_pattern
     from .profile import RouterProfile
+    from .scoring import runs_model
 
     check_file_target(args.out)
 
@@ -90,11 +91,12 @@ def cmd_select(args: argparse.Namespace) -> None:
     params = _method_params(args)
     check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
     ckpt = net = demos = None
-    if args.model or (args.demos and prof.model):
+    run = bool(args.demos) and runs_model(args.method)  # diep, enumerate: on --device, in --dtype
+    if args.model or (run and prof.model):
         from .checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(args.model or prof.model)
-    if args.demos:  # the model runs (diep, enumerate): on --device, in --dtype
+    if run:
         from .demos import encode_demos, read_demos
         from .pipeline import load_model
 

@@ -106,7 +106,7 @@ def train_gates(model: Any, demos: Sequence[Sequence[int]], steps: int | None = 
     return alpha.detach().cpu(), beta.detach().cpu()
 
 
-@register_scorer("diep", budget="global", reads_checkpoint=True)
+@register_scorer("diep", budget="global", runs_model=True)
 def diep_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                 checkpoint: Any = None, steps: int | None = None, lam: float = 1.0, rho: float = 0.05,
                 seed: int = 0, progress: bool = False, **_: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .arch import MoEAdapter, get_adapter, moe_blocks
 from .profile import RouterProfile, expert_pair_outputs
 from .scoring import register_scorer
-from .select import resolve_keep
+from .select import keep_per_layer
 
 
 @contextmanager
@@ -67,16 +67,19 @@ def _routed(adapter: MoEAdapter, block: torch.nn.Module, x: torch.Tensor, Y: tor
 
 
 @torch.inference_mode()
-def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets: int = 20000,
+def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int | dict[int, int], max_subsets: int = 20000,
                  max_tokens: int = 4096, progress: bool = False) -> dict[int, tuple[list[int], float]]:
-    """Per MoE layer, the K-subset with the least routed-output error and that error."""
+    """Per MoE layer, the K-subset with the least routed-output error and that error (``k``: one K,
+    or K per MoE layer)."""
     adapter = get_adapter(model.config)
     blocks = moe_blocks(model, adapter)
-    E = max(b.experts.num_experts for b in blocks.values())
-    n = math.comb(E, min(k, E))
-    if n > max_subsets:
-        raise ValueError(f"enumerate would try C({E},{k}) = {n:,} subsets per layer (limit {max_subsets:,}); "
-                         "use a cheaper method (tcess, stun, diep) or raise max_subsets")
+    ks = {layer: min(k if isinstance(k, int) else k[layer], b.experts.num_experts) for layer, b in blocks.items()}
+    for layer, b in blocks.items():
+        E = b.experts.num_experts
+        n = math.comb(E, ks[layer])
+        if n > max_subsets:
+            raise ValueError(f"enumerate would try C({E},{ks[layer]}) = {n:,} subsets in layer {layer} (limit "
+                             f"{max_subsets:,}); use a cheaper method (tcess, stun, diep) or raise max_subsets")
     inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in blocks}
     handles = [b.register_forward_pre_hook(lambda m, a, layer=layer: inputs[layer].append(
         a[0].reshape(-1, a[0].shape[-1]))) for layer, b in blocks.items()]
@@ -100,7 +103,7 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
         target = _routed(adapter, block, x, Y)
         best, best_err = None, float("inf")
         allowed = torch.zeros(E, dtype=torch.bool)
-        for subset in itertools.combinations(range(E), min(k, E)):
+        for subset in itertools.combinations(range(E), ks[layer]):
             allowed.zero_()
             allowed[list(subset)] = True
             with router_restricted_to(adapter, block, allowed):
@@ -111,7 +114,7 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int, max_subsets
     return out
 
 
-@register_scorer("enumerate", reads_checkpoint=True)
+@register_scorer("enumerate", runs_model=True)
 def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                      checkpoint: Any = None, keep: Any = None, max_subsets: int = 20000, progress: bool = False,
                      **_: Any) -> torch.Tensor:
@@ -119,7 +122,7 @@ def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[
     if demos is None or keep is None:
         raise ValueError("enumerate runs the model on the demos: give --demos and --keep")
     fp = profile.fingerprint
-    k = resolve_keep(keep, max(fp.num_experts), fp.top_k)
+    k = dict(zip(fp.moe_layers, keep_per_layer(keep, fp.num_experts, fp.top_k)))  # as the uniform cut keeps
     if model is None:
         if checkpoint is None:
             raise ValueError("enumerate runs the model: give the checkpoint (--model)")

@@ -8,6 +8,7 @@ permissions (0666 / 0777 less the umask), as if created directly.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import secrets
@@ -78,6 +79,9 @@ def _fsync(path: Path) -> None:
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as exc:  # a filesystem without fsync (some FUSE mounts): nothing more to do
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+                raise
         finally:
             os.close(fd)
 
@@ -114,7 +118,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     refuse = f"{path} already exists; choose another --out or pass --overwrite"
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(refuse)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)

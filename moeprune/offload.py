@@ -67,6 +67,8 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
     by_layer: dict[int, list[str]] = {}
     outer = []
     for key in ckpt.weight_map:
+        if not ckpt.in_model(key):  # multi-token-prediction heads: not built, not profiled
+            continue
         m = _LAYER.match(key)
         (by_layer.setdefault(int(m.group(1)), []) if m else outer).append(key)
     outer = [k for k in outer if not k.startswith("lm_head.")]  # the pass stops before the head

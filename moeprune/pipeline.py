@@ -153,7 +153,12 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int,
                                  f"{method} is not one: use --budget uniform or global with it")
         select_top_p_share(keep)
     elif budget in ("uniform", "global"):
-        keep_per_layer(keep, fp.num_experts, fp.top_k)
+        counts = keep_per_layer(keep, fp.num_experts, fp.top_k)
+        if min_per_layer and budget == "uniform" and min(counts) < min_per_layer:
+            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
+        if min_per_layer and budget == "global" and sum(counts) < min_per_layer * len(counts):
+            raise SelectionError(f"--keep {keep} gives {sum(counts)} experts in all, below {min_per_layer} per "
+                                 f"layer x {len(counts)} layers")
     else:
         raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
     return budget
@@ -228,7 +233,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
-    if Path(out).exists() and not overwrite:  # the checks an export would make at the end, made first
+    if (Path(out).exists() or Path(out).is_symlink()) and not overwrite:  # an export's checks, made first
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     ckpt = open_checkpoint(model)
     check_budget(checkpoint_fingerprint(ckpt), method, keep, budget, min_per_layer)

@@ -34,21 +34,23 @@ SCORERS: dict[str, Scorer] = {}
 _BUDGETS: dict[str, str] = {}
 _READS_CHECKPOINT: set[str] = set()
 _MASS: set[str] = set()
+_RUNS_MODEL: set[str] = set()
 
 
 def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False,
-                    mass: bool = False) -> Callable[[Scorer], Scorer]:
+                    mass: bool = False, runs_model: bool = False) -> Callable[[Scorer], Scorer]:
     """Register a scorer; ``budget`` is how its scores are meant to be cut (``uniform`` or ``global``),
-    ``reads_checkpoint`` whether it needs the model's weights or runs the model (passed as ``checkpoint=``,
-    by default the profiled one), ``mass`` whether its scores are non-negative shares of a layer's
-    mass (then ``--budget top-p`` can cut them)."""
+    ``reads_checkpoint`` whether it needs the model's weights (passed as ``checkpoint=``, by default the
+    profiled one), ``runs_model`` whether it also runs the model on the demos (given ``model=`` and
+    ``demos=``), ``mass`` whether its scores are non-negative shares of a layer's mass (only those can be
+    cut with ``--budget top-p``)."""
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
         _BUDGETS[name] = budget
-        if reads_checkpoint:
-            _READS_CHECKPOINT.add(name)
-        if mass:
-            _MASS.add(name)
+        for flag, names in ((reads_checkpoint or runs_model, _READS_CHECKPOINT), (mass, _MASS),
+                            (runs_model, _RUNS_MODEL)):
+            if flag:
+                names.add(name)
         return fn
     return deco
 
@@ -63,6 +65,10 @@ def needs_checkpoint(method: str) -> bool:
 
 def scores_mass(method: str) -> bool:
     return method in _MASS
+
+
+def runs_model(method: str) -> bool:
+    return method in _RUNS_MODEL
 
 
 def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,

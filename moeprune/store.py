@@ -76,10 +76,7 @@ class PatternStore:
         """Store ``pattern`` under ``task`` (default: its own); a task the store has is replaced only
         with ``overwrite``."""
         task = task or pattern.task
-        if not task or not _TASK_NAME.match(task):
-            raise ValueError(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
-        if f"{task}.json".lower() == self.index_path.name:
-            raise ValueError(f"task name {task!r} is taken by the store's own index file; choose another name")
+        self._check_name(task)
         pattern.task = task
         model = pattern.meta.get("model")
         if model and Path(model).expanduser().is_dir():  # a local model: recorded relative to the store
@@ -97,9 +94,17 @@ class PatternStore:
         return path
 
     def check_free(self, task: str, overwrite: bool = False) -> None:
-        """Refuse ``task`` if the store has it and ``overwrite`` is not given (``add`` checks it again)."""
+        """Refuse ``task`` if it is no valid name, or the store has it and ``overwrite`` is not given
+        (``add`` checks again)."""
+        self._check_name(task)
         if self.root.is_dir():
             self._check_free(self._read_index(), task, overwrite)
+
+    def _check_name(self, task: str | None) -> None:
+        if not task or not _TASK_NAME.match(task):
+            raise ValueError(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        if f"{task}.json".lower() == self.index_path.name:
+            raise ValueError(f"task name {task!r} is taken by the store's own index file; choose another name")
 
     def _check_free(self, index: dict[str, Any], task: str, overwrite: bool) -> None:
         if task in index["patterns"] and not overwrite:

@@ -33,7 +33,7 @@ from scipy.spatial.distance import squareform
 from .checkpoint import Checkpoint
 from .profile import RouterProfile
 from .scoring import MergingScores, register_scorer
-from .select import resolve_keep
+from .select import keep_per_layer
 
 CHUNK_ELEMENTS = 1 << 24  # expert-weight elements per Gram-matrix step (bounds memory)
 
@@ -212,7 +212,7 @@ def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | 
     routers = ckpt.router_weights()
     sizes = list(fp.num_experts)
     floor = max(fp.top_k, min_per_layer or 0)
-    budget = resolve_keep(keep, max(sizes), fp.top_k) * len(sizes)
+    budget = sum(keep_per_layer(keep, sizes, fp.top_k))  # what the global cut of these scores keeps
     linkages = layer_linkages([behaviour_distance(routers[layer], profile.stats["coact"][row, :sizes[row], :sizes[row]],
                                                   mix, normalize_rows) for row, layer in enumerate(fp.moe_layers)])
     steps = shared_threshold_cut(linkages, sizes, budget, floor)

@@ -149,6 +149,7 @@ def test_bad_requests_are_refused_before_profiling(family_checkpoints, tmp_path,
         ([*prune, tmp_path / "o", "--keep", "0.5", "--unstructured", "0.5", "--nm", "2:4"], "give one"),
         (["store", "add", tmp_path / "store", src, "--demos", demos, "--task", "t"], "already has task 't'"),
         (["store", "add", tmp_path / "store", src, "--demos", demos, "--task", "u", "--keep", "1"], "top-k"),
+        (["store", "add", tmp_path / "store", src, "--demos", demos, "--task", "bad name"], "task name"),
     ]:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err, (argv, err)

@@ -65,3 +65,10 @@ def test_leftovers_of_killed_writers_are_removed_but_not_live_ones(tmp_path):
     assert remove_stale_temps(tmp_path / "b") == [] and set_aside.exists()
     (tmp_path / "b").mkdir()
     assert remove_stale_temps(tmp_path / "b") == [set_aside] and not set_aside.exists()
+
+
+def test_a_dangling_link_at_the_target_is_refused_first(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            raise AssertionError(f"wrote into {tmp}")

@@ -164,6 +164,9 @@ def test_mtp_head_is_left_out(family, head, proj, count, family_checkpoints, tmp
     export_pruned(mtp, pattern, tmp_path / "out", progress=False)
     assert not any("mtp" in k for k in open_checkpoint(tmp_path / "out").weight_map)
     assert json.loads((tmp_path / "out" / "config.json").read_text())[count] == 0
+    demos = write_token_demos(tmp_path / "d.jsonl")  # the out-of-core profile skips the head too
+    offloaded = profile_checkpoint(mtp, demos, progress=False, offload=True)
+    assert torch.equal(offloaded.stats["count"], profile_checkpoint(src, demos, progress=False).stats["count"])
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss", "minimax_m2", "exaone_moe",

@@ -312,6 +312,24 @@ def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
     best = best_subsets(model, demos, 3)
     assert best[1] == ([0, 1, 2], 0.0)
     assert len(best[0][0]) == 3 and set(best[0][0]) <= set(range(6)) and best[0][1] > 0
+    per_layer = best_subsets(model, demos, {0: 3, 1: 2})  # a fraction keeps a share of each layer's own
+    assert per_layer[0] == best[0] and len(per_layer[1][0]) == 2 and per_layer[1][1] > 0
+
+
+def test_stun_clusters_match_the_kept_count_on_a_non_uniform_export(family_checkpoints, tmp_path):
+    """One cluster per kept expert when layers differ in size (the global cut keeps a share of each)."""
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    from moeprune.stun import stun_clusters
+    from moeprune.fingerprint import checkpoint_fingerprint
+
+    _, src = family_checkpoints["mixtral"]
+    fp = checkpoint_fingerprint(open_checkpoint(src))
+    export_pruned(src, ExpertPattern(fp, {0: list(range(8)), 1: [0, 2, 5, 7]}), tmp_path / "nu", progress=False)
+    prof = profile_checkpoint(tmp_path / "nu", write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    for keep in ("0.5", "6"):
+        clusters = stun_clusters(prof, open_checkpoint(tmp_path / "nu"), keep)
+        pattern = select_pattern(prof, "stun", keep, merge="average")
+        assert {l: len(c) for l, c in clusters.items()} == {l: len(k) for l, k in pattern.kept.items()}, keep
 
 
 def test_stun_threshold_is_shared_across_layers():
