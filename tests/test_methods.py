@@ -202,7 +202,7 @@ def test_enumerate_finds_the_best_subset_and_refuses_explosions(family_checkpoin
         handle.remove()
     assert min(errs.values()) == pytest.approx(errs[tuple(best[layer0][0])], rel=1e-4, abs=1e-6)
     assert errs[tuple(best[layer0][0])] == pytest.approx(best[layer0][1], rel=1e-3, abs=1e-5)
-    with pytest.raises(ValueError, match="subsets per layer"):
+    with pytest.raises(ValueError, match="subsets in layer 0"):
         best_subsets(full, demos, 4, max_subsets=10)
 
 
