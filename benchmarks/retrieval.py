@@ -1,7 +1,9 @@
 """Query -> task retrieval on the embedded model: top-1 accuracy on held-out queries and latency.
 
 Compares signatures from the first MoE layer (PreMoe's TAER), from all MoE layers, and a learned
-projection (linear discriminant analysis fitted on the per-demo signatures of the stored demos).
+projection (linear discriminant analysis fitted on the per-demo signatures of the stored demos);
+context-weighted query tokens (shipped) against uniform ones, with a control where the queries'
+generic openings are moved to their end.
 Run: ``python -m benchmarks.retrieval`` (writes the "Retrieval" section of BENCHMARKS.md).
 """
 
@@ -26,6 +28,18 @@ from moeprune.fingerprint import checkpoint_fingerprint  # noqa: E402
 from moeprune.pipeline import load_model, select_pattern  # noqa: E402
 from moeprune.profile import profile_model  # noqa: E402
 from moeprune.retrieval import Retriever, load_signature_model, query_signatures  # noqa: E402
+
+
+# Generic openings the query generator (scripts/make_embedded.py, QUERY_PREFIXES) puts before some
+# queries; used only to build the control row, never by retrieval.
+OPENINGS = ("Please help: ", "Quick question. ", "Can you help me? ")
+
+
+def _opening_to_end(text: str) -> str:
+    for opening in OPENINGS:
+        if text.startswith(opening):
+            return f"{text[len(opening):]} {opening.strip()}"
+    return text
 
 
 def main() -> None:
@@ -58,6 +72,16 @@ def main() -> None:
     pred = [m.task for m in retriever.match(query_signatures(model, allq, "first", ignore_ids=[]))]
     rows.append(("nearest pattern signature, first MoE layer, BOS token counted too",
                  f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
+    pred = [m.task for m in retriever.match(query_signatures(model, allq, "first", weighting="uniform"))]
+    rows.append(("nearest pattern signature, first MoE layer, every query token weighted alike (shipped until "
+                 "2026-11-23)", f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
+    # control for the context weighting: the generic openings ("Please help: ") moved to the query's end
+    texts = [r["text"] for d in domains for r in read_demos(embedded.demo_file(d, "queries"))]
+    moved = encode_demos([{"text": _opening_to_end(t)} for t in texts], tok, ctx)
+    for weighting in ("context", "uniform"):
+        pred = [m.task for m in retriever.match(query_signatures(model, moved, "first", weighting=weighting))]
+        rows.append((f"control: the same queries with their generic opening moved to the end, {weighting} "
+                     "weights", f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     for layers in ("first", "all"):

@@ -1,7 +1,8 @@
 """Query -> task retrieval: the alternatives to the shipped signature, measured on the embedded model.
 
 The shipped retrieval (``moeprune.retrieval``) embeds a text by the share of its tokens routed to
-each expert (top-k) at the first MoE layer and takes the nearest task signature by centred cosine.
+each expert (top-k) at the first MoE layer, the t-th token weighted by t (the context it has seen),
+and takes the nearest task signature by centred cosine.
 This script measures, on the same held-out queries, every alternative tried so far, so the
 "Retrieval: findings" in BENCHMARKS.md can be reproduced. Each alternative uses only the demos'
 routing (what a pattern store can know) and no constant fitted to the queries.
@@ -29,10 +30,10 @@ from moeprune.arch import get_adapter, moe_blocks  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
+from benchmarks.retrieval import OPENINGS  # noqa: E402
 
-# Instruction preambles the query generator (scripts/make_embedded.py, QUERY_PREFIXES) puts before
-# some queries; used only to break the accuracy down, never by a method.
-PREAMBLES = ("Please help: ", "Quick question. ", "Can you help me? ")
+# the generic openings some queries start with: used only to break the accuracy down, never by a method
+PREAMBLES = OPENINGS
 
 
 @torch.inference_mode()
@@ -107,8 +108,21 @@ def main() -> None:
 
     shares = lambda z: top_k(z, k)  # noqa: E731
     results: list[tuple[str, np.ndarray]] = []
-    results.append(("shipped: top-k shares, first MoE layer, centred cosine",
-                    centred_cosine(task_means(shares), first(query_z, shares))))
+    def context_weighted(power):  # token t (1-based, after BOS) weighs t ** power
+        out = []
+        for z in query_z:
+            s = shares(z[0])
+            w = np.arange(1, len(s) + 1, dtype=float) ** power
+            out.append(w @ s / w.sum())
+        return np.stack(out)
+
+    results.append(("shipped: top-k shares, first MoE layer, centred cosine, token t weighted by t (context seen)",
+                    centred_cosine(task_means(shares), context_weighted(1))))
+    for power in (0.5, 2):
+        results.append((f"the same, token t weighted by t^{power}", centred_cosine(task_means(shares),
+                                                                               context_weighted(power))))
+    results.append(("the same, every token weighted alike (shipped until 2026-11-23; the alternatives below "
+                    "weigh tokens alike too)", centred_cosine(task_means(shares), first(query_z, shares))))
     all_layers = tuple(range(query_z[0].shape[0]))
     results.append(("top-k shares of all MoE layers", centred_cosine(
         task_means(shares, all_layers),

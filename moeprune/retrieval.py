@@ -5,6 +5,9 @@ experts the router picks). A pattern's signature comes from its demos' profile (
 query's from one pass over the query that stops right after the last layer it needs, routed by a
 full copy of the router (all experts, the checkpoint's own routing groups and selection bias), so
 both count the same thing whichever pattern is loaded.
+A query's tokens are weighted by the context they have seen (the t-th token weighs t; a demo-long
+text is barely affected): in a causal model a query's first tokens are routed knowing nothing of
+the request, so a generic opening ("Can you help me?") would otherwise vote like a whole request.
 Measured on the embedded model's held-out queries, routing shares beat mean raw logits (PreMoe's
 literal signature) at the first layer; current numbers are in BENCHMARKS.md ("Retrieval"). ``layers="first"`` uses
 the first MoE layer only, as PreMoe does: its router input does not depend on any expert, so the
@@ -48,15 +51,31 @@ def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
     return keep
 
 
+WEIGHTINGS = ("context", "uniform")
+
+
+def token_weights(n: int, weighting: str = "context") -> torch.Tensor:
+    """Weights of a query's ``n`` counted tokens, in order. ``context``: the t-th token weighs t, the
+    number of the query's tokens its routing has seen (causal attention: the first tokens are routed
+    knowing nothing of the request, while almost every demo token behind a pattern's signature has a
+    long context); ``uniform``: every token alike."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    w = torch.arange(1, n + 1, dtype=torch.float64) if weighting == "context" else torch.ones(n, dtype=torch.float64)
+    return w / w.sum()
+
+
 @torch.inference_mode()
 def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str | Sequence[int] = "first",
-                     ignore_ids: Sequence[int] | None = None) -> np.ndarray:
-    """Signature ``[n, len(rows) * E]`` of each encoded query, stopping after the last needed layer.
+                     ignore_ids: Sequence[int] | None = None, weighting: str = "context") -> np.ndarray:
+    """Signature ``[n, len(rows) * E]`` of each encoded query, stopping after the last needed layer:
+    per layer, the weighted share of its tokens routed to each expert (see :func:`token_weights`).
 
     Tokens in ``ignore_ids`` (default: the model's BOS token) are run but not counted: a BOS token is
     an attention sink whose routing says nothing about the text, and in a short query it would weigh
     far more than in the long demos the patterns' signatures come from.
     """
+    token_weights(0, weighting)  # a bad weighting fails before any forward
     if ignore_ids is None:
         bos = getattr(model.config, "bos_token_id", None)
         ignore_ids = [bos] if isinstance(bos, int) else []
@@ -78,7 +97,8 @@ def query_signatures(model: Any, encoded: Sequence[Sequence[int]], layers: str |
             chosen = _chosen_experts(adapter.route(full, x), top_k)
             E = adapter.logits_layer(full).weight.shape[0]
             onehot = torch.zeros(x.shape[0], E, device=x.device).scatter_(1, chosen, 1.0)
-            captured[row] = onehot[counted.to(x.device)].mean(0)
+            kept = onehot[counted.to(x.device)].double()
+            captured[row] = token_weights(kept.shape[0], weighting).to(x.device) @ kept
             if row == rows[-1]:
                 raise _Stop
         handles.append(router.register_forward_pre_hook(hook))

@@ -129,8 +129,14 @@ def test_query_signature_counts_content_tokens_only(family_checkpoints):
     handle.remove()
     chosen = torch.nn.functional.linear(seen["x"], block.gate.weight).topk(model.config.num_experts_per_tok).indices
     onehot = torch.zeros(len(ids), block.gate.weight.shape[0]).scatter_(1, chosen, 1.0).double()
-    torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids])[0]), onehot[1:].mean(0))
-    torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids], ignore_ids=[])[0]), onehot.mean(0))
+    uniform = lambda **kw: torch.from_numpy(query_signatures(model, [ids], weighting="uniform", **kw)[0])  # noqa: E731
+    torch.testing.assert_close(uniform(), onehot[1:].mean(0))
+    torch.testing.assert_close(uniform(ignore_ids=[]), onehot.mean(0))
+    # by default the t-th counted token weighs t (the context it has seen): here 1, 2, 3, 4 after BOS
+    weights = torch.tensor([1.0, 2, 3, 4], dtype=torch.float64) / 10
+    torch.testing.assert_close(torch.from_numpy(query_signatures(model, [ids])[0]), weights @ onehot[1:])
+    with pytest.raises(ValueError, match="weighting"):
+        query_signatures(model, [ids], weighting="sideways")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -155,5 +161,5 @@ def test_query_signature_routes_as_the_profile_did(family, family_checkpoints, t
               "signature": load_signature_model(src)[0], "runtime": runtime.model}
     weights = np.array([len(ids) for ids in encoded], dtype=float)
     for name, model in models.items():
-        got = query_signatures(model, encoded, ignore_ids=[])
+        got = query_signatures(model, encoded, ignore_ids=[], weighting="uniform")
         np.testing.assert_allclose(weights @ got / weights.sum(), expected, atol=1e-9, err_msg=name)
