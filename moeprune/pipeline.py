@@ -136,31 +136,17 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int,
     """Refuse a method/keep/budget combination that cannot be selected, before any work; returns the
     budget (default: the method's own)."""
     from .scoring import SCORERS, scores_mass
-    from .select import SelectionError, keep_per_layer, select_top_p_share
+    from .select import SelectionError, check_keep
 
     if method not in SCORERS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
     budget = budget or default_budget(method)
-    fp = fingerprint
-    if min_per_layer is not None and not fp.top_k <= min_per_layer <= min(fp.num_experts):
-        raise SelectionError(f"--min-per-layer {min_per_layer} must be between the router's top-k ({fp.top_k}) "
-                             f"and the experts of the smallest layer ({min(fp.num_experts)})")
-    if budget == "top-p":
-        if default_budget(method) == "global":
-            raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
-        if not scores_mass(method):
-            raise SelectionError(f"--budget top-p cuts mass-like scores (frequency, soft-count, output-aware); "
-                                 f"{method} is not one: use --budget uniform or global with it")
-        select_top_p_share(keep)
-    elif budget in ("uniform", "global"):
-        counts = keep_per_layer(keep, fp.num_experts, fp.top_k)
-        if min_per_layer and budget == "uniform" and min(counts) < min_per_layer:
-            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
-        if min_per_layer and budget == "global" and sum(counts) < min_per_layer * len(counts):
-            raise SelectionError(f"--keep {keep} gives {sum(counts)} experts in all, below {min_per_layer} per "
-                                 f"layer x {len(counts)} layers")
-    else:
-        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
+    if budget == "top-p" and default_budget(method) == "global":
+        raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
+    if budget == "top-p" and not scores_mass(method):
+        raise SelectionError(f"--budget top-p cuts mass-like scores (frequency, soft-count, output-aware); "
+                             f"{method} is not one: use --budget uniform or global with it")
+    check_keep(fingerprint, keep, budget, min_per_layer)
     return budget
 
 

@@ -127,10 +127,6 @@ def select_global(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | fl
     L = len(fp.moe_layers)
     budget = sum(keep_per_layer(keep, fp.num_experts, fp.top_k))
     floor = max(fp.top_k, min_per_layer or 0)
-    if floor > min(fp.num_experts):
-        raise SelectionError(f"--min-per-layer {floor} exceeds the {min(fp.num_experts)} experts of a layer")
-    if budget < floor * L:
-        raise SelectionError(f"--keep {keep} gives {budget} experts in all, below {floor} per layer x {L} layers")
     s = scores.detach().cpu().numpy().astype(np.float64)
     kept = {layer: set(_top(s[row, :n], floor)) for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts))}
     rest = [(-s[row, e], row, e) for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts))
@@ -177,19 +173,35 @@ def select_top_p(scores: torch.Tensor, fingerprint: Fingerprint, p: str | float,
     return kept, routing, notes
 
 
+def check_keep(fp: Fingerprint, keep: str | float | int, budget: str = "uniform",
+               min_per_layer: int | None = None) -> None:
+    """Refuse a keep / budget / ``min_per_layer`` that ``fp``'s model cannot honour (before any work)."""
+    if min_per_layer is not None and not fp.top_k <= min_per_layer <= min(fp.num_experts):
+        raise SelectionError(f"--min-per-layer {min_per_layer} must be between the router's top-k ({fp.top_k}) "
+                             f"and the experts of the smallest layer ({min(fp.num_experts)})")
+    if budget == "top-p":
+        select_top_p_share(keep)
+    elif budget in ("uniform", "global"):
+        counts = keep_per_layer(keep, fp.num_experts, fp.top_k)
+        if min_per_layer and budget == "uniform" and min(counts) < min_per_layer:
+            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
+        if min_per_layer and budget == "global" and sum(counts) < min_per_layer * len(counts):
+            raise SelectionError(f"--keep {keep} gives {sum(counts)} experts in all, below {min_per_layer} per "
+                                 f"layer x {len(counts)} layers")
+    else:
+        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
+
+
 def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int, task: str = "",
                  method: str = "", signature: list[float] | None = None, budget: str = "uniform",
                  min_per_layer: int | None = None) -> ExpertPattern:
     """Select experts from ``scores`` with a ``uniform`` (per-layer), ``global`` or ``top-p`` budget."""
+    check_keep(fingerprint, keep, budget, min_per_layer)
     if budget == "uniform":
-        if min_per_layer and resolve_keep(keep, max(fingerprint.num_experts), fingerprint.top_k) < min_per_layer:
-            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
         kept, routing, notes = select_uniform(scores, fingerprint, keep)
     elif budget == "global":
         kept, routing, notes = select_global(scores, fingerprint, keep, min_per_layer)
-    elif budget == "top-p":
-        kept, routing, notes = select_top_p(scores, fingerprint, keep, min_per_layer)
     else:
-        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
+        kept, routing, notes = select_top_p(scores, fingerprint, keep, min_per_layer)
     return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
                          signature=signature, meta={"keep": str(keep), "budget": budget, "notes": notes})
