@@ -82,6 +82,13 @@ def main() -> None:
         pred = [m.task for m in retriever.match(query_signatures(model, moved, "first", weighting=weighting))]
         rows.append((f"control: the same queries with their generic opening moved to the end, {weighting} "
                      "weights", f"{np.mean([p == t for p, t in zip(pred, truth)]):.1%}"))
+    # control: 32 queries written by hand after the weighting was chosen, generic words anywhere
+    handwritten = read_demos(Path(__file__).with_name("handwritten_queries.jsonl"))
+    encoded = encode_demos(handwritten, tok, ctx)
+    for weighting in ("context", "uniform"):
+        pred = [m.task for m in retriever.match(query_signatures(model, encoded, "first", weighting=weighting))]
+        rows.append((f"control: {len(encoded)} hand-written queries (other phrasings, generic words anywhere), "
+                     f"{weighting} weights", f"{np.mean([p == q['domain'] for p, q in zip(pred, handwritten)]):.1%}"))
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     for layers in ("first", "all"):
