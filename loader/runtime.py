@@ -210,8 +210,7 @@ class TaskAdaptiveModel:
             for layer, kept in sorted(pattern.kept.items()):
                 done.append(layer)
                 experts = [live.get((layer, e)) or self.cache.get((layer, e)) or fresh[(layer, e)] for e in kept]
-                self._fill(blocks[layer].experts, layer, experts)
-                self._set_router(blocks[layer], layer, kept, pattern.routing)
+                self._put_layer(blocks[layer], layer, kept, experts, pattern.routing)
         except BaseException:  # e.g. out of memory in layer l: put layers 0..l back, all or nothing
             self._restore(blocks, done, live)
             raise
@@ -229,12 +228,17 @@ class TaskAdaptiveModel:
         try:
             for layer in layers:
                 kept = self.active.kept[layer]
-                self._fill(blocks[layer].experts, layer, [live[(layer, e)] for e in kept])
-                self._set_router(blocks[layer], layer, kept, self.active.routing)
+                self._put_layer(blocks[layer], layer, kept, [live[(layer, e)] for e in kept], self.active.routing)
         except BaseException as exc:
             self.broken = exc
             raise RuntimeError("a failed pattern switch could not be undone; the model is inconsistent: "
                                "create a new TaskAdaptiveModel") from exc
+
+    def _put_layer(self, block: Any, layer: int, kept: list[int], experts: list[dict[str, torch.Tensor]],
+                   routing: dict[str, Any]) -> None:
+        """Make ``kept`` (their tensors ``experts``) the experts of one MoE layer, router rows included."""
+        self._fill(block.experts, layer, experts)
+        self._set_router(block, layer, kept, routing)
 
     def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""

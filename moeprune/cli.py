@@ -273,8 +273,9 @@ def _store_add(args: argparse.Namespace, store) -> None:
             raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
         store.check_free(args.task, args.overwrite)  # before the work, not after
         ckpt = open_checkpoint(args.target)
-        check_budget(checkpoint_fingerprint(ckpt), args.method, args.keep)
-        ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype)
+        fingerprint = checkpoint_fingerprint(ckpt)
+        check_budget(fingerprint, args.method, args.keep)
+        ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
         _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args))
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},

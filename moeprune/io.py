@@ -109,6 +109,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def _occupied(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link too
+
+
+def check_dir_target(path: str | Path, overwrite: bool = False) -> Path:
+    """``path`` as a Path, refused if something is there and ``overwrite`` is not given."""
+    path = Path(path)
+    if _occupied(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite")
+    return path
+
+
 @contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
@@ -116,10 +128,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     Without ``overwrite`` an existing ``path`` is refused, before the block and again at the end
     (it may have appeared meanwhile, e.g. from a second export to the same place).
     """
-    path = Path(path)
-    refuse = f"{path} already exists; choose another --out or pass --overwrite"
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(refuse)
+    path = check_dir_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_sibling(path)
@@ -127,9 +136,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise FileExistsError(refuse)
+        if _occupied(check_dir_target(path, overwrite)):
             old = _temp_sibling(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -137,9 +144,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         else:
             try:
                 os.rename(tmp, path)  # fails rather than replace a non-empty folder that appeared just now
-            except OSError as exc:
-                if path.exists():
-                    raise FileExistsError(refuse) from exc
+            except OSError:
+                check_dir_target(path)  # it appeared just now: say so
                 raise
     finally:
         _remove(tmp)

@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint, local_model_dir, open_checkpoint
 from .demos import demo_hash, encode_demos, read_demos
 from .export import export_pruned
 from .fingerprint import Fingerprint, checkpoint_fingerprint
+from .io import check_dir_target
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
 from .scoring import default_budget, needs_checkpoint, score_with_clusters
@@ -93,9 +94,11 @@ class Workspace:
 
 
 def open_workspace(model: str | Path | Checkpoint, demos: str | Path, max_tokens: int | None = None,
-                   device: str = "cpu", dtype: str | torch.dtype | None = "auto") -> Workspace:
+                   device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                   fingerprint: Fingerprint | None = None) -> Workspace:
+    """``model`` loaded with its demos encoded (``fingerprint``: the checkpoint's, if already taken)."""
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    fingerprint = checkpoint_fingerprint(ckpt)
+    fingerprint = fingerprint or checkpoint_fingerprint(ckpt)
     net, tokenizer = load_model(ckpt, device, dtype)
     encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens,
                            vocab_size=getattr(net.config, "vocab_size", None))
@@ -219,11 +222,11 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
-    if (Path(out).exists() or Path(out).is_symlink()) and not overwrite:  # an export's checks, made first
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
     ckpt = open_checkpoint(model)
-    check_budget(checkpoint_fingerprint(ckpt), method, keep, budget, min_per_layer)
-    ws = open_workspace(ckpt, demos, max_tokens, device, dtype)
+    fingerprint = checkpoint_fingerprint(ckpt)
+    check_budget(fingerprint, method, keep, budget, min_per_layer)
+    ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
     transform, extra = None, None
