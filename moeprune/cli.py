@@ -1,4 +1,4 @@
-"""The ``moeprune`` command line: profile, select, export, prune, inspect, demo.
+"""The ``moeprune`` command line: profile, select, export, prune, inspect, store, retrieve, serve, demo.
 
 Human-readable tables by default, one JSON document on stdout with ``--json``. Progress bars go
 to stderr and are silenced by ``--quiet`` (and by ``--json``). Errors print one line naming the
@@ -333,6 +333,25 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .loader.runtime import TaskAdaptiveModel
+    from .serve.app import bind, create_app, run
+
+    if args.max_batch < 1 or args.max_wait < 0 or args.max_tokens_cap < 1 or args.cache_gb < 0:
+        raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb >= 0")
+    sock = bind(args.host, args.port)  # a taken port fails before the model loads
+    runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
+                                cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
+                                threshold=None if args.threshold < 0 else args.threshold)
+    app = create_app(runtime, model_id=args.model_id, max_tokens_cap=args.max_tokens_cap,
+                     max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait)
+    served = app.state.served
+    port = sock.getsockname()[1]
+    print(f"serving {served.model_id} (tasks: {', '.join(served.tasks())}) on http://{args.host}:{port}/v1",
+          file=sys.stderr, flush=True)
+    run(app, sock, quiet=args.quiet)
+
+
 def _query_text(q: dict[str, Any]) -> str:
     if "text" in q:
         return q["text"]
@@ -465,6 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="centred cosine distance beyond which the general (union) pattern is used; <0 disables")
     runtime(c)
     c.set_defaults(func=cmd_retrieve)
+
+    c = command("serve", "serve MODEL over an OpenAI-compatible HTTP API, experts following each request's task")
+    c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
+    c.add_argument("--store", required=True, help="pattern store folder (moeprune store add)")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    c.add_argument("--cache-gb", type=float, default=4.0, help="cache for experts of inactive patterns (GiB, default 4)")
+    c.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize experts to this width as they are read")
+    c.add_argument("--threshold", type=float, default=1.0,
+                   help="retrieval distance beyond which the general (union) pattern is used; <0 disables")
+    c.add_argument("--model-id", help="the base model's id in /v1/models (default: the folder name or Hub id)")
+    c.add_argument("--max-batch", type=int, default=8, help="requests per generation batch (default 8)")
+    c.add_argument("--max-wait", type=float, default=1.0,
+                   help="seconds a request of another task may wait before the server switches (default 1)")
+    c.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (1024)")
+    c.add_argument("--max-body-kb", type=float, default=1024, help="largest request body in KiB (default 1024)")
+    runtime(c)
+    c.set_defaults(func=cmd_serve)
 
     c = command("demo", "prune the embedded model per domain; compare perplexity full vs pruned")
     c.add_argument("--method", default="tcess", choices=methods)
