@@ -292,3 +292,14 @@ def test_cli_serve_answers_and_refuses_a_taken_port():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_hooks_example(runtime):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hooks", ROOT / "examples" / "hooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.route_and_run(runtime, QUERIES["math"][1])
+    assert out["task"] == runtime.retrieve(QUERIES["math"][1]).task == runtime.active.task
+    assert out["experts_loaded"] == {layer: len(k) for layer, k in runtime.active.kept.items()}
