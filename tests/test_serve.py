@@ -262,6 +262,18 @@ def test_task_grouping_avoids_a_switch_per_request(runtime, server):
     assert grouped == 2 and fifo == 8
 
 
+def test_pick_policy_bounded_wait(runtime):
+    """Most queued requests first, the active task on a tie, the oldest once it has waited max_wait."""
+    sched = Scheduler(runtime, max_wait=0.5)
+    now = time.monotonic()
+    job = lambda task, age: Job([1], Sampling(max_tokens=1), lambda *a: None, task=task, arrived=now - age)
+    runtime.activate("legal")
+    assert sched._pick([job("math", 0.1), job("code", 0), job("code", 0)]) == "code"  # most queued
+    assert sched._pick([job("math", 0.1), job("legal", 0)]) == "legal"  # tie: no switch
+    assert sched._pick([job("math", 0.1), job("code", 0)]) == "math"  # tie, none active: the oldest
+    assert sched._pick([job("math", 0.6), *[job("legal", 0)] * 5]) == "math"  # waited max_wait: no starvation
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

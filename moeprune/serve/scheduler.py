@@ -3,11 +3,12 @@
 Policy (also in the README):
 - A request names its task (pinned) or is routed by retrieval; the worker retrieves queued requests
   between batches (retrieval runs the model's first layers, so it never overlaps a generation).
-- Queued requests wait in one FIFO queue per task. The worker keeps serving the active task's queue
-  (up to ``max_batch`` requests per batch) while the oldest request of any other task has waited less
-  than ``max_wait`` seconds; then it switches to the task whose oldest request is oldest. So
-  alternating clients do not force a switch per request, and no request waits much beyond
-  ``max_wait`` plus one batch.
+- Queued requests wait in one FIFO queue per task; a batch takes up to ``max_batch`` requests of one
+  task. Once any request has waited ``max_wait`` seconds, the task of the oldest request goes next
+  (so no request waits much beyond ``max_wait`` plus a batch or two). Otherwise the task with the
+  most queued requests goes next, the active one on a tie (no switch), else the one whose oldest
+  request is oldest. So alternating clients do not force a switch per request, and a switch, when
+  it comes, is spent on the largest batch.
 - A switch happens only between batches, under the runtime's lock, after the batch of the old
   pattern has finished: no request ever runs on a half-switched model.
 - With ``group=False`` (for comparison) the worker serves strictly in arrival order: a batch is the
@@ -126,13 +127,7 @@ class Scheduler:
             if not live:
                 return []
             if self.group:
-                active = self.runtime.active.task
-                now = time.monotonic()
-                others = [j.arrived for j in live if j.task != active]
-                if any(j.task == active for j in live) and (not others or now - min(others) < self.max_wait):
-                    task = active
-                else:
-                    task = live[0].task
+                task = self._pick(live)
                 batch = [j for j in live if j.task == task][: self.max_batch]
             else:
                 task = live[0].task
@@ -145,6 +140,19 @@ class Scheduler:
             self._queue = deque(j for j in live if id(j) not in chosen)
             self.metrics.queued.dec(len(batch))
             return batch
+
+    def _pick(self, live: list[Job]) -> str:
+        """The task to serve next (``live`` is in arrival order), by the policy in the module docstring."""
+        if time.monotonic() - live[0].arrived >= self.max_wait:
+            return live[0].task
+        counts: dict[str, int] = {}
+        for j in live:
+            counts[j.task] = counts.get(j.task, 0) + 1
+        most = max(counts.values())
+        active = self.runtime.active.task
+        if counts.get(active) == most:
+            return active
+        return next(j.task for j in live if counts[j.task] == most)
 
     def _run(self, batch: list[Job]) -> None:
         rt = self.runtime
