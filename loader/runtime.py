@@ -150,6 +150,17 @@ class TaskAdaptiveModel:
             self.activate(pattern)
             yield self.model
 
+    def switch_reads(self, pattern: ExpertPattern | str) -> list[tuple[str, tuple[int, ...] | None]]:
+        """The checkpoint reads a switch to ``pattern`` would make now: its experts neither active nor
+        cached (for prefetching them, see ``loader/prefetch.py``)."""
+        if isinstance(pattern, str):
+            pattern = self._by_task(pattern)
+        with self.lock:
+            live = {(layer, e) for layer, kept in self.active.kept.items() for e in kept}
+            missing = sorted(key for layer, kept in pattern.kept.items() for key in ((layer, e) for e in kept)
+                             if key not in live and key not in self.cache)
+        return [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
+
     def expert_map(self) -> dict[int, list[int]]:
         """Per MoE layer: original expert id -> loaded id, -1 where the expert is absent."""
         return self.active.expert_map()

@@ -344,7 +344,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
                                 threshold=None if args.threshold < 0 else args.threshold)
     app = create_app(runtime, model_id=args.model_id, max_tokens_cap=args.max_tokens_cap,
-                     max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait)
+                     max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
+                     prefetch=not args.no_prefetch)
     served = app.state.served
     port = sock.getsockname()[1]
     print(f"serving {served.model_id} (tasks: {', '.join(served.tasks())}) on http://{args.host}:{port}/v1",
@@ -498,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-batch", type=int, default=8, help="requests per generation batch (default 8)")
     c.add_argument("--max-wait", type=float, default=1.0,
                    help="seconds a request of another task may wait before the server switches (default 1)")
+    c.add_argument("--no-prefetch", action="store_true",
+                   help="do not read the next queued task's experts into the page cache during a batch")
     c.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (1024)")
     c.add_argument("--max-body-kb", type=float, default=1024, help="largest request body in KiB (default 1024)")
     runtime(c)

@@ -274,6 +274,50 @@ def test_pick_policy_bounded_wait(runtime):
     assert sched._pick([job("math", 0.6), *[job("legal", 0)] * 5]) == "math"  # waited max_wait: no starvation
 
 
+def test_prefetch_ranges_hold_the_experts_a_switch_reads(family_checkpoints, runtime):
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.loader.prefetch import byte_ranges, read_ranges
+    from moeprune.loader.reader import TensorReader
+    from moeprune.loader.selective import expert_requests
+
+    for family in ("mixtral", "gpt_oss", "qwen3_moe"):
+        ckpt = open_checkpoint(family_checkpoints[family][1])
+        layer = min(ckpt.moe_layers())
+        reqs = expert_requests(ckpt.adapter, layer, [1, 3])
+        got = b"".join(open(path, "rb").read()[a:b] for path, a, b in byte_ranges(ckpt, reqs))
+        tensors = TensorReader(ckpt).read(reqs)
+        assert got == b"".join(tensors[r].contiguous().view(torch.uint8).numpy().tobytes() for r in reqs), family
+    # the runtime names exactly what a switch would read; after it, nothing
+    saved, runtime.cache = runtime.cache, type(runtime.cache)(0)  # nothing cached: a switch reads
+    try:
+        runtime.activate("math")
+        reads = runtime.switch_reads("code")
+        assert read_ranges(byte_ranges(runtime.ckpt, reads)) > 0
+        stats = runtime.activate("code")
+        assert len({key for key, _ in reads}) == 3 * stats["experts_read"] > 0 and runtime.switch_reads("code") == []
+    finally:
+        runtime.cache = saved
+
+
+def test_scheduler_prefetches_the_queued_task(runtime):
+    sched = Scheduler(runtime, max_batch=1, max_wait=60.0)
+    done = threading.Semaphore(0)
+    runtime.activate("general")
+    saved, runtime.cache = runtime.cache, type(runtime.cache)(0)  # nothing cached: the next switch must read
+    try:
+        for task in ("math", "legal"):
+            sched.submit(Job([1, 5, 6], Sampling(max_tokens=1, temperature=0),
+                             lambda kind, value: done.release() if kind in ("done", "error") else None, task=task))
+        sched.start()
+        for _ in range(2):
+            assert done.acquire(timeout=120)
+        sched.stop()
+    finally:
+        runtime.cache = saved
+    sched.prefetcher.join(30)
+    assert sched.prefetcher.started == 1 and sched.prefetcher.bytes > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -230,11 +230,12 @@ class _Run:
 
 def create_app(runtime: Any, model_id: str | None = None, max_tokens_cap: int = 1024,
                max_body_bytes: int = 1 << 20, max_batch: int = 8, max_wait: float = 1.0,
-               group: bool = True) -> FastAPI:
+               group: bool = True, prefetch: bool = True) -> FastAPI:
     """The OpenAI-compatible app serving ``runtime`` (a ``TaskAdaptiveModel``); its scheduler thread
     starts and stops with the app (lifespan)."""
     metrics = Metrics()
-    scheduler = Scheduler(runtime, max_batch=max_batch, max_wait=max_wait, group=group, metrics=metrics)
+    scheduler = Scheduler(runtime, max_batch=max_batch, max_wait=max_wait, group=group, metrics=metrics,
+                          prefetch=prefetch)
     served = _Served(runtime, model_id or default_model_id(runtime), max_tokens_cap, max_body_bytes, scheduler,
                      metrics)
 

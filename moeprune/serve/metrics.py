@@ -19,6 +19,8 @@ class Metrics:
         self.expert_bytes = Counter("moeprune_expert_bytes_read", "bytes of experts read from the checkpoint",
                                     registry=r)
         self.experts_read = Counter("moeprune_experts_read", "experts read from the checkpoint", registry=r)
+        self.prefetched = Counter("moeprune_expert_bytes_prefetched", "expert bytes read ahead into the page cache",
+                                  registry=r)
         self.cache_hits = Counter("moeprune_expert_cache_hits", "experts a switch took from the cache", registry=r)
         self.latency = Histogram("moeprune_request_latency_seconds", "time from request to last token",
                                  ["endpoint"], registry=r,

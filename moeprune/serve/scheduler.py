@@ -11,6 +11,9 @@ Policy (also in the README):
   it comes, is spent on the largest batch.
 - A switch happens only between batches, under the runtime's lock, after the batch of the old
   pattern has finished: no request ever runs on a half-switched model.
+- With ``prefetch`` (default), when a batch starts and the queue already holds requests of another
+  task, the experts that task's switch would read are read into the OS page cache in the background
+  while the batch runs (file bytes only; the model and the expert cache are untouched).
 - With ``group=False`` (for comparison) the worker serves strictly in arrival order: a batch is the
   run of same-task requests at the head of the queue.
 """
@@ -22,6 +25,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from moeprune.loader.prefetch import Prefetcher, byte_ranges
 
 from .batch import Sampling, generate_batch
 from .metrics import Metrics
@@ -46,7 +51,7 @@ class Scheduler:
     """Queue, group and batch requests for a ``TaskAdaptiveModel`` on one worker thread."""
 
     def __init__(self, runtime: Any, max_batch: int = 8, max_wait: float = 1.0, group: bool = True,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, prefetch: bool = True):
         if max_batch < 1 or max_wait < 0:
             raise ValueError("max_batch must be >= 1 and max_wait >= 0")
         self.runtime, self.max_batch, self.max_wait, self.group = runtime, max_batch, max_wait, group
@@ -58,6 +63,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.switches = 0
+        self.prefetch = prefetch
+        self.prefetcher = Prefetcher(on_done=self.metrics.prefetched.inc)
+        self._prefetched: tuple[str, str] | None = None
         pad = getattr(runtime.model.config, "pad_token_id", None)
         self.pad_id = pad if isinstance(pad, int) else 0
 
@@ -154,6 +162,21 @@ class Scheduler:
             return active
         return next(j.task for j in live if counts[j.task] == most)
 
+    def _prefetch_next(self, current: str) -> None:
+        """Start reading the experts of the task likely to follow ``current`` (the queue shows it)."""
+        with self._cv:
+            rest = [j for j in self._queue if not j.cancelled and j.task != current]
+        if not rest or self.prefetcher.busy():
+            return
+        nxt = self._pick(rest)
+        if self._prefetched == (current, nxt):
+            return
+        self._prefetched = (current, nxt)
+        try:
+            self.prefetcher.start(byte_ranges(self.runtime.ckpt, self.runtime.switch_reads(nxt)))
+        except Exception:  # noqa: BLE001 - a hint only: the switch reads what it needs anyway
+            pass
+
     def _run(self, batch: list[Job]) -> None:
         rt = self.runtime
         task = batch[0].task
@@ -173,6 +196,8 @@ class Scheduler:
                     self.metrics.cache_hits.inc(stats["from_cache"])
                 self.batches += 1
                 self.metrics.batch_size.observe(len(batch))
+                if self.prefetch:
+                    self._prefetch_next(task)
                 for job in batch:
                     job.emit("start", {"task": task, "distance": job.distance, "nearest": job.nearest,
                                        "switched": switched, "bytes_read": stats["bytes_read"] if switched else 0,
