@@ -139,8 +139,10 @@ def switch_per_gib(model: Path, patterns: list, repeats: int) -> list[tuple]:
 
     from moeprune.loader.runtime import TaskAdaptiveModel
 
+    from moeprune.loader.prefetch import byte_ranges, read_ranges
+
     rows = []
-    for case in ("cold page cache", "warm page cache", "expert cache hit"):
+    for case in ("cold page cache", "cold, prefetched during the batch before", "warm page cache", "expert cache hit"):
         secs, gib = [], 0.0
         rt = TaskAdaptiveModel(model, patterns=patterns, initial=patterns[0].task, dtype=torch.bfloat16,
                                cache_bytes=2**40 if case == "expert cache hit" else 0)
@@ -148,8 +150,10 @@ def switch_per_gib(model: Path, patterns: list, repeats: int) -> list[tuple]:
             rt.activate(patterns[1].task)
             rt.activate(patterns[0].task)
         for _ in range(repeats):
-            if case == "cold page cache":
+            if case.startswith("cold"):
                 drop_cached_shards(model)
+            if case.startswith("cold, prefetched"):
+                read_ranges(byte_ranges(rt.ckpt, rt.switch_reads(patterns[1].task)))
             t = time.perf_counter()
             st = rt.activate(patterns[1].task)
             secs.append(time.perf_counter() - t)
@@ -182,13 +186,30 @@ def big_patterns(path: Path):
             for t, o in (("a", 0), ("b", E // 4))]
 
 
-def drop_caches_works() -> bool:
+def _read_file(path: Path) -> float:
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+    return time.perf_counter() - t
+
+
+def eviction_check(model: Path) -> str:
+    """Whether each way of emptying the page cache works here: a shard read warm, after writing
+    /proc/sys/vm/drop_caches, and after posix_fadvise DONTNEED."""
+    shard = max(model.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    _read_file(shard)
+    warm = _read_file(shard)
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
-    except OSError:
-        return False
+        dropped = f"{_read_file(shard):.3f} s"
+    except OSError as exc:
+        dropped = f"refused ({exc.strerror})"
+    drop_cached_shards(model)
+    fadvised = _read_file(shard)
+    return (f"reading a {shard.stat().st_size / 2**20:,.0f} MiB shard: warm {warm:.3f} s; right after writing 3 to "
+            f"/proc/sys/vm/drop_caches {dropped}; after posix_fadvise DONTNEED {fadvised:.3f} s")
 
 
 def main() -> None:
@@ -205,7 +226,8 @@ def main() -> None:
 
     print("throughput ...", flush=True)
     tput, _ = throughput(args)
-    dropped = drop_caches_works()
+    evict = eviction_check(BIG if args.big and BIG.exists() else EMBEDDED)
+    print(evict, flush=True)
     print("launch to first answer ...", flush=True)
     q = queries(1)[0]
     rows = [("imports alone (torch, transformers, moeprune)", "", f"{statistics.median(imports_seconds() for _ in range(args.repeats)):.2f}")]
@@ -243,7 +265,7 @@ def main() -> None:
         f"--max-wait {args.max_wait}, openai client over loopback):\n\n" + tput
         + "\n\n**Launch to first answer** (a fresh `moeprune serve` process, imports included, until a 1-token "
         f"completion answers; median of {args.repeats}; cold: the checkpoint's shards evicted with posix_fadvise "
-        f"DONTNEED; /proc/sys/vm/drop_caches {'worked' if dropped else 'is not writable here'}):\n\n"
+        f"DONTNEED; whether each way of emptying the cache works here, {evict}):\n\n"
         + table(rows, ["launch", "page cache", "seconds"])
         + "\n\n**Switch time per GiB of experts read** (embedded: math -> code, the experts they do not share; "
         "generated: a -> b, keep 0.25 each, no expert in common; the expert cache off except in the cache-hit row; "
