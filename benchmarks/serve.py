@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -135,16 +134,13 @@ def imports_seconds() -> float:
 def switch_per_gib(model: Path, patterns: list, repeats: int) -> list[tuple]:
     """Switch a -> b between disjoint patterns: cold page cache, warm page cache (expert cache off), and
     from the expert cache. Seconds per GiB of experts the switch brought in."""
-    import torch
-
-    from moeprune.loader.runtime import TaskAdaptiveModel
-
     from moeprune.loader.prefetch import byte_ranges, read_ranges
+    from moeprune.loader.runtime import TaskAdaptiveModel
 
     rows = []
     for case in ("cold page cache", "cold, prefetched during the batch before", "warm page cache", "expert cache hit"):
         secs, gib = [], 0.0
-        rt = TaskAdaptiveModel(model, patterns=patterns, initial=patterns[0].task, dtype=torch.bfloat16,
+        rt = TaskAdaptiveModel(model, patterns=patterns, initial=patterns[0].task,  # the checkpoint's dtype
                                cache_bytes=2**40 if case == "expert cache hit" else 0)
         if case == "expert cache hit":
             rt.activate(patterns[1].task)
@@ -222,7 +218,6 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8731)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    import torch
 
     print("throughput ...", flush=True)
     tput, _ = throughput(args)

@@ -70,7 +70,8 @@ def test_greedy_completion_equals_generate(client, runtime):
         x = torch.tensor([ids])
         ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8)[0, len(ids):]
     assert _ids(resp) == ref.tolist()
-    assert resp.choices[0].text == runtime.tokenizer.decode(ref, skip_special_tokens=True)
+    assert resp.choices[0].text == runtime.tokenizer.decode(ref, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False)
     assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == 8
     assert resp.choices[0].finish_reason == "length" and resp.object == "text_completion"
     # token ids as the prompt give the same answer
@@ -113,6 +114,20 @@ def test_streaming_equals_non_streaming(client, stop):
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
     assert parts[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_client_leaving_a_stream_ends_its_row(server, client):
+    def generated() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        return float(next(line for line in text.splitlines() if line.startswith("moeprune_generation_tokens_total")).split()[-1])
+
+    before = generated()
+    body = {"model": "math", "prompt": "1 + 1 =", "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one event, then hang up
+    assert client.completions.create(model="math", prompt="2 =", max_tokens=1, temperature=0).usage.completion_tokens == 1
+    assert generated() - before < 60  # the row ended early (the next request ran after its batch)
 
 
 def test_chat_uses_the_chat_template(client, runtime):

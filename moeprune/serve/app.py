@@ -59,7 +59,8 @@ class _Text:
         self.ids.append(token)
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # no clean-up of spaces: it can rewrite text already sent (" ." -> "."), so the pieces would not add up
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
