@@ -210,8 +210,15 @@ def test_concurrent_clients_across_tasks_equal_sequential(server, client):
             requests.append(("completions", "tiny-moe", q))
     requests.append(("chat", "math", QUERIES["math"][0]))
     requests.append(("chat", "tiny-moe", QUERIES["code"][1]))
+    requests.append(("stream", "tiny-moe", QUERIES["legal"][1]))
+    requests.append(("stream", "recipes", QUERIES["recipes"][0]))
 
     def ask(kind, model, query):
+        if kind == "stream":
+            chunks = list(client.completions.create(model=model, prompt=query, max_tokens=5, temperature=0,
+                                                    stream=True))
+            info = chunks[-1].model_extra["moeprune"]
+            return info["task"], info["token_ids"], "".join(c.choices[0].text for c in chunks)
         if kind == "chat":
             r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": query}],
                                                max_tokens=5, temperature=0)
@@ -221,6 +228,9 @@ def test_concurrent_clients_across_tasks_equal_sequential(server, client):
 
     sequential = {req: ask(*req) for req in requests}
     work = [requests[i % len(requests)] for i in range(56)]  # 8 clients x 7 requests, interleaved tasks
+    for req in requests:  # streamed == not streamed
+        if req[0] == "stream":
+            assert sequential[req] == sequential[("completions", *req[1:])]
     answers, errors = [None] * len(work), []
 
     def client_thread(c):
