@@ -122,8 +122,8 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
 class _ShardWriter:
     """Collects tensors and writes numbered shards of at most ``max_bytes`` each."""
 
-    def __init__(self, folder: Path, max_bytes: int, save: Callable = save_file):
-        self.folder, self.max_bytes, self.save = folder, max_bytes, save
+    def __init__(self, folder: Path, max_bytes: int, save: Callable | None = None):
+        self.folder, self.max_bytes, self.save = folder, max_bytes, save or save_file
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_meta: dict[str, str] = {}
         self.pending_bytes = 0
