@@ -35,3 +35,122 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, f"cannot write {tmp_path / 'o'}: No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def _stored(tmp_path, *tasks):
+    from moeprune.store import PatternStore
+    from test_store import _pattern
+
+    store = PatternStore(tmp_path / "store")
+    for i, task in enumerate(tasks):
+        store.add(_pattern(task, 8 * i))
+    return store
+
+
+def _edit_index(store, task, **entry):
+    index = json.loads(store.index_path.read_text())
+    index["patterns"][task].update(entry)
+    store.index_path.write_text(json.dumps(index))
+
+
+def test_store_paths_stay_inside_the_store_folder(tmp_path, capsys):
+    from moeprune.pattern import PatternError
+
+    store = _stored(tmp_path, "a", "b")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the store's")
+    (store.root / "link.json").symlink_to(victim)
+    for name in ("../victim.txt", str(victim), "link.json", "", 7):
+        _edit_index(store, "a", file=name)
+        for action in ("remove", "show"):
+            code, _, err = run(capsys, "store", action, store.root, "a")
+            _one_line_error(code, err, "not inside the store folder")
+        with pytest.raises(PatternError, match="not inside the store folder"):
+            store.patterns()
+        assert victim.read_text() == "not the store's"
+    _edit_index(store, "a", file="a.json")
+    assert [p.task for p in store.patterns()] == ["a", "b"]
+
+
+def test_a_failed_store_add_leaves_no_orphan_and_replaces_nothing(tmp_path, monkeypatch):
+    from test_store import _pattern
+
+    store = _stored(tmp_path, "a")
+    before = (store.root / "a.json").read_text()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("moeprune.store.write_text_atomic", full)
+    for task, overwrite in (("new", False), ("a", True)):
+        with pytest.raises(OSError, match="No space left"):
+            store.add(_pattern(task, 16), overwrite=overwrite)
+    assert sorted(p.name for p in store.root.iterdir()) == [".lock", "a.json", "index.json"]
+    assert (store.root / "a.json").read_text() == before and list(store.list()) == ["a"]
+
+
+def test_store_list_shows_the_model(family_checkpoints, tmp_path, capsys):
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["store", "add", str(tmp_path / "s"), str(src), "--demos", str(demos), "--task", "t", "-q"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "store", "list", tmp_path / "s")
+    row = out.splitlines()[-1]
+    assert code == 0 and row.split()[-1].endswith(src.name) and "routers" not in row, out
+
+
+def test_a_bad_signature_is_refused_naming_its_file(family_checkpoints, tmp_path, capsys):
+    from moeprune.pattern import _checksum
+
+    _, src = family_checkpoints["mixtral"]
+    for i, task in enumerate(["a", "b"]):
+        demos = write_token_demos(tmp_path / f"{task}.jsonl", seed=i)
+        assert main(["store", "add", str(tmp_path / "s"), str(src), "--demos", str(demos), "--task", task, "-q"]) == 0
+    path = tmp_path / "s" / "b.json"
+    for bad in ([0.5, 0.5], "abc", [float("nan")] * 16):
+        body = json.loads(path.read_text())
+        body["signature"] = bad if not isinstance(bad, list) or len(bad) != 16 else bad * (len(body["signature"]) // 16)
+        del body["checksum"]
+        body["checksum"] = _checksum(body)
+        path.write_text(json.dumps(body))
+        code, _, err = run(capsys, "retrieve", tmp_path / "s", "--query", "x", "-q")
+        _one_line_error(code, err, f"{path}")
+        assert "signature" in err and "store remove" in err
+
+
+def _forged(path, **changes):
+    """Rewrite a pattern file with ``changes`` and a checksum that matches them (a hand edit)."""
+    from moeprune.pattern import _checksum
+
+    body = json.loads(path.read_text())
+    body.update(changes)
+    del body["checksum"]
+    body["checksum"] = _checksum(body)
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_routing_overrides_are_only_what_moeprune_writes(family_checkpoints, tmp_path, capsys):
+    from moeprune.fingerprint import Fingerprint
+    from moeprune.pattern import ExpertPattern, PatternError
+    from test_pattern import FP, _pattern
+
+    for routing in ({"hidden_size": 8}, {"num_experts_per_tok": 7}, {"n_group": 1, "topk_group": 1},
+                    {"n_group": 2, "topk_group": 1}):
+        with pytest.raises(PatternError, match="routing overrides"):
+            _pattern(routing=routing)
+    grouped = Fingerprint("deepseek_v3", (1, 2), (16, 16), 2, "x", groups=(4, 2))
+    kept = {1: list(range(6)), 2: list(range(6))}
+    ExpertPattern(grouped, kept, routing={"n_group": 1, "topk_group": 1})  # the fallback moeprune writes
+    with pytest.raises(PatternError, match="routing overrides"):
+        ExpertPattern(grouped, kept, routing={"n_group": 1, "topk_group": 2})
+    assert FP.groups == (1, 1)
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["profile", str(src), "--demos", str(demos), "--out", str(tmp_path / "p.safetensors"), "-q"]) == 0
+    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4", "--out", str(tmp_path / "p.json"), "-q"]) == 0
+    _forged(tmp_path / "p.json", routing={"num_experts_per_tok": 7})
+    code, _, err = run(capsys, "export", src, "--pattern", tmp_path / "p.json", "--out", tmp_path / "o", "-q")
+    _one_line_error(code, err, "routing overrides {'num_experts_per_tok': 7} are not ones moeprune writes")
+    assert not (tmp_path / "o").exists()
