@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -239,7 +240,7 @@ def cmd_store(args: argparse.Namespace) -> None:
         _store_add(args, store)
     elif args.action == "list":
         entries = store.list()
-        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e["model"])
+        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e.get("model") or "-")
                 for t, e in entries.items()]
         _emit(args, entries, _table(rows, ["task", "method", "kept", "signature", "model"]) if rows
               else f"store {store.root} is empty")
@@ -288,6 +289,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     from .store import PatternStore
 
     store = PatternStore(args.store)
+    if math.isnan(args.threshold):
+        raise ValueError("--threshold nan is no distance: give a number (a negative one disables the fallback)")
     patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
@@ -487,6 +490,16 @@ def _check_device(device: str | None) -> None:
                          "use --device cpu")
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
@@ -504,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _check_device(getattr(args, "device", None))
             args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except BrokenPipeError:  # `moeprune ... | head` stopped reading: end quietly, as shell tools do
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
         except (ValueError, LookupError, CheckpointError, OSError) as exc:
             if os.environ.get("MOEPRUNE_DEBUG"):
                 traceback.print_exc()

@@ -187,6 +187,8 @@ class Retriever:
         if len(fps) > 1:
             raise ValueError("the patterns belong to different models; retrieve among one model's patterns")
         self.patterns = list(patterns)
+        if threshold is not None and threshold != threshold:
+            raise ValueError("threshold nan is no distance: give a number, or None to disable the fallback")
         self.layers, self.threshold = layers, threshold
         sigs = np.stack([pattern_signature(p, layers) for p in self.patterns])
         self.center = sigs.mean(0) if len(sigs) > 1 else np.zeros(sigs.shape[1])

@@ -35,6 +35,8 @@ def resolve_keep(keep: str | float | int, num_experts: int, top_k: int) -> int:
         value = float(text)
     except ValueError:
         raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32") from None
+    if not math.isfinite(value):
+        raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32")
     is_count = isinstance(keep, int) or ("." not in text and "e" not in text.lower() and value >= 1)
     if is_count:
         k = int(value)

@@ -154,3 +154,114 @@ def test_routing_overrides_are_only_what_moeprune_writes(family_checkpoints, tmp
     code, _, err = run(capsys, "export", src, "--pattern", tmp_path / "p.json", "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, "routing overrides {'num_experts_per_tok': 7} are not ones moeprune writes")
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_demo_records_and_keeps_get_one_line_errors(family_checkpoints, tmp_path, capsys, monkeypatch):
+    """Nested or float input_ids, messages as a string, a message without content, --keep inf: refused
+    before the model is loaded, each with one line naming the line and field."""
+    import moeprune.pipeline as pipeline
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cases = {'{"input_ids": [[1, 2], [3]]}': "'input_ids' must be a flat list of integer token ids, but holds [1, 2]",
+             '{"input_ids": [5, 1.7]}': "holds 1.7",
+             '{"input_ids": [5, true]}': "holds True",
+             '{"messages": "hello"}': "'messages' must be a non-empty list",
+             '{"messages": [{"role": "user"}]}': "message 0 must be an object with a string 'role' and a 'content'",
+             '{"text": 5}': "'text' must be a string"}
+    for line, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "fine"}\n' + line + "\n")
+        code, _, err = run(capsys, "profile", src, "--demos", bad, "--out", tmp_path / "p.safetensors", "-q")
+        _one_line_error(code, err, "bad.jsonl:2: ")
+        assert message in err, err
+        code, _, err = run(capsys, "retrieve", tmp_path / "nostore", "--queries", bad, "-q")
+        assert code == 2 and "Traceback" not in err
+    for keep in ("inf", "-inf", "nan", "1e999"):
+        code, _, err = run(capsys, "prune", src, "--demos", demos, f"--keep={keep}", "--out", tmp_path / "o", "-q")
+        _one_line_error(code, err, f"--keep {keep!r} is neither a fraction")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p.safetensors").exists()
+
+
+def test_demo_checks_keep_before_any_work(monkeypatch, capsys):
+    import moeprune.demo as demo
+
+    monkeypatch.setattr(demo, "EmbeddedBench", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for keep, message in (("abc", "neither a fraction"), ("1", "below the router's top-k"), ("inf", "neither")):
+        code, _, err = run(capsys, "demo", "--keep", keep, "-q")
+        _one_line_error(code, err, message)
+
+
+def test_threshold_nan_is_refused(family_checkpoints, tmp_path, capsys):
+    from moeprune.retrieval import Retriever
+    from test_store import _pattern
+
+    store = _stored(tmp_path, "a", "b")
+    code, _, err = run(capsys, "retrieve", store.root, "--query", "x", "--threshold", "nan", "-q")
+    _one_line_error(code, err, "--threshold nan")
+    with pytest.raises(ValueError, match="nan"):
+        Retriever([_pattern("a"), _pattern("b", 8)], threshold=float("nan"))
+
+
+def test_profile_disagreeing_with_its_fingerprint_is_refused(tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from moeprune.profile import RouterProfile
+    from test_pattern import FP
+
+    good = RouterProfile.empty(FP, "t")
+    good.tokens = 10
+    good.save(tmp_path / "good.safetensors")
+
+    def variant(name, stats=None, **meta):
+        with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as f:
+            m = dict(f.metadata())
+        s = load_file(str(tmp_path / "good.safetensors"))
+        s.update(stats or {})
+        m.update(meta)
+        save_file(s, str(tmp_path / name), metadata=m)
+        return tmp_path / name
+
+    cases = [(variant("neg.safetensors", tokens="-5"), "-5 tokens"),
+             (variant("shape.safetensors", {"count": torch.zeros(3, 8, dtype=torch.float64)}), "disagrees with its own fingerprint"),
+             (variant("coact.safetensors", {"coact": torch.zeros(3, 64, dtype=torch.float64)}), "signal 'coact'"),
+             (variant("nan.safetensors", {"soft": torch.full((3, 64), float("nan"), dtype=torch.float64)}), "NaN"),
+             (variant("over.safetensors", {"count": torch.full((3, 64), 11.0, dtype=torch.float64)}), "within [0, 10]"),
+             (variant("tok.safetensors", tokens="x"), "corrupt moeprune profile")]
+    for path, message in cases:
+        code, _, err = run(capsys, "select", path, "--keep", "8", "--out", tmp_path / "p.json", "-q")
+        _one_line_error(code, err, message)
+        code, _, err = run(capsys, "inspect", path, "-q")
+        _one_line_error(code, err, message)
+    assert RouterProfile.load(tmp_path / "good.safetensors").tokens == 10
+
+
+def test_config_expert_count_disagreeing_with_the_shards(family_checkpoints, tmp_path, capsys):
+    import shutil
+
+    _, src = family_checkpoints["mixtral"]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_local_experts"] -= 2
+    (bad / "config.json").write_text(json.dumps(config))
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    code, _, err = run(capsys, "profile", bad, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")
+    _one_line_error(code, err, f"config.json says {config['num_local_experts']} routed experts (num_local_experts), "
+                               "but the router of layer 0 in the shards has")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`moeprune store list --json | head`: no traceback when the reader goes away."""
+    import subprocess
+    import sys
+
+    store = _stored(tmp_path, *[f"task{i}" for i in range(3)])
+    proc = subprocess.Popen([sys.executable, "-m", "moeprune.cli", "store", "list", str(store.root), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before a byte is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
