@@ -265,3 +265,51 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before a byte is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def _pattern_file(src, tmp_path):
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["profile", str(src), "--demos", str(demos), "--out", str(tmp_path / "p.safetensors"), "-q"]) == 0
+    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4", "--out", str(tmp_path / "p.json"), "-q"]) == 0
+    return tmp_path / "p.json"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # per-expert keys, fused [E, ...] tensors
+def test_export_refuses_a_kept_expert_missing_from_the_index(family, family_checkpoints, tmp_path, capsys):
+    import shutil
+
+    from moeprune.pattern import ExpertPattern
+
+    _, src = family_checkpoints[family]
+    pattern = _pattern_file(src, tmp_path)
+    layer, kept = next(iter(sorted(ExpertPattern.load(pattern).kept.items())))
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    prefix = f"model.layers.{layer}."
+    key = next(k for k in index["weight_map"] if k.startswith(prefix) and "experts" in k
+               and (family == "gpt_oss" or f"experts.{kept[0]}." in k))
+    del index["weight_map"][key]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, _, err = run(capsys, "export", broken, "--pattern", pattern, "--out", tmp_path / "o", "-q")
+    _one_line_error(code, err, f"tensor {key} of a kept expert is not in the checkpoint's model.safetensors.index.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_verifies_what_it_wrote_against_its_plan(family_checkpoints, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    _, src = family_checkpoints["mixtral"]
+    pattern = _pattern_file(src, tmp_path)
+    dropped = []
+
+    def lossy(tensors, path, metadata=None):  # a writer that silently loses a tensor
+        if not dropped and len(tensors) > 1:
+            dropped.append(sorted(tensors)[0])
+            tensors = {k: v for k, v in tensors.items() if k != dropped[0]}
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr("moeprune.export.save_file", lossy)
+    code, _, err = run(capsys, "export", src, "--pattern", pattern, "--out", tmp_path / "o", "-q")
+    _one_line_error(code, err, "the export's shards do not match its index and plan")
+    assert dropped and dropped[0] in err and not (tmp_path / "o").exists()
