@@ -285,7 +285,7 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
     from .demos import encode_demos, read_demos
-    from .retrieval import Retriever, load_signature_model, query_signatures
+    from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
     from .store import PatternStore
 
     store = PatternStore(args.store)
@@ -330,6 +330,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
     retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
+    for i, ids in enumerate(encoded):
+        check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
     matches = retriever.match(query_signatures(net, encoded, args.layers))
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]

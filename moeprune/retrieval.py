@@ -51,6 +51,14 @@ def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
     return keep
 
 
+def check_query_length(ids: Sequence[int], context: int | None, what: str = "the query") -> None:
+    """Refuse a query longer than the model's context (``max_position_embeddings``): it is not cut, so
+    a request is answered for the text it sent or not at all."""
+    if context is not None and len(ids) > context:
+        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {context} "
+                         "(max_position_embeddings); shorten it")
+
+
 WEIGHTINGS = ("context", "uniform")
 
 

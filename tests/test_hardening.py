@@ -313,3 +313,118 @@ def test_export_verifies_what_it_wrote_against_its_plan(family_checkpoints, tmp_
     code, _, err = run(capsys, "export", src, "--pattern", pattern, "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, "the export's shards do not match its index and plan")
     assert dropped and dropped[0] in err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def runtime(family_checkpoints, tmp_path_factory):
+    from moeprune.loader.runtime import TaskAdaptiveModel
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+
+    _, src = family_checkpoints["mixtral"]
+    tmp = tmp_path_factory.mktemp("rt")
+    pats = []
+    for i, task in enumerate(["a", "b"]):
+        demos = write_token_demos(tmp / f"{task}.jsonl", seed=20 + i, low=2 + 63 * i, high=65 + 63 * i)
+        pats.append(select_pattern(profile_checkpoint(src, demos, task=task, progress=False), "frequency", 4))
+    return TaskAdaptiveModel(src, patterns=pats)
+
+
+def _while_locked(rt, fn):
+    """Run ``fn`` in a thread while another thread holds the runtime's lock (a long generation); its
+    result or exception, or a failure if it waited for the lock."""
+    import threading
+
+    held, done, box = threading.Event(), threading.Event(), {}
+
+    def holder():
+        with rt.lock:
+            held.set()
+            done.wait(120)
+
+    def call():
+        try:
+            box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    threading.Thread(target=holder, daemon=True).start()
+    held.wait(60)
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(60)
+    done.set()
+    assert not worker.is_alive(), "the call waited for the runtime's lock"
+    return box
+
+
+def test_runtime_bounds_queries_before_taking_its_lock(runtime):
+    from moeprune.loader.runtime import TaskAdaptiveModel
+
+    rt = runtime
+    assert rt.max_prompt_tokens == 128 and rt.max_new_tokens_limit == 256
+    too_long = [5] * 129
+    for fn in (lambda: rt.retrieve(too_long), lambda: rt.generate(too_long), lambda: rt.encode(too_long)):
+        box = _while_locked(rt, fn)
+        assert "129 tokens, more than the model's context of 128" in str(box.get("error")), box
+    box = _while_locked(rt, lambda: rt.generate([5] * 100, max_new_tokens=29))
+    assert "100 prompt tokens + max_new_tokens 29 exceed the model's context of 128" in str(box.get("error"))
+    for bad, message in ((300, "over this runtime's limit of 256"), (0, "positive integer"), (2.0, "positive integer"),
+                         (True, "positive integer")):
+        with pytest.raises(ValueError, match=message):
+            rt.generate([5, 6], max_new_tokens=bad)
+    with pytest.raises(ValueError, match="max_new_tokens, not max_length"):
+        rt.generate([5, 6], max_length=1000)
+    with pytest.raises(ValueError, match="max_new_tokens_limit"):
+        TaskAdaptiveModel(rt.ckpt.path, patterns=list(rt.patterns.values()), max_new_tokens_limit=0)
+
+    class Tok:  # records whether text is tokenized while the runtime's lock is held
+        calls = []
+
+        def __call__(self, text):
+            self.calls.append(rt.lock._is_owned())
+            return {"input_ids": [5, 6, 7, 8]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    real, rt.tokenizer = rt.tokenizer, Tok()
+    try:
+        rt.retrieve("some text")
+        assert isinstance(rt.generate("some text", max_new_tokens=2, do_sample=False), str)
+    finally:
+        rt.tokenizer = real
+    assert Tok.calls == [False, False]
+    assert len(rt.generate([5, 6, 7], max_new_tokens=125, do_sample=False)) <= 125  # 3 + 125 fit the context
+
+
+def test_server_refuses_oversized_requests_while_busy(runtime):
+    import threading
+    import urllib.request
+
+    from test_serve import _serve_module
+
+    server = _serve_module().make_server(runtime, port=0, max_body_bytes=4096)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def post(route, body):
+        req = urllib.request.Request(base + route, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        cases = [("/retrieve", json.dumps({"input_ids": [5] * 129}).encode(), 400, "more than the model's context"),
+                 ("/generate", json.dumps({"input_ids": [5] * 129}).encode(), 400, "more than the model's context"),
+                 ("/generate", json.dumps({"input_ids": [5], "max_new_tokens": 10**6}).encode(), 400, "limit of 256"),
+                 ("/retrieve", json.dumps({"input_ids": [5] * 2000}).encode(), 413, "over this server's limit of 4096")]
+        for route, body, status, message in cases:  # answered while another request holds the lock
+            box = _while_locked(runtime, lambda: post(route, body))
+            code, answer = box["value"]
+            assert code == status and message in answer["error"], (route, answer)
+        code, answer = post("/generate", json.dumps({"input_ids": [5, 6, 7], "max_new_tokens": 2}).encode())
+        assert code == 200 and len(answer["text"]) == 2
+    finally:
+        server.shutdown()
