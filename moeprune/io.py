@@ -124,9 +124,10 @@ def _reported(path: Path) -> Iterator[None]:
         reason = _write_failure(exc)
         if reason is None:
             raise
-        code = exc.errno if isinstance(exc, OSError) else errno.ENOSPC
-        raise OSError(code, f"cannot write {path}: {reason}; free some space there or write elsewhere "
-                            "(nothing was left half-written)") from exc
+        error = OSError(f"cannot write {path}: {reason}; free some space there or write elsewhere "
+                        "(nothing was left half-written)")
+        error.errno = exc.errno if isinstance(exc, OSError) else errno.ENOSPC
+        raise error from exc
 
 
 def _finish(path: Path) -> None:

@@ -33,7 +33,7 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
     _one_line_error(code, err, f"cannot write {tmp_path / 'p.safetensors'}: No space left on device")
     monkeypatch.setattr("moeprune.export.save_file", full)
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
-    _one_line_error(code, err, f"cannot write {tmp_path / 'o'}: No space left on device")
+    _one_line_error(code, err, f"error: cannot write {tmp_path / 'o'}: No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
