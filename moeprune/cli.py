@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -239,7 +240,7 @@ def cmd_store(args: argparse.Namespace) -> None:
         _store_add(args, store)
     elif args.action == "list":
         entries = store.list()
-        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e["model"])
+        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e.get("model") or "-")
                 for t, e in entries.items()]
         _emit(args, entries, _table(rows, ["task", "method", "kept", "signature", "model"]) if rows
               else f"store {store.root} is empty")
@@ -284,10 +285,12 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
     from .demos import encode_demos, read_demos
-    from .retrieval import Retriever, load_signature_model, query_signatures
+    from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
     from .store import PatternStore
 
     store = PatternStore(args.store)
+    if math.isnan(args.threshold):
+        raise ValueError("--threshold nan is no distance: give a number (a negative one disables the fallback)")
     patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
@@ -327,6 +330,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
     retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
+    for i, ids in enumerate(encoded):
+        check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
     matches = retriever.match(query_signatures(net, encoded, args.layers))
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
@@ -337,13 +342,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .loader.runtime import TaskAdaptiveModel
     from .serve.app import bind, create_app, run
 
-    if args.max_batch < 1 or args.max_wait < 0 or args.max_tokens_cap < 1 or args.cache_gb < 0:
-        raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb >= 0")
+    import math
+
+    if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
+            or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
+            or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0) or math.isnan(args.threshold)):
+        raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite and >= 0, "
+                         "--max-body-kb > 0, --threshold a number")
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
-                                threshold=None if args.threshold < 0 else args.threshold)
-    app = create_app(runtime, model_id=args.model_id, max_tokens_cap=args.max_tokens_cap,
+                                threshold=None if args.threshold < 0 else args.threshold,
+                                max_new_tokens_limit=args.max_tokens_cap)
+    app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
                      prefetch=not args.no_prefetch)
     served = app.state.served
@@ -527,6 +538,16 @@ def _check_device(device: str | None) -> None:
                          "use --device cpu")
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
@@ -544,6 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _check_device(getattr(args, "device", None))
             args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except BrokenPipeError:  # `moeprune ... | head` stopped reading: end quietly, as shell tools do
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
         except (ValueError, LookupError, CheckpointError, OSError) as exc:
             if os.environ.get("MOEPRUNE_DEBUG"):
                 traceback.print_exc()

@@ -229,11 +229,14 @@ class _Run:
         return dict(self.info, token_ids=list(self.text.ids))
 
 
-def create_app(runtime: Any, model_id: str | None = None, max_tokens_cap: int = 1024,
+def create_app(runtime: Any, model_id: str | None = None, max_tokens_cap: int | None = None,
                max_body_bytes: int = 1 << 20, max_batch: int = 8, max_wait: float = 1.0,
                group: bool = True, prefetch: bool = True) -> FastAPI:
     """The OpenAI-compatible app serving ``runtime`` (a ``TaskAdaptiveModel``); its scheduler thread
-    starts and stops with the app (lifespan)."""
+    starts and stops with the app (lifespan). ``max_tokens_cap`` defaults to the runtime's
+    ``max_new_tokens_limit``."""
+    if max_tokens_cap is None:
+        max_tokens_cap = getattr(runtime, "max_new_tokens_limit", 1024)
     metrics = Metrics()
     scheduler = Scheduler(runtime, max_batch=max_batch, max_wait=max_wait, group=group, metrics=metrics,
                           prefetch=prefetch)
