@@ -231,6 +231,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(args, [r.to_dict() for r in results], human)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import evaluate_checkpoint
+
+    if args.dynamic_prune is not None and not args.demos:
+        raise ValueError("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
+    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=args.dynamic_prune,
+                              demos=args.demos, max_tokens=args.max_tokens, device=args.device,
+                              dtype=None if args.dtype == "auto" else args.dtype, progress=_progress(args))
+    rows = [("perplexity", res["perplexity"]), ("tokens", res["tokens"]), ("texts", res["texts"]),
+            ("active_expert_fraction", res["active_expert_fraction"])]
+    dyn = res["dynamic_prune"]
+    if dyn:
+        rows.append(("dynamic_prune", f"{dyn['method']} F={dyn['fraction']:g} threshold={dyn['threshold']:.4g} "
+                                      f"(on demos {dyn['calibration'].get('achieved', 0):.3f})"))
+    _emit(args, res, _table(rows, ["metric", "value"]))
+
+
 def cmd_store(args: argparse.Namespace) -> None:
     from .store import PatternStore
 
@@ -437,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", help="profile (.safetensors) or pattern (.json)")
     c.add_argument("--plot", help="write a heatmap of expert usage / kept experts to this PNG")
     c.set_defaults(func=cmd_inspect)
+
+    c = command("eval", "perplexity of a model, an export or a model + pattern on texts, and its active expert share")
+    c.add_argument("model", help="local checkpoint folder (an export too) or Hugging Face Hub id")
+    c.add_argument("--texts", required=True, help="texts: JSONL (text | messages | input_ids) or plain text")
+    c.add_argument("--pattern", help="keep only this pattern's experts (a pattern file or a store task)")
+    c.add_argument("--dynamic-prune", type=float, metavar="F",
+                   help="skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
+                        "threshold calibrated on --demos)")
+    c.add_argument("--demos", help="(--dynamic-prune) the task's demos the threshold is calibrated on")
+    c.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the texts")
+    runtime(c)
+    c.set_defaults(func=cmd_eval)
 
     c = command("store", "manage a pattern store: add, list, show, remove")
     c.add_argument("action", choices=["add", "list", "show", "remove"])
