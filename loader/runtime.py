@@ -78,7 +78,8 @@ class TaskAdaptiveModel:
     def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
-                 threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128):
+                 threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128,
+                 dynamic_prune: Any = None, demos: str | Path | None = None):
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
         if patterns is None:
@@ -113,6 +114,10 @@ class TaskAdaptiveModel:
         self.active = start
         self.full_router = attach_full_routers(self.model, self.ckpt)
         self.tokenizer = load_tokenizer(self.ckpt)
+        # fewer active experts per token (moeprune.dynamic): a rule, or a fraction calibrated on ``demos``
+        from moeprune.api import apply_dynamic
+
+        self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
 
     # --- hooks for serving engines ----------------------------------------------------------
     def retrieve(self, query: str | Sequence[int]) -> Match:

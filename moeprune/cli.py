@@ -154,7 +154,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite, progress=_progress(args),
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
-                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size, **params)
+                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
+                             dynamic_prune=args.dynamic_prune, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -447,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also zero this fraction of each kept expert's weights per output row (Wanda with "
                         "routing-weighted demo activations)")
     c.add_argument("--nm", metavar="N:M", help="also prune kept experts N:M (e.g. 2:4) instead")
+    c.add_argument("--dynamic-prune", type=float, metavar="F",
+                   help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
+                        "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
     runtime(c)
     c.set_defaults(func=cmd_prune)
 

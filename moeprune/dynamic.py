@@ -15,8 +15,9 @@ implementation skips: moeprune's torch and Triton kernels never compute it) and 
 - ``topany`` — MC#'s Online Top-any Pruning: a small per-layer head (:mod:`moeprune.topany`) picks
   per token how many of its top-k experts run.
 
-The kept weights of a token that lost a pair are rescaled to the sum its routed weights had
-(``renormalize``; for top-k-normalised routers, as MC-MoE renormalises). The threshold is
+The kept weights stay as the router gave them; ``renormalize=True`` rescales a token's kept weights to
+the sum its routed weights had (as MC-MoE's code renormalises; on the embedded model it cost more:
+BENCHMARKS.md, dynamic pruning). The threshold is
 calibrated on demos (:func:`calibrate`) so that a fraction ``fraction`` of the routed pairs is
 dropped on them. ``threshold = 0`` drops nothing and leaves the model's outputs bit for bit unchanged.
 """
@@ -45,7 +46,7 @@ class DynamicPrune:
     threshold: float = 0.0  # odp/naive: β (ratio to the top weight); topany: the head's bias per extra expert
     fraction: float = 0.0  # the share of routed pairs it was calibrated to drop
     protect: float = 0.1  # odp: share of each sequence's tokens (the most important) keeping every expert
-    renormalize: bool = True
+    renormalize: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)  # tokens, demos, achieved fraction
     heads: dict[int, dict[str, torch.Tensor]] | None = None  # topany: per MoE layer, the head's state
 
@@ -297,7 +298,7 @@ def run_texts(model: Any, encoded: Sequence[Sequence[int]], progress: bool = Fal
 
 
 def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, method: str = "odp",
-              protect: float = 0.1, renormalize: bool = True, heads: dict | None = None,
+              protect: float = 0.1, renormalize: bool = False, heads: dict | None = None,
               iterations: int = 6, tolerance: float = 0.002, progress: bool = False) -> DynamicPrune:
     """The threshold of ``method`` at which a share ``fraction`` of the routed pairs is dropped on
     ``encoded`` (token-id lists), as a :class:`DynamicPrune`.
