@@ -85,6 +85,24 @@ class DynamicPrune:
         return cls(**d)
 
 
+def head_input(x: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A top-any head's input: the token's MoE input and its routed weights, largest first."""
+    sorted_w = w.detach().float().masked_fill(~valid, 0).sort(-1, descending=True).values
+    return torch.cat([x.detach().float(), sorted_w], -1)
+
+
+def build_heads(states: dict[int, dict[str, torch.Tensor]], model: Any) -> dict[int, torch.nn.Module]:
+    """Top-any heads (``[H + k] -> [k]`` linear layers, :mod:`moeprune.topany`) as modules on the model's device."""
+    device = next(model.parameters()).device
+    heads = {}
+    for layer, state in states.items():
+        k, inputs = state["weight"].shape
+        head = torch.nn.Linear(inputs, k)
+        head.load_state_dict({n: t.float() for n, t in state.items()})
+        heads[int(layer)] = head.to(device).eval()
+    return heads
+
+
 def _split_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = ("hidden_states", "top_k_index", "top_k_weights")
     vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
@@ -139,8 +157,6 @@ class DynamicPruner:
         self._saved_impl: dict[str, Any] = {}
         self.heads: dict[int, torch.nn.Module] = {}
         if spec.method == "topany" and spec.heads:
-            from .topany import build_heads
-
             self.heads = build_heads(spec.heads, model)
         self.train_mask = None  # topany training: layer -> callable(x, w, valid, ranks) -> float mask
 
@@ -227,7 +243,7 @@ class DynamicPruner:
                 mask = self.train_mask(layer, x, w, valid, ranks)
                 return _join_args(args, kwargs, idx, reweight(w, valid, mask, spec.renormalize))
             if spec.method == "topany":
-                keep = self._topany_keep(layer, x, valid, ranks)
+                keep = self._topany_keep(layer, x, w, valid, ranks)
             else:
                 keep = self._ratio_keep(layer, x, w, valid, ranks)
             keep = keep | ~valid
@@ -253,12 +269,12 @@ class DynamicPruner:
             self.ratios.append(ratio[eligible].detach().cpu())
         return ~(eligible & (ratio < self.spec.threshold))
 
-    def _topany_keep(self, layer: int, x, valid, ranks) -> torch.Tensor:
+    def _topany_keep(self, layer: int, x, w, valid, ranks) -> torch.Tensor:
         head = self.heads.get(layer)
         if head is None:
             return torch.ones_like(valid)
         with torch.no_grad():
-            logits = head(x.float())
+            logits = head(head_input(x, w, valid))
             k = logits.shape[-1]
             logits = logits - self.spec.threshold * torch.arange(k, device=logits.device, dtype=logits.dtype)
             n = logits.argmax(-1, keepdim=True) + 1  # experts this token runs
@@ -313,10 +329,7 @@ def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, met
         spec.calibration = {"tokens": tokens, "texts": len(encoded), "achieved": 0.0}
         return spec
     if method == "topany":
-        from .topany import calibrate_bias
-
-        return calibrate_bias(model, encoded, spec, iterations=max(iterations, 16), tolerance=tolerance,
-                              progress=progress)
+        raise ValueError("topany learns its heads first: use moeprune.topany.train_topany (it calibrates them)")
     best: tuple[float, float, float] | None = None  # (error, threshold, achieved)
     threshold = 0.0
     for _ in tqdm(range(iterations), desc="calibrating", unit="pass", disable=not progress):

@@ -177,3 +177,25 @@ def test_dynamic_prune_in_exports_and_from_pretrained(mixtral, tmp_path, capsys)
     assert code == 0 and json.loads(out)["dynamic_prune"]["method"] == "odp"
     net = moeprune.from_pretrained(src, dynamic_prune=0.25, demos=demos)
     assert evaluate(net, token_lists(demos)).active_expert_fraction == pytest.approx(0.75, abs=0.01)
+
+
+def test_topany_heads_trained_frozen_seeded_and_calibrated(mixtral):
+    from moeprune.topany import train_topany
+
+    model, _, demos, _ = mixtral
+    encoded = token_lists(demos)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    a = train_topany(model, encoded, 0.2, steps=12, seed=3)
+    b = train_topany(model, encoded, 0.2, steps=12, seed=3)
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in model.named_parameters())  # frozen
+    assert a.threshold == b.threshold and all(torch.equal(a.heads[l][n], b.heads[l][n])
+                                              for l in a.heads for n in a.heads[l])  # seeded
+    assert set(a.heads) == {0, 1} and a.heads[0]["weight"].shape == (2, model.config.hidden_size + 2)
+    assert abs(a.calibration["achieved"] - 0.2) <= 0.02
+    spec = DynamicPrune.from_dict(json.loads(json.dumps(a.to_dict())))  # stored and rebuilt
+    pruner = attach(model, spec)
+    try:
+        res = evaluate(model, encoded)
+    finally:
+        pruner.remove()
+    assert res.active_expert_fraction == pytest.approx(1 - a.calibration["achieved"], abs=1e-6)
