@@ -70,9 +70,12 @@ def _pattern_table(pattern) -> str:
 
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge") if getattr(args, name, None) is not None}
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base")
+              if getattr(args, name, None) is not None}
     if ("mix" in params or "merge" in params) and args.method != "stun":
         raise ValueError("--mix and --merge apply to --method stun only")
+    if "base" in params and args.method != "router-drift":
+        raise ValueError("--base applies to --method router-drift only")
     return params
 
 
@@ -395,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
+        c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
