@@ -74,3 +74,31 @@ def test_router_drift_refuses_another_architecture(finetuned, tmp_path, capsys):
     code, _, err = run(capsys, "prune", tuned, "--demos", demos, "--method", "frequency", "--base", tuned,
                        "--keep", "0.5", "--out", tmp_path / "o")
     assert code == 2 and "router-drift only" in err
+
+
+def test_uncurl_clusters_by_task_routing_and_merges(finetuned, tmp_path, capsys):
+    from moeprune.pattern import ExpertPattern
+    from moeprune.uncurl import cluster_experts, task_router_logits
+
+    base, _, demos = finetuned
+    code, out, err = run(capsys, "prune", base, "--demos", demos, "--method", "uncurl", "--keep", "0.5",
+                         "--out", tmp_path / "out", "--save-pattern", tmp_path / "p.json", "-q")
+    assert code == 0, err
+    pattern = ExpertPattern.load(tmp_path / "p.json")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    logits = task_router_logits(model, token_lists(demos))
+    for layer, kept in pattern.kept.items():
+        clusters = cluster_experts(logits[layer], 4)  # what the scorer clustered (seed 0)
+        assert sorted(map(sorted, clusters)) == sorted(
+            sorted(pattern.merges.get(layer, {}).get(e, [e])) for e in kept)  # one kept slot per cluster
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers
+    assert pruned.config.num_local_experts == 4
+    for layer, kept in pattern.kept.items():
+        src = model.model.layers[layer].mlp.experts.gate_up_proj
+        got = pruned.model.layers[layer].mlp.experts.gate_up_proj
+        for i, e in enumerate(sorted(kept)):
+            members = pattern.merges.get(layer, {}).get(e, [e])
+            assert torch.allclose(got[i], src[members].mean(0), atol=1e-6)
+            rows = model.model.layers[layer].mlp.gate.weight[members].mean(0)
+            assert torch.allclose(pruned.model.layers[layer].mlp.gate.weight[i], rows, atol=1e-6)
+    assert evaluate(pruned, token_lists(demos)).perplexity < 1e4
