@@ -199,3 +199,17 @@ def test_topany_heads_trained_frozen_seeded_and_calibrated(mixtral):
     finally:
         pruner.remove()
     assert res.active_expert_fraction == pytest.approx(1 - a.calibration["achieved"], abs=1e-6)
+
+
+def test_task_adaptive_model_with_dynamic_pruning(mixtral):
+    from moeprune import TaskAdaptiveModel
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+
+    _, src, demos, _ = mixtral
+    pattern = select_pattern(profile_checkpoint(src, demos, progress=False), "frequency", "0.5", task="t")
+    rt = TaskAdaptiveModel(src, patterns=[pattern], dynamic_prune=0.2, demos=demos)
+    assert rt.dynamic is not None and rt.dynamic.spec.threshold > 0
+    with rt.using(pattern) as m:
+        res = evaluate(m, token_lists(demos))
+    assert res.active_expert_fraction == pytest.approx(0.8, abs=0.01)
+    assert TaskAdaptiveModel(src, patterns=[pattern]).dynamic is None
