@@ -53,10 +53,25 @@ def test_eval_perplexity_equals_direct_per_token_computation(mixtral, capsys):
     assert res["tokens"] == n == 4 * 19 and res["texts"] == 4
     assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert res["active_expert_fraction"] == 1.0 and res["routed_pairs"] == 4 * 20 * 2 * 2  # tokens x k x layers
-    code, out, _ = run(capsys, "eval", src, "--texts", texts, "--max-tokens", "30")
-    assert code == 0 and "perplexity" in out and "tokens" in out
+    code, out, _ = run(capsys, "eval", src, "--texts", texts, "--max-tokens", "30", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 30 - 2  # 20 + 10 tokens: two texts, each one fewer predicted
+    code, out, _ = run(capsys, "eval", src, "--texts", texts)
+    assert code == 0 and "perplexity" in out and "active_expert_fraction" in out
     code, _, err = run(capsys, "eval", src, "--texts", texts, "--dynamic-prune", "0.2")
     assert code == 2 and "--demos" in err
+
+
+def test_eval_with_a_pattern_is_the_pruned_model(mixtral, tmp_path, capsys):
+    import moeprune
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+
+    _, src, demos, texts = mixtral
+    select_pattern(profile_checkpoint(src, demos, progress=False), "frequency", "0.5").save(tmp_path / "p.json")
+    code, out, _ = run(capsys, "eval", src, "--texts", texts, "--pattern", tmp_path / "p.json", "--json")
+    direct = evaluate(moeprune.from_pretrained(src, pattern=tmp_path / "p.json"), token_lists(texts))
+    assert code == 0 and json.loads(out)["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
+    full = json.loads(run(capsys, "eval", src, "--texts", texts, "--json")[1])["perplexity"]
+    assert direct.perplexity != pytest.approx(full, rel=1e-4)  # the pattern did prune
 
 
 def test_threshold_zero_is_bit_for_bit_the_plain_model(mixtral):
