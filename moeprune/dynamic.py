@@ -176,7 +176,9 @@ class DynamicPruner:
         if protects and getattr(self.model.config, "_attn_implementation", None) != "eager":
             self._saved_impl["attn"] = self.model.config._attn_implementation
             self.model.set_attn_implementation("eager")
-        if self.spec.active and not self.record:  # dropped pairs then cost nothing (moeprune's kernels)
+        # dropped pairs then cost nothing in moeprune's kernels; calibration passes (record) run them too:
+        # transformers' CPU grouped_mm path gave non-deterministic outputs with sentinel ids here
+        if self.spec.active:
             from moeprune.kernels import register
 
             current = self.model.config._experts_implementation
