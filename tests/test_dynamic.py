@@ -228,3 +228,19 @@ def test_task_adaptive_model_with_dynamic_pruning(mixtral):
         res = evaluate(m, token_lists(demos))
     assert res.active_expert_fraction == pytest.approx(0.8, abs=0.01)
     assert TaskAdaptiveModel(src, patterns=[pattern]).dynamic is None
+
+
+def test_calibration_passes_run_through_moeprune_kernels(mixtral):
+    """transformers 5.24's grouped_mm (CPU) computes wrong outputs for sentinel expert ids: every pass
+    that drops pairs, calibration included, must run through moeprune's kernels."""
+    model, _, demos, _ = mixtral
+    ids = token_lists(demos)[3]
+    before = model.config._experts_implementation
+    spec = DynamicPrune("naive", 0.5, 0.2)
+    with DynamicPruner(model, spec, record=True) as rec, count_rows() as rows:
+        assert model.config._experts_implementation == "moeprune"
+        a = logits(model, ids)
+    with DynamicPruner(model, spec) as p:
+        b = logits(model, ids)
+    assert rows.value == rec.routed - rec.dropped > 0 and rec.dropped == p.dropped
+    assert torch.equal(a, b) and model.config._experts_implementation == before
