@@ -22,7 +22,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from moeprune import TaskAdaptiveModel
 
 
-def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+class _TooLarge(ValueError):
+    pass
+
+
+def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int = 8000,
+                max_body_bytes: int = 1 << 20) -> ThreadingHTTPServer:
+    """Prompts longer than the model's context and ``max_new_tokens`` over the runtime's limit are
+    refused (400) by the runtime; bodies over ``max_body_bytes`` are refused (413) unread."""
+
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, code: int, body: dict) -> None:
             data = json.dumps(body).encode()
@@ -33,7 +41,11 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
             self.wfile.write(data)
 
         def _body(self) -> dict:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            size = int(self.headers.get("Content-Length", 0))
+            if size > max_body_bytes:
+                self.close_connection = True  # the body is not read
+                raise _TooLarge(f"the request body has {size} bytes, over this server's limit of {max_body_bytes}")
+            body = json.loads(self.rfile.read(size) or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("the request body is a JSON object")
             return body
@@ -54,16 +66,17 @@ def make_server(runtime: TaskAdaptiveModel, host: str = "127.0.0.1", port: int =
                 if self.path == "/retrieve":
                     self._reply(200, runtime.retrieve(query).to_dict())
                 elif self.path == "/generate":
-                    max_new_tokens = int(body.get("max_new_tokens", 32))  # a bad request fails before a switch
-                    if max_new_tokens < 1:
-                        raise ValueError("max_new_tokens must be a positive integer")
+                    ids = runtime.encode(query)  # tokenized and bounded before the lock
+                    max_new_tokens = runtime.check_max_new_tokens(body.get("max_new_tokens", 32), len(ids))
                     with runtime.lock:  # retrieve, switch and generate as one step per request
-                        match = runtime.retrieve(query)
+                        match = runtime.retrieve(ids)
                         switch = runtime.activate(match.pattern)
-                        text = runtime.generate(query, max_new_tokens=max_new_tokens)
+                        text = runtime.generate(ids, max_new_tokens=max_new_tokens)
                     self._reply(200, {**match.to_dict(), "text": text, "switch": switch})
                 else:
                     self._reply(404, {"error": f"no route {self.path}"})
+            except _TooLarge as exc:
+                self._reply(413, {"error": str(exc)})
             except (KeyError, ValueError, TypeError) as exc:  # a bad request
                 self._reply(400, {"error": str(exc)})
             except Exception as exc:  # noqa: BLE001 - the server answers and keeps serving

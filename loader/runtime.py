@@ -4,7 +4,11 @@ Non-expert weights are loaded once. The active pattern's experts live in the mod
 earlier patterns stay in an LRU cache bounded in bytes, so switching to a pattern reads from the
 checkpoint only the experts neither active nor cached, and switching back is free while cached.
 The full router of every MoE layer is kept (it is small) so any pattern's router rows can be
-sliced and query signatures use every expert. All switches and generations hold one lock.
+sliced and query signatures use every expert. All switches and generations hold one lock; queries
+are tokenized and checked before it is taken. Queries are bounded: a prompt longer than the model's
+context (``max_position_embeddings``) is refused, not cut, and ``generate`` refuses more than
+``max_new_tokens_limit`` new tokens or a prompt plus new tokens past the context
+(:attr:`TaskAdaptiveModel.max_prompt_tokens`, :attr:`max_new_tokens_limit`: what a server enforces).
 With ``bits`` the experts are quantized as they are read and stay packed, in the model and in
 the cache (one width for all experts).
 """
@@ -25,7 +29,7 @@ from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.pattern import ExpertPattern
 from moeprune.pipeline import load_tokenizer, parse_dtype
-from moeprune.retrieval import Match, Retriever, general_pattern, query_signatures
+from moeprune.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
 
 from .reader import TensorReader
 from .selective import assemble_expert, attach_full_routers, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
@@ -79,7 +83,10 @@ class TaskAdaptiveModel:
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
                  threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128,
-                 dynamic_prune: Any = None, demos: str | Path | None = None):
+                 max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
+        if not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool) or max_new_tokens_limit < 1:
+            raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
+        self.max_new_tokens_limit = max_new_tokens_limit
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
         if patterns is None:
@@ -114,17 +121,43 @@ class TaskAdaptiveModel:
         self.active = start
         self.full_router = attach_full_routers(self.model, self.ckpt)
         self.tokenizer = load_tokenizer(self.ckpt)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_prompt_tokens: int | None = context if isinstance(context, int) else None
         # fewer active experts per token (moeprune.dynamic): a rule, or a fraction calibrated on ``demos``
         from moeprune.api import apply_dynamic
 
         self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
 
     # --- hooks for serving engines ----------------------------------------------------------
+    def encode(self, query: str | Sequence[int]) -> list[int]:
+        """``query``'s token ids (text is tokenized; ids are checked against the vocabulary), refused
+        when longer than the model's context. Takes no lock: a server calls it while others run."""
+        ids = self._encode(query)
+        check_query_length(ids, self.max_prompt_tokens)
+        return ids
+
+    def check_max_new_tokens(self, max_new_tokens: Any, prompt_tokens: int = 0) -> int:
+        """``max_new_tokens`` if it is a whole number in [1, ``max_new_tokens_limit``] that fits in the
+        context after ``prompt_tokens``; else a ValueError saying which bound it breaks."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+        if max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is over this runtime's limit of "
+                             f"{self.max_new_tokens_limit} (max_new_tokens_limit)")
+        if self.max_prompt_tokens is not None and prompt_tokens + max_new_tokens > self.max_prompt_tokens:
+            raise ValueError(f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                             f"context of {self.max_prompt_tokens} (max_position_embeddings); ask for fewer tokens")
+        return max_new_tokens
+
     def retrieve(self, query: str | Sequence[int]) -> Match:
         """The stored pattern for ``query`` (text or token ids) and its signature distance."""
         if self.retriever is None:
             raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
-        ids = self._encode(query)
+        return self._match(self.encode(query))
+
+    def _match(self, ids: list[int]) -> Match:
+        if self.retriever is None:
+            raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
         with self.lock:
             sig = query_signatures(self.model, [ids], "first")
         return self.retriever.match(sig)[0]
@@ -160,14 +193,20 @@ class TaskAdaptiveModel:
         return self.active.expert_map()
 
     @torch.inference_mode()
-    def generate(self, query: str | Sequence[int], **generate_kwargs: Any) -> str | list[int]:
-        """Route ``query`` (text or token ids) to its task pattern, activate it, and generate a
-        continuation: its text, or its token ids where the checkpoint has no tokenizer."""
-        match = self.retrieve(query)
-        with self.using(match.pattern):
-            ids = torch.tensor([self._encode(query)], device=self.device)
-            generate_kwargs.setdefault("max_new_tokens", 32)
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **generate_kwargs)
+    def generate(self, query: str | Sequence[int], max_new_tokens: int = 32, **generate_kwargs: Any) -> str | list[int]:
+        """Route ``query`` (text or token ids) to its task pattern, activate it, and generate up to
+        ``max_new_tokens`` tokens (bounded, see :meth:`check_max_new_tokens`): the continuation's text,
+        or its token ids where the checkpoint has no tokenizer. Tokenizing and checks run before the lock."""
+        if "max_length" in generate_kwargs:
+            raise ValueError("give max_new_tokens, not max_length (it is checked against the runtime's limits)")
+        prompt = self.encode(query)
+        self.check_max_new_tokens(max_new_tokens, len(prompt))
+        ids = torch.tensor([prompt], device=self.device)
+        with self.lock:  # retrieve, switch and generate as one step
+            match = self._match(prompt)
+            with self.using(match.pattern):
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                          **generate_kwargs)
         new_ids = out[0, ids.shape[1]:]
         return new_ids.tolist() if self.tokenizer is None else self.tokenizer.decode(new_ids, skip_special_tokens=True)
 

@@ -145,7 +145,23 @@ class Checkpoint:
         layers = {int(m.group(1)): k for k in self.weight_map if (m := pattern.match(k)) and self.in_model(k)}
         if not layers:
             raise CheckpointError(f"no MoE router weights found in {self.path} for family {adapter.family}")
-        return {layer: self.shape(key)[0] for layer, key in sorted(layers.items())}
+        counts = {layer: self.shape(key)[0] for layer, key in sorted(layers.items())}
+        self._check_expert_counts(counts)
+        return counts
+
+    def _check_expert_counts(self, counts: dict[int, int]) -> None:
+        """Refuse a config whose routed-expert count disagrees with the routers in the shards (transformers
+        would fail on it with a size mismatch, or build the wrong model)."""
+        field = self.adapter.num_experts_field
+        declared = self.config.get(field)
+        per_layer = (self.config.get("moeprune") or {}).get("num_experts_per_layer") or {}
+        for layer, n in counts.items():
+            want = per_layer.get(str(layer), declared)
+            if isinstance(want, int) and not isinstance(want, bool) and want != n:
+                where = f"moeprune.num_experts_per_layer[{layer}]" if str(layer) in per_layer else field
+                raise CheckpointError(
+                    f"{self.path / 'config.json'} says {want} routed experts ({where}), but the router of layer "
+                    f"{layer} in the shards has {n}: restore the checkpoint's config.json (or re-download it)")
 
     def router_weights(self) -> dict[int, torch.Tensor]:
         adapter = self.adapter

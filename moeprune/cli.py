@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -260,7 +261,7 @@ def cmd_store(args: argparse.Namespace) -> None:
         _store_add(args, store)
     elif args.action == "list":
         entries = store.list()
-        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e["model"])
+        rows = [(t, e["method"], f"{e['kept_fraction']:.0%}", "yes" if e["signature"] else "no", e.get("model") or "-")
                 for t, e in entries.items()]
         _emit(args, entries, _table(rows, ["task", "method", "kept", "signature", "model"]) if rows
               else f"store {store.root} is empty")
@@ -305,10 +306,12 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
     from .demos import encode_demos, read_demos
-    from .retrieval import Retriever, load_signature_model, query_signatures
+    from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
     from .store import PatternStore
 
     store = PatternStore(args.store)
+    if math.isnan(args.threshold):
+        raise ValueError("--threshold nan is no distance: give a number (a negative one disables the fallback)")
     patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
@@ -348,6 +351,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
     retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
+    for i, ids in enumerate(encoded):
+        check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
     matches = retriever.match(query_signatures(net, encoded, args.layers))
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
@@ -524,6 +529,16 @@ def _check_device(device: str | None) -> None:
                          "use --device cpu")
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
@@ -541,6 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _check_device(getattr(args, "device", None))
             args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except BrokenPipeError:  # `moeprune ... | head` stopped reading: end quietly, as shell tools do
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
         except (ValueError, LookupError, CheckpointError, OSError) as exc:
             if os.environ.get("MOEPRUNE_DEBUG"):
                 traceback.print_exc()

@@ -94,5 +94,9 @@ class EmbeddedBench:
 
 def run_demo(method: str = "tcess", keep: str = "0.5", model: str | Path | None = None,
              progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[DomainResult]:
+    from .pipeline import check_budget
+
+    # a bad --keep or method is refused before minutes of loading and profiling, as `prune` does
+    check_budget(checkpoint_fingerprint(open_checkpoint(model or embedded.model_dir())), method, keep)
     bench = EmbeddedBench(model, progress=progress, device=device, dtype=dtype)
     return [bench.run(d, method, keep) for d in bench.domains]

@@ -43,12 +43,35 @@ def read_demos(path: str | Path) -> list[Demo]:
                 obj = {"text": obj}
             if not isinstance(obj, dict) or not ({"text", "messages", "input_ids"} & obj.keys()):
                 raise DemoError(f"{path}:{n}: each line needs a 'text', 'messages' or 'input_ids' field")
+            check_demo(obj, f"{path}:{n}")
             demos.append(obj)
     else:
         demos = [{"text": block.strip()} for block in raw.split("\n\n") if block.strip()]
     if not demos:
         raise DemoError(f"demo file {path} holds no demos")
     return demos
+
+
+def check_demo(demo: Demo, where: str = "demo") -> None:
+    """Refuse a demo record whose field has the wrong shape: ``text`` a string, ``messages`` a list of
+    ``{"role": str, "content": str | list}`` objects, ``input_ids`` a flat list of integers."""
+    if "input_ids" in demo:
+        ids = demo["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            bad = ids if not isinstance(ids, list) else next(t for t in ids if not isinstance(t, int) or isinstance(t, bool))
+            raise DemoError(f"{where}: 'input_ids' must be a flat list of integer token ids, but holds {bad!r}")
+    elif "messages" in demo:
+        msgs = demo["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DemoError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                            f"objects, not {type(msgs).__name__}")
+        for j, m in enumerate(msgs):
+            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                    or not isinstance(m.get("content"), (str, list))):
+                raise DemoError(f"{where}: message {j} must be an object with a string 'role' and a 'content' "
+                                f"(string or list of parts), not {m!r:.80}")
+    elif not isinstance(demo.get("text"), str):
+        raise DemoError(f"{where}: 'text' must be a string, not {type(demo.get('text')).__name__}")
 
 
 def encode_demos(demos: Sequence[Demo], tokenizer: Any | None, max_length: int | None = None,
@@ -58,8 +81,9 @@ def encode_demos(demos: Sequence[Demo], tokenizer: Any | None, max_length: int |
     out: list[list[int]] = []
     total = 0
     for i, demo in enumerate(demos):
+        check_demo(demo, f"demo {i}")
         if "input_ids" in demo:
-            ids = [int(t) for t in demo["input_ids"]]
+            ids = list(demo["input_ids"])
             bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
             if bad:
                 raise DemoError(f"demo {i} has token id {bad[0]}, outside the model's vocabulary of {vocab_size} "

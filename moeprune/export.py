@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import MoEAdapter
 from .loader.reader import TensorReader
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
@@ -91,6 +91,43 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     return plans
 
 
+def check_plan(ckpt: Checkpoint, pattern: ExpertPattern) -> None:
+    """Refuse to export when a kept expert's tensor is missing from the checkpoint's index (the plan,
+    made from the index, would silently leave it out and plain transformers could not load the result)."""
+    wm = ckpt.weight_map
+    present = set(wm)
+    for stored in wm:  # the tensors stored in parts (X.qweight ..., X_blocks + X_scales) count as X
+        key = quantized_key(wm, stored)
+        if key is not None:
+            present.update(k for k in (key, logical_key(wm, key)) if k is not None)
+    missing = [key for layer, kept in sorted(pattern.kept.items()) for e in kept
+               for pieces in ckpt.adapter.expert_sources(layer, e).values() for key, _ in pieces if key not in present]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: tensor {missing[0]} of a kept expert is not in the checkpoint's "
+                              f"{INDEX_NAME if ckpt.path.joinpath(INDEX_NAME).exists() else SINGLE_NAME}"
+                              f"{f' ({len(missing)} missing)' if len(missing) > 1 else ''}; "
+                              "re-download the checkpoint or restore its index")
+
+
+def verify_written(folder: Path, weight_map: dict[str, str], written: dict[str, str], plans: list[TensorPlan]) -> None:
+    """Check the export in ``folder`` against its plan before it is put in place: every planned tensor
+    written (``written``: written key -> plan target), and the weight map exactly the shards' contents."""
+    unwritten = sorted({p.target for p in plans} - set(written.values()))
+    if unwritten:
+        raise CheckpointError(f"the export wrote no tensor for {unwritten[0]} ({len(unwritten)} planned tensors "
+                              "unwritten); nothing was written: report this as a moeprune bug")
+    from safetensors import safe_open
+
+    stored: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            stored.update(dict.fromkeys(f.keys(), shard))
+    if stored != weight_map or set(stored) != set(written):
+        odd = sorted(set(stored.items()) ^ set(weight_map.items()) or set(stored) ^ set(written))
+        raise CheckpointError(f"the export's shards do not match its index and plan (first difference: {odd[0]}); "
+                              "nothing was written: report this as a moeprune bug")
+
+
 def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAdapter) -> dict[str, Any]:
     """The source config with the pruned expert count, routing overrides and a ``moeprune`` section."""
     new = dict(config)
@@ -122,8 +159,8 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
 class _ShardWriter:
     """Collects tensors and writes numbered shards of at most ``max_bytes`` each."""
 
-    def __init__(self, folder: Path, max_bytes: int, save: Callable = save_file):
-        self.folder, self.max_bytes, self.save = folder, max_bytes, save
+    def __init__(self, folder: Path, max_bytes: int, save: Callable | None = None):
+        self.folder, self.max_bytes, self.save = folder, max_bytes, save or save_file
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_meta: dict[str, str] = {}
         self.pending_bytes = 0
@@ -212,6 +249,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         config["moeprune"]["quantization"] = quantizer.config_entry()
     if config["moeprune"].get("quantization"):
         config["quantization_config"] = packed_experts_config(config["moeprune"]["quantization"])
+    check_plan(ckpt, pattern)
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
     reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
@@ -222,23 +260,25 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         transform = merge if user_transform is None else (lambda plan, t: user_transform(plan, merge(plan, t)))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        written: dict[str, str] = {}  # key written -> the plan target it belongs to
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
             plan = plan_of[request]
             if isinstance(tensor, tuple):  # a moeprune-quantized expert, copied packed
-                writer.add(*packed_state_dict(plan.target, tensor))
-                continue
-            if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
-                tensor = tensor.to(written_dtype)
-            tensor = tensor if transform is None else transform(plan, tensor)
-            if quantizer is not None and quantizer.handles(plan):
-                writer.add(*quantizer(plan, tensor))
+                parts = packed_state_dict(plan.target, tensor)
             else:
-                writer.add({plan.target: tensor})
+                if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
+                    tensor = tensor.to(written_dtype)
+                tensor = tensor if transform is None else transform(plan, tensor)
+                parts = quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan) else ({plan.target: tensor},)
+            writer.add(*parts)
+            written.update(dict.fromkeys(parts[0], plan.target))
         weight_map = writer.finish()
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            weight_map = json.loads((tmp / INDEX_NAME).read_text())["weight_map"]  # what a loader will read
+        verify_written(tmp, weight_map, written, plans)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for extra in sorted(ckpt.path.iterdir()):
             if (extra.is_file() and extra.name not in ("config.json", INDEX_NAME)

@@ -2,15 +2,17 @@
 
 The data is written to a temporary sibling (``.NAME.HOST-PID.RANDOM.tmp``), flushed to disk, and
 renamed onto the final name. A write that is killed leaves only its temporary sibling, which the
-next write of the same target removes once its process is gone. Files and folders get the usual
-permissions (0666 / 0777 less the umask), as if created directly.
+next write into the same folder removes once its process is gone (whatever it was writing).
+Files and folders get the usual permissions (0666 / 0777 less the umask), as if created directly,
+whichever library wrote them (safetensors creates its files 0600). A full disk (or quota, or a
+read-only filesystem) is reported as an ``OSError`` naming the target.
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -53,29 +55,89 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove the temporary siblings that killed writers of ``path`` left behind.
+def _temp_name(host: str) -> re.Pattern[str]:
+    """``.NAME.HOST-PID.KIND.tmp``, the names :func:`_temp_sibling` gives on ``host``."""
+    return re.compile(rf"^\.(?P<name>.+)\.{re.escape(host)}-(?P<pid>\d+)\.(?P<kind>[^.]+)\.tmp$")
 
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``path``'s folder.
+
+    Every write into a folder cleans it, whatever target the dead writer had (a killed export to
+    ``a`` is removed by the next export to ``b`` beside it, or by any write to a store folder).
     Only those this host made whose process is gone are removed, so a write in progress, here or on
-    another host sharing the filesystem, is never touched; neither is the previous version of
-    ``path`` set aside by an overwrite that was killed before ``path`` was in place (its only copy).
+    another host sharing the filesystem, is never touched; neither is a previous version set aside
+    by an overwrite that was killed before its replacement was in place (``.NAME...old.tmp`` while
+    ``NAME`` is missing: its only copy).
     """
-    path = Path(path)
-    prefix = f".{path.name}.{_host()}-"
+    folder = Path(path).parent
+    pattern = _temp_name(_host())
     removed = []
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = tmp.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)) or (tmp.name.endswith(".old.tmp") and not path.exists()):
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no folder yet, or not readable: nothing of ours there
+        return removed
+    for tmp in entries:
+        m = pattern.match(tmp.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not _occupied(folder / m["name"]):
             continue
         _remove(tmp)
         removed.append(tmp)
     return removed
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or every file under a folder, to disk (a rename after a crash never shows an empty file)."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed when the target's filesystem refused it (full, quota, read-only), else None.
+    safetensors reports it as ``SafetensorError("... I/O error: No space left on device (os error 28)")``."""
+    if isinstance(exc, OSError):
+        return exc.strerror if exc.errno in _FULL else None
+    m = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
+    if type(exc).__name__ == "SafetensorError" and m and int(m.group(2)) in _FULL:
+        return m.group(1)
+    return None
+
+
+@contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota, read-only filesystem) while writing ``path`` into one clear OSError."""
+    try:
+        yield
+    except Exception as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        error = OSError(f"cannot write {path}: {reason}; free some space there or write elsewhere "
+                        "(nothing was left half-written)")
+        error.errno = exc.errno if isinstance(exc, OSError) else errno.ENOSPC
+        raise error from exc
+
+
+def _finish(path: Path) -> None:
+    """Give a file, or every file under a folder, the umask's permissions (as if created directly)
+    and flush it to disk (a rename after a crash never shows an empty file)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    mode = 0o666 & ~_umask()
     for f in files:
+        if f.stat().st_mode & 0o777 != mode:
+            os.chmod(f, mode)
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -93,11 +155,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_sibling(path)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    with _reported(path):
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
+        with _reported(path):
+            yield tmp
+            _finish(tmp)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -132,10 +196,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_sibling(path)
-    tmp.mkdir(0o777)
+    with _reported(path):
+        tmp.mkdir(0o777)
     try:
-        yield tmp
-        _fsync(tmp)
+        with _reported(path):
+            yield tmp
+            _finish(tmp)
         if _occupied(check_dir_target(path, overwrite)):
             old = _temp_sibling(path, "old")
             os.replace(path, old)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,6 +32,7 @@ from .fingerprint import Fingerprint
 from .io import write_text_atomic
 
 PATTERN_FORMAT = "moeprune.pattern"
+UNGROUPED = {"n_group": 1, "topk_group": 1}  # the only routing override moeprune writes (see select.group_routing)
 PATTERN_VERSION = 2
 
 
@@ -101,6 +103,17 @@ class ExpertPattern:
                 if seen & set(members) or any(m < 0 or m >= n for m in members):
                     raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
                 seen |= set(members)
+        if self.routing and not (fp.groups[0] > 1 and self.routing == UNGROUPED):
+            raise PatternError(f"routing overrides {self.routing} are not ones moeprune writes: only {UNGROUPED} "
+                               f"(ungrouped routing), and only for a model with group-limited routing (this one has "
+                               f"{fp.groups[0]} group(s)); regenerate the pattern with `moeprune select`")
+        if self.signature is not None:
+            need = len(fp.moe_layers) * max(fp.num_experts)
+            sig = self.signature
+            if (not isinstance(sig, (list, tuple)) or len(sig) != need
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in sig)):
+                raise PatternError(f"the retrieval signature must be {need} finite numbers (one per MoE layer and "
+                                   f"expert), not {_brief(sig)}; regenerate the pattern with `moeprune select`")
         if self.bits is not None:
             for layer, widths in self.bits.items():
                 if len(widths) != len(self.kept.get(int(layer), [])):
@@ -203,6 +216,12 @@ class ExpertPattern:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PatternError(f"{path} is corrupt: not valid JSON ({exc})") from exc
         return cls.from_dict(d, source=str(path))
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} values"
+    return f"a {type(value).__name__}"
 
 
 def _checksum(body: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, local_model_dir, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, local_model_dir, open_checkpoint
 from .demos import demo_hash, encode_demos, read_demos
 from .export import export_pruned
 from .fingerprint import Fingerprint, checkpoint_fingerprint
@@ -48,8 +48,10 @@ def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str 
         try:
             return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
                                                         device_map=device).eval(), None
-        except Exception:
+        except Exception as exc:
             ckpt.verify()  # name a missing or corrupt shard rather than transformers' error
+            if type(exc) is RuntimeError:  # e.g. a size mismatch: one line naming the checkpoint
+                raise CheckpointError(f"transformers cannot load {ckpt.path}: {exc}") from exc
             raise
     from .loader.selective import load_with_pattern
 
@@ -99,8 +101,9 @@ def open_workspace(model: str | Path | Checkpoint, demos: str | Path, max_tokens
     """``model`` loaded with its demos encoded (``fingerprint``: the checkpoint's, if already taken)."""
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     fingerprint = fingerprint or checkpoint_fingerprint(ckpt)
+    records = read_demos(demos)  # a bad demo file is refused before the model loads
     net, tokenizer = load_model(ckpt, device, dtype)
-    encoded = encode_demos(read_demos(demos), tokenizer, max_length=max_context(net), max_tokens=max_tokens,
+    encoded = encode_demos(records, tokenizer, max_length=max_context(net), max_tokens=max_tokens,
                            vocab_size=getattr(net.config, "vocab_size", None))
     return Workspace(ckpt, fingerprint, net, tokenizer, encoded, Path(demos))
 

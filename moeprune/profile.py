@@ -115,13 +115,33 @@ class RouterProfile:
             raise ValueError(f"{path} is not a moeprune profile (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > PROFILE_VERSION:
             raise ValueError(f"{path} has profile version {meta['version']}; upgrade moeprune to read it")
-        fp = Fingerprint.from_dict(json.loads(meta["fingerprint"]))
+        try:
+            fp = Fingerprint.from_dict(json.loads(meta["fingerprint"]))
+            tokens, num_demos = int(meta["tokens"]), int(meta.get("num_demos", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is a corrupt moeprune profile (its metadata: {type(exc).__name__} {exc}); "
+                             "profile again with `moeprune profile`") from None
         missing = set(LAYER_SIGNALS + PAIR_SIGNALS) - stats.keys()
         if missing:
             raise ValueError(f"{path} lacks profile signals {sorted(missing)}")
-        return cls(fingerprint=fp, stats=stats, tokens=int(meta["tokens"]), task=meta.get("task", ""),
-                   demo_hash=meta.get("demo_hash", ""), num_demos=int(meta.get("num_demos", 0)),
-                   model=meta.get("model", ""))
+        if tokens < 0 or num_demos < 0:
+            raise ValueError(f"{path} is a corrupt moeprune profile: {tokens} tokens, {num_demos} demos; "
+                             "profile again with `moeprune profile`")
+        L, E = len(fp.moe_layers), max(fp.num_experts)
+        for name, t in stats.items():
+            want = (L, E, E) if name in PAIR_SIGNALS else (L, E)
+            if name in LAYER_SIGNALS + PAIR_SIGNALS and (tuple(t.shape) != want or not t.is_floating_point()):
+                raise ValueError(f"{path} disagrees with its own fingerprint: signal {name!r} is {t.dtype} of shape "
+                                 f"{list(t.shape)}, but {fp.describe()} needs float {list(want)}; profile again")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path} is a corrupt moeprune profile: signal {name!r} holds NaN or infinity")
+        count = stats["count"]
+        if (count < 0).any() or (count > tokens).any():
+            raise ValueError(f"{path} is a corrupt moeprune profile: its token counts per expert are not within "
+                             f"[0, {tokens}] (the profile's tokens); profile again")
+        stats = {k: v.double() for k, v in stats.items()}
+        return cls(fingerprint=fp, stats=stats, tokens=tokens, task=meta.get("task", ""),
+                   demo_hash=meta.get("demo_hash", ""), num_demos=num_demos, model=meta.get("model", ""))
 
 
 def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,

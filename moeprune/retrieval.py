@@ -51,6 +51,14 @@ def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
     return keep
 
 
+def check_query_length(ids: Sequence[int], context: int | None, what: str = "the query") -> None:
+    """Refuse a query longer than the model's context (``max_position_embeddings``): it is not cut, so
+    a request is answered for the text it sent or not at all."""
+    if context is not None and len(ids) > context:
+        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {context} "
+                         "(max_position_embeddings); shorten it")
+
+
 WEIGHTINGS = ("context", "uniform")
 
 
@@ -187,6 +195,8 @@ class Retriever:
         if len(fps) > 1:
             raise ValueError("the patterns belong to different models; retrieve among one model's patterns")
         self.patterns = list(patterns)
+        if threshold is not None and threshold != threshold:
+            raise ValueError("threshold nan is no distance: give a number, or None to disable the fallback")
         self.layers, self.threshold = layers, threshold
         sigs = np.stack([pattern_signature(p, layers) for p in self.patterns])
         self.center = sigs.mean(0) if len(sigs) > 1 else np.zeros(sigs.shape[1])

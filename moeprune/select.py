@@ -21,7 +21,7 @@ import torch
 
 from .arch import get_adapter
 from .fingerprint import Fingerprint
-from .pattern import ExpertPattern
+from .pattern import UNGROUPED, ExpertPattern
 
 
 class SelectionError(ValueError):
@@ -35,6 +35,8 @@ def resolve_keep(keep: str | float | int, num_experts: int, top_k: int) -> int:
         value = float(text)
     except ValueError:
         raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32") from None
+    if not math.isfinite(value):
+        raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32")
     is_count = isinstance(keep, int) or ("." not in text and "e" not in text.lower() and value >= 1)
     if is_count:
         k = int(value)
@@ -87,7 +89,7 @@ def group_routing(kept: dict[int, list[int]], fp: Fingerprint) -> tuple[dict[str
         size = n // n_group
         per_group = {sum(1 for e in kept[layer] if e // size == g) for g in range(n_group)}
         if len(per_group) != 1 or not _grouped_ok(len(kept[layer]), fp, fp.model_type):
-            return {"n_group": 1, "topk_group": 1}, [
+            return dict(UNGROUPED), [
                 f"layer {layer} keeps unequal expert counts across the {n_group} routing groups; routing "
                 "falls back to n_group=1 (ungrouped) in the pruned model"]
     return {}, [f"group-limited routing kept ({n_group} groups)"]
@@ -104,7 +106,7 @@ def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | f
     notes: list[str] = []
     grouped = n_group > 1 and len(set(fp.num_experts)) == 1 and _grouped_ok(k, fp, fp.model_type)
     if n_group > 1 and not grouped:
-        routing = {"n_group": 1, "topk_group": 1}
+        routing = dict(UNGROUPED)
         notes.append(f"keep {k} cannot be split over {n_group} routing groups; routing falls back to "
                      "n_group=1 (ungrouped) in the pruned model")
     elif grouped:

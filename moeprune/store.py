@@ -7,7 +7,9 @@ Layout::
     STORE/.lock           file lock held by writers
 
 Every write is atomic (temp file + rename) and made under a file lock, so concurrent writers
-(several ``moeprune store add`` at once) lose nothing.
+(several ``moeprune store add`` at once) lose nothing. A pattern file is only ever read or removed
+inside the store folder: an index entry naming a file elsewhere (``"../x"``, an absolute path, a link
+out of the folder) is refused.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
 from .fingerprint import Fingerprint
-from .io import write_text_atomic
+from .io import atomic_path, write_text_atomic
 from .pattern import ExpertPattern, PatternError
 
 STORE_FORMAT = "moeprune.store"
@@ -58,9 +61,23 @@ class PatternStore:
         except json.JSONDecodeError as exc:
             raise PatternError(f"store index {self.index_path} is corrupt ({exc}); rebuild it with "
                                "`moeprune store add` for each pattern file") from exc
-        if index.get("format") != STORE_FORMAT:
+        if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
             raise PatternError(f"{self.index_path} is not a moeprune store index")
+        entries = index.get("patterns")
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise PatternError(f"store index {self.index_path} is malformed (its 'patterns' must map each task to "
+                               "an entry); rebuild it with `moeprune store add` for each pattern file")
         return index
+
+    def _file_of(self, task: str, entry: dict[str, Any]) -> Path:
+        """The pattern file of an index entry, refused unless it is a file name inside the store folder."""
+        name = entry.get("file")
+        if (not isinstance(name, str) or not name or Path(name).name != name or name.startswith(".")
+                or "\\" in name or (self.root / name).resolve().parent != self.root.resolve()):
+            raise PatternError(f"store index {self.index_path}: task {task!r} names the file {name!r}, which is not "
+                               f"inside the store folder; refusing to touch it. Fix or delete that entry in "
+                               f"{self.index_path.name}")
+        return self.root / name
 
     def _check_exists(self) -> None:
         if not self.root.is_dir():
@@ -84,13 +101,17 @@ class PatternStore:
         with self._lock():
             index = self._read_index()
             self._check_free(index, task, overwrite)
-            path = pattern.save(self.root / f"{task}.json")
+            path = self.root / f"{task}.json"
             index["patterns"][task] = {
-                "file": path.name, "method": pattern.method, "model": pattern.fingerprint.describe(),
-                "router_hash": pattern.fingerprint.router_hash, "kept_fraction": round(pattern.kept_fraction(), 4),
-                "signature": pattern.signature is not None,
+                "file": path.name, "method": pattern.method, "model": pattern.meta.get("model") or "",
+                "fingerprint": pattern.fingerprint.describe(), "router_hash": pattern.fingerprint.router_hash,
+                "kept_fraction": round(pattern.kept_fraction(), 4), "signature": pattern.signature is not None,
             }
-            write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
+            # the pattern file takes its name only once the index lists it: a failed index write (a full
+            # disk) leaves neither an orphan file nor a replaced pattern the index does not describe
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(pattern.to_dict(), indent=1) + "\n", encoding="utf-8")
+                write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
         return path
 
     def check_free(self, task: str, overwrite: bool = False) -> None:
@@ -116,12 +137,21 @@ class PatternStore:
         entry = entries.get(task)
         if entry is None:
             raise StoreError(f"store {self.root} has no task {task!r}; it has: {', '.join(entries) or 'none'}")
+        path = self._file_of(task, entry)
         try:
-            return ExpertPattern.load(self.root / entry["file"])
-        except PatternError:
+            return ExpertPattern.load(path)
+        except PatternError as exc:
             if task not in self.list():  # removed by another process since the index was read
                 raise StoreError(f"store {self.root} has no task {task!r} (it was just removed)") from None
-            raise
+            for _ in range(20):  # added by another process: its index is written just before the file
+                if path.exists():
+                    try:
+                        return ExpertPattern.load(path)
+                    except PatternError:
+                        break
+                time.sleep(0.05)
+            raise PatternError(f"store {self.root}, task {task!r}: {exc}; remove it with "
+                               f"`moeprune store remove {self.root} {task}` or add it again") from None
 
     def remove(self, task: str) -> None:
         self._check_exists()
@@ -130,8 +160,9 @@ class PatternStore:
             entry = index["patterns"].pop(task, None)
             if entry is None:
                 raise StoreError(f"store {self.root} has no task {task!r}")
+            path = self._file_of(task, entry)
             write_text_atomic(self.index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
-            (self.root / entry["file"]).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
     def model_of(self, pattern: ExpertPattern) -> str | None:
         """The model ``pattern`` was made on: a Hub id, or a local folder (stored relative to the store)."""

@@ -72,3 +72,60 @@ def test_a_dangling_link_at_the_target_is_refused_first(tmp_path):
     with pytest.raises(FileExistsError):
         with atomic_dir(tmp_path / "out") as tmp:
             raise AssertionError(f"wrote into {tmp}")
+
+
+def test_any_write_in_a_folder_removes_every_dead_writers_leftovers(tmp_path):
+    """A killed export to ``a`` is cleaned by the next write beside it, whatever its target."""
+    host = socket.gethostname().replace(".", "_")
+    dead = _dead_pid()
+    killed_export = tmp_path / f".model-a.{host}-{dead}.0badcafe.tmp"
+    killed_export.mkdir()
+    (killed_export / "part-00000.safetensors").write_bytes(b"x" * 100)
+    killed_index = tmp_path / f".index.json.{host}-{dead}.12345678.tmp"
+    killed_index.write_text("partial")
+    not_ours = tmp_path / ".notes.txt.tmp"
+    not_ours.write_text("a user's file")
+    with atomic_dir(tmp_path / "model-b") as tmp:
+        (tmp / "x").write_text("x")
+    assert not killed_export.exists() and not killed_index.exists() and not_ours.exists()
+
+
+def test_files_written_by_libraries_follow_the_umask_too(tmp_path):
+    """safetensors creates its files 0600; profiles and shards get the same mode as the JSON files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moeprune.io import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "p.safetensors") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp))
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_is_one_error_naming_the_target(tmp_path):
+    """ENOSPC from Python or from safetensors (its own error type) becomes an OSError naming the target."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from moeprune.io import atomic_path
+
+    full = [OSError(errno.ENOSPC, "No space left on device"),
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
+    for exc in full:
+        for ctx in (atomic_path(tmp_path / "p.safetensors"), atomic_dir(tmp_path / "ckpt")):
+            with pytest.raises(OSError, match=r"cannot write .*(p\.safetensors|ckpt): No space left on device") as info:
+                with ctx:
+                    raise exc
+            assert info.value.errno == errno.ENOSPC
+    with pytest.raises(SafetensorError, match="header too large"):  # other failures pass through as they are
+        with atomic_path(tmp_path / "p.safetensors"):
+            raise SafetensorError("header too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -26,7 +26,7 @@ def test_bitset_round_trip():
 
 
 def test_pattern_round_trip_and_size(tmp_path):
-    p = _pattern(signature=[0.5, -1.0], bits={0: [4] * 32, 1: [8] * 8, 2: [2, 4, 4, 8]})
+    p = _pattern(signature=[0.5, -1.0] * 96, bits={0: [4] * 32, 1: [8] * 8, 2: [2, 4, 4, 8]})
     p.save(tmp_path / "p.json")
     q = ExpertPattern.load(tmp_path / "p.json")
     assert q.kept == p.kept and q.fingerprint == FP and q.signature == p.signature and q.bits == p.bits
