@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _buffers
+from . import _buffers, counters
 from .quant_format import expert_weight, get_quantized, qparts, dequantize_ref
 from .routing import sort_by_expert
 
@@ -98,8 +98,10 @@ def torch_experts_forward(module, hidden_states, top_k_index, top_k_weights):
     s = t * k
     if n_valid == 0:
         return torch.zeros_like(hidden_states)
-    pairs = r.sorted_pair_ids[:n_valid]
+    pairs = r.sorted_pair_ids[:n_valid]  # pairs routed outside [0, E) (dropped) are never computed
     x = hidden_states.index_select(0, pairs // k)
+    if counters.counting():
+        counters.record_rows(x.shape[0])
     h = _activate(module, _grouped_linear(module, _up_name(module), x, counts, dtype))
     y = _post_norm(module, _grouped_linear(module, "down_proj", h, counts, dtype))
     y = y * top_k_weights.reshape(-1)[pairs].unsqueeze(-1).to(y.dtype)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from . import _buffers
+from . import _buffers, counters
 from .configs import get_config
 from .quant_format import get_quantized, qparts
 from .routing import align_block_size
@@ -238,7 +238,9 @@ def triton_experts_forward(module, hidden_states, top_k_index, top_k_weights, *,
     n_exp = module.num_experts
     s = t * k
     cfg = config or get_config(_device_name(dev), s / max(n_exp, 1))
-    routing = align_block_size(top_k_index, n_exp, cfg["BLOCK_M"])
+    routing = align_block_size(top_k_index, n_exp, cfg["BLOCK_M"])  # pairs outside [0, E) get no rows
+    if counters.counting():
+        counters.record_rows(routing.counts.sum())
     x = hidden_states.contiguous()
     up_name = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
     act = gate_mode(module) if fuse_gate else 0

@@ -83,7 +83,7 @@ class TaskAdaptiveModel:
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
                  threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128,
-                 max_new_tokens_limit: int = 256):
+                 max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
         if not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool) or max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -123,6 +123,10 @@ class TaskAdaptiveModel:
         self.tokenizer = load_tokenizer(self.ckpt)
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = context if isinstance(context, int) else None
+        # fewer active experts per token (moeprune.dynamic): a rule, or a fraction calibrated on ``demos``
+        from moeprune.api import apply_dynamic
+
+        self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
 
     # --- hooks for serving engines ----------------------------------------------------------
     def encode(self, query: str | Sequence[int]) -> list[int]:

@@ -28,7 +28,8 @@ def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | Non
 def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | None = None,
                     device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                     store: str | Path | None = None, return_report: bool = False,
-                    keep_quantized: bool = True, bits: int | None = None, group_size: int = 128) -> Any:
+                    keep_quantized: bool = True, bits: int | None = None, group_size: int = 128,
+                    dynamic_prune: Any = None, demos: str | Path | None = None) -> Any:
     """Load ``model`` (local folder or Hub id) keeping only ``pattern``'s experts.
 
     ``pattern`` is an :class:`ExpertPattern`, a pattern file, or a task name in ``store`` (default
@@ -40,6 +41,10 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     dequantized on load.
     ``bits`` (8, 4 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
     quantizes a float checkpoint's kept experts while loading, exactly as an export would.
+    ``dynamic_prune`` skips routed token-expert pairs at run time (:mod:`moeprune.dynamic`): a
+    :class:`~moeprune.dynamic.DynamicPrune` (or its dict), or a fraction F to calibrate MC-MoE's ODP on
+    ``demos`` (a demo file); an export carrying a ``dynamic_prune`` config entry applies it unless
+    ``dynamic_prune=False``.
     """
     from .loader.selective import LoadReport, load_with_pattern
 
@@ -49,6 +54,7 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
         from .pipeline import load_as_is
 
         net, report = load_as_is(ckpt, device, torch_dtype or "auto", keep_quantized=keep_quantized)
+        apply_dynamic(net, ckpt, dynamic_prune, demos)
         return (net, report) if return_report else net
     if pattern is None:
         from .pipeline import every_expert
@@ -59,4 +65,71 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     net, report = load_with_pattern(ckpt, pat, device=device,
                                     dtype=None if torch_dtype in (None, "auto") else torch_dtype,
                                     keep_quantized=keep_quantized, bits=bits, group_size=group_size)
+    apply_dynamic(net, ckpt, dynamic_prune, demos)
     return (net, report) if return_report else net
+
+
+def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None,
+                    max_tokens: int | None = None, progress: bool = False) -> Any:
+    """The :class:`~moeprune.dynamic.DynamicPrune` to apply to a loaded model (None for none):
+    ``dynamic_prune`` given as a spec, a dict, or a fraction calibrated (ODP) on ``demos``; by default
+    (None) the one stored in the checkpoint's ``moeprune`` config section; False: none."""
+    from .dynamic import DynamicPrune, calibrate
+
+    if dynamic_prune is False:
+        return None
+    if dynamic_prune is None:
+        stored = (ckpt.config.get("moeprune") or {}).get("dynamic_prune")
+        return DynamicPrune.from_dict(stored) if stored else None
+    if isinstance(dynamic_prune, DynamicPrune):
+        return dynamic_prune
+    if isinstance(dynamic_prune, dict):
+        return DynamicPrune.from_dict(dynamic_prune)
+    fraction = float(dynamic_prune)
+    if demos is None:
+        raise ValueError(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos: "
+                         "give them (--demos FILE / demos=...)")
+    from .demos import encode_demos, read_demos
+    from .pipeline import load_tokenizer, max_context
+
+    encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), max_length=max_context(net),
+                           max_tokens=max_tokens, vocab_size=getattr(net.config, "vocab_size", None))
+    return calibrate(net, encoded, fraction, progress=progress)
+
+
+def apply_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None) -> Any:
+    from .dynamic import attach
+
+    spec = resolve_dynamic(net, ckpt, dynamic_prune, demos)
+    return attach(net, spec) if spec is not None and spec.active else None
+
+
+def evaluate_checkpoint(model: str | Path, texts: str | Path, pattern: ExpertPattern | str | Path | None = None,
+                        dynamic_prune: Any = None, demos: str | Path | None = None, max_tokens: int | None = None,
+                        device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                        store: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Perplexity of ``model`` (a checkpoint, an export of any kind, or a checkpoint + ``pattern``) on the
+    texts of a file (JSONL or plain text, as demos), with its active expert fraction.
+
+    ``dynamic_prune``: as :func:`from_pretrained` (a fraction is calibrated on ``demos``; an export's stored
+    rule applies by default). ``max_tokens`` caps the texts' tokens. Returns the :class:`EvalResult`
+    fields plus ``dynamic_prune`` (the rule applied, or None).
+    """
+    from .demos import encode_demos, read_demos
+    from .dynamic import attach
+    from .evaluate import evaluate
+    from .pipeline import load_tokenizer, max_context
+
+    records = read_demos(texts)  # a bad file is refused before the model loads
+    ckpt = open_checkpoint(model)
+    net = from_pretrained(model, pattern=pattern, device=device, dtype=dtype,
+                          store=store, dynamic_prune=False)
+    spec = resolve_dynamic(net, ckpt, dynamic_prune, demos, progress=progress)
+    if spec is not None and spec.active:
+        attach(net, spec)
+    encoded = encode_demos(records, load_tokenizer(ckpt), max_length=max_context(net), max_tokens=max_tokens,
+                           vocab_size=getattr(net.config, "vocab_size", None))
+    result = evaluate(net, encoded, progress=progress)
+    out = result.to_dict()
+    out["dynamic_prune"] = None if spec is None else {k: v for k, v in spec.to_dict().items() if k != "heads"}
+    return out

@@ -71,9 +71,12 @@ def _pattern_table(pattern) -> str:
 
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge") if getattr(args, name, None) is not None}
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base")
+              if getattr(args, name, None) is not None}
     if ("mix" in params or "merge" in params) and args.method != "stun":
         raise ValueError("--mix and --merge apply to --method stun only")
+    if "base" in params and args.method != "router-drift":
+        raise ValueError("--base applies to --method router-drift only")
     return params
 
 
@@ -155,7 +158,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite, progress=_progress(args),
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
-                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size, **params)
+                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
+                             dynamic_prune=args.dynamic_prune, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -230,6 +234,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     human = (f"method {args.method}, keep {args.keep} (kept experts shown for MoE layer {min(results[0].kept)})\n"
              + _table(rows, ["domain", "kept/layer", "kept experts", "ppl full", "ppl pruned", "ratio"]))
     _emit(args, [r.to_dict() for r in results], human)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import evaluate_checkpoint
+
+    if args.dynamic_prune is not None and not args.demos:
+        raise ValueError("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
+    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=args.dynamic_prune,
+                              demos=args.demos, max_tokens=args.max_tokens, device=args.device,
+                              dtype=None if args.dtype == "auto" else args.dtype, progress=_progress(args))
+    rows = [("perplexity", res["perplexity"]), ("tokens", res["tokens"]), ("texts", res["texts"]),
+            ("active_expert_fraction", res["active_expert_fraction"])]
+    dyn = res["dynamic_prune"]
+    if dyn:
+        rows.append(("dynamic_prune", f"{dyn['method']} F={dyn['fraction']:g} threshold={dyn['threshold']:.4g} "
+                                      f"(on demos {dyn['calibration'].get('achieved', 0):.3f})"))
+    _emit(args, res, _table(rows, ["metric", "value"]))
 
 
 def cmd_store(args: argparse.Namespace) -> None:
@@ -408,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
+        c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
@@ -461,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also zero this fraction of each kept expert's weights per output row (Wanda with "
                         "routing-weighted demo activations)")
     c.add_argument("--nm", metavar="N:M", help="also prune kept experts N:M (e.g. 2:4) instead")
+    c.add_argument("--dynamic-prune", type=float, metavar="F",
+                   help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
+                        "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
     runtime(c)
     c.set_defaults(func=cmd_prune)
 
@@ -468,6 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", help="profile (.safetensors) or pattern (.json)")
     c.add_argument("--plot", help="write a heatmap of expert usage / kept experts to this PNG")
     c.set_defaults(func=cmd_inspect)
+
+    c = command("eval", "perplexity of a model, an export or a model + pattern on texts, and its active expert share")
+    c.add_argument("model", help="local checkpoint folder (an export too) or Hugging Face Hub id")
+    c.add_argument("--texts", required=True, help="texts: JSONL (text | messages | input_ids) or plain text")
+    c.add_argument("--pattern", help="keep only this pattern's experts (a pattern file or a store task)")
+    c.add_argument("--dynamic-prune", type=float, metavar="F",
+                   help="skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
+                        "threshold calibrated on --demos)")
+    c.add_argument("--demos", help="(--dynamic-prune) the task's demos the threshold is calibrated on")
+    c.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the texts")
+    runtime(c)
+    c.set_defaults(func=cmd_eval)
 
     c = command("store", "manage a pattern store: add, list, show, remove")
     c.add_argument("action", choices=["add", "list", "show", "remove"])

@@ -186,6 +186,18 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
     return pattern
 
 
+def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], fraction: float,
+                      device: str = "cpu", dtype: str | torch.dtype | None = "auto", progress: bool = False):
+    """MC-MoE's online dynamic pruning calibrated on ``demos`` for ``ckpt`` pruned to ``pattern`` (loaded
+    with only the kept experts, as the export will run)."""
+    from .dynamic import calibrate
+    from .loader.selective import load_with_pattern
+
+    torch_dtype = parse_dtype(dtype)
+    net, _ = load_with_pattern(ckpt, pattern, device=device, dtype=None if torch_dtype == "auto" else torch_dtype)
+    return calibrate(net.eval(), demos, fraction, progress=progress)
+
+
 def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]]) -> dict[int, dict[int, list[int]]] | None:
     """Per layer, each kept expert -> its cluster (clusters of one, or without exactly one kept member, drop out)."""
     merges = {}
@@ -215,13 +227,15 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
-          avg_bits: float | None = None, group_size: int = 128,
+          avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
     weights, Wanda-style with routing-weighted demo activations; ``bits`` or ``avg_bits`` quantize
-    them (one width, or mixed per expert by the exact MC-MoE integer program).
+    them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
+    fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
+    it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
@@ -239,6 +253,9 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
         norms = routed_input_norms(ws.model, ws.demos)
         transform = expert_transform(ws.ckpt, norms, unstructured, parse_nm(nm) if nm else None)
         extra = {"unstructured": {"sparsity": unstructured, "nm": nm}}
+    if dynamic_prune:
+        extra = dict(extra or {}, dynamic_prune=calibrate_dynamic(ws.ckpt, pattern, ws.demos, dynamic_prune, device,
+                                                                  dtype, progress).to_dict())
     ckpt = ws.ckpt
     del ws
     if avg_bits is not None:

@@ -144,7 +144,7 @@ def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
 
 def _register_builtin_modules() -> None:
     """Scorers living in their own modules register themselves on import."""
-    from . import diep, exact, stun  # noqa: F401
+    from . import diep, drift, exact, stun, uncurl  # noqa: F401
 
 
 _register_builtin_modules()
