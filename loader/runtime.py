@@ -299,17 +299,17 @@ class TaskAdaptiveModel:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
         if self.bits is None:
             return slices
-        from moeprune.quant import quantize
-        from moeprune.quantize_experts import fit_group
+        from moeprune.compressed import common_group, quantize_tensor
 
         out = {}
+        mats = {n: t.to(self.dtype) for n, t in slices.items() if not n.endswith("_bias")}
+        mats = {n: (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous() for n, m in mats.items()}
+        group = common_group([m.shape[-1] for m in mats.values()], self.group_size)
         for name, t in slices.items():
             if name.endswith("_bias"):
                 out[name] = t
                 continue
-            m = t.to(self.dtype)
-            m = (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous()
-            qt = quantize(m, self.bits, fit_group(m.shape[-1], self.group_size, self.bits))
+            qt = quantize_tensor(mats[name], self.bits, group)
             out.update({f"{name}.qweight": qt.packed, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
         return out
 
@@ -318,13 +318,15 @@ class TaskAdaptiveModel:
         floats = [{n: t for n, t in e.items() if "." not in n} for e in experts]
         if floats[0]:
             fill_experts(self.model, self.adapter, layer, floats, self.device, self.dtype)
+        from moeprune.compressed import container_bits
         from moeprune.kernels.quant_format import QuantizedExpertWeight
 
         for name in sorted({n.rsplit(".", 1)[0] for n in experts[0] if n.endswith(".qweight")}):
             q, sc, z = (torch.stack([e[f"{name}.{part}"] for e in experts]) for part in ("qweight", "scales", "zeros"))
-            in_dim = q.shape[-1] * 8 // self.bits
+            bits = container_bits(self.bits)
+            in_dim = q.shape[-1] * 8 // bits
             module._parameters.pop(name, None)
-            setattr(module, name, QuantizedExpertWeight(q, sc, z, self.bits, in_dim // sc.shape[-1],
+            setattr(module, name, QuantizedExpertWeight(q, sc, z, bits, in_dim // sc.shape[-1],
                                                         self.dtype).to(self.device))
 
     def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:

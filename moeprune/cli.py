@@ -124,7 +124,8 @@ def _export_human(summary: dict[str, Any]) -> str:
               else ", ".join(f"{layer}: {n}" for layer, n in per_layer.items()))
     return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
             f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
-            f"experts per MoE layer: {counts}")
+            f"experts per MoE layer: {counts}"
+            + (f"\nloads in {summary['compatibility']['line']}" if summary.get("compatibility") else ""))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -133,6 +134,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .pattern import ExpertPattern
 
     pattern = ExpertPattern.load(args.pattern)
+    if args.target == "vllm":
+        from .engines import check_vllm_target
+
+        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform)
     if args.avg_bits is not None:
         from .checkpoint import open_checkpoint
         from .mixed import allot_bits
@@ -145,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                    group_size=args.group_size)
     summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
-                            group_size=args.group_size)
+                            group_size=args.group_size, symmetric=not args.asym)
     _emit(args, summary, _export_human(summary))
 
 
@@ -159,7 +164,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
-                             dynamic_prune=args.dynamic_prune, **params)
+                             dynamic_prune=args.dynamic_prune, symmetric=not args.asym, target=args.target,
+                             **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -442,10 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         c.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
         q = c.add_mutually_exclusive_group()
-        q.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize every kept expert to this width")
+        q.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize every kept expert to this width "
+                       "(a compressed-tensors pack-quantized export)")
         q.add_argument("--avg-bits", type=float, help="mixed precision per expert (2/4/8 bits) meeting this "
                        "average width, allotted by an exact integer program (MC-MoE)")
         c.add_argument("--group-size", type=int, default=128, help="quantization group along the input (128)")
+        c.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points; default symmetric)")
+        c.add_argument("--target", choices=["vllm"], help="refuse up front what this engine cannot load "
+                       "(vllm: uniform budget, symmetric 4/8-bit, one width per MoE layer)")
 
     c = command("profile", "collect router statistics of MODEL on few-shot demos")
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")

@@ -15,8 +15,15 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .pattern import ExpertPattern
 from .profile import RouterProfile
-from .quant import allocate_bits, expert_quant_error
-from .quantize_experts import fit_group
+from .compressed import common_group, quantize_tensor
+from .quant import allocate_bits
+
+
+def _relative_error(m, bits: int, group: int) -> float:
+    """``||W - Q(W)||_F^2 / ||W||_F^2`` with the export's quantization (compressed-tensors RTN)."""
+    denom = float(m.pow(2).sum())
+    num = float((m - quantize_tensor(m, bits, group).dequantize().float()).pow(2).sum())
+    return num / denom if denom > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int], group_size: int) -> np.ndarray:
@@ -32,8 +39,8 @@ def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int],
             params = read_layer_experts(reader, adapter, layer, [e])
             mats = {name: (t[0].transpose(-1, -2) if adapter.experts_transposed else t[0]).float()
                     for name, t in params.items() if not name.endswith("_bias")}
-            rows.append([sum(expert_quant_error({n: m}, b, fit_group(m.shape[-1], group_size, b))
-                             for n, m in mats.items()) for b in bits])
+            group = common_group([m.shape[-1] for m in mats.values()], group_size)
+            rows.append([sum(_relative_error(m, b, group) for m in mats.values()) for b in bits])
     return np.array(rows, dtype=np.float64)
 
 

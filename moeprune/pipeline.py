@@ -228,7 +228,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
-          **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
+          symmetric: bool = True, target: str | None = None, **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
@@ -236,13 +236,18 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
+    ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.engines``).
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
     check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
     ckpt = open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
-    check_budget(fingerprint, method, keep, budget, min_per_layer)
+    resolved = check_budget(fingerprint, method, keep, budget, min_per_layer)
+    if target == "vllm":
+        from .engines import check_vllm_target
+
+        check_vllm_target(bits, avg_bits, symmetric, resolved == "uniform", ckpt.adapter.family)
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
@@ -264,5 +269,5 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
-                            group_size=group_size)
+                            group_size=group_size, symmetric=symmetric)
     return pattern, summary
