@@ -56,8 +56,8 @@ def main() -> None:
             per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
             print(rows[-1], flush=True)
     qrows = []
-    for label, kw in (("int8", {"bits": 8}), ("int4", {"bits": 4}), ("mixed 3.0 avg bits", {"avg_bits": 3.0}),
-                      ("int2", {"bits": 2})):
+    for label, kw in (("int8 rtn", {"bits": 8}), ("int4 rtn", {"bits": 4}), ("int3 rtn", {"bits": 3}),
+                      ("mixed 3.0 avg bits", {"avg_bits": 3.0}), ("int2 rtn", {"bits": 2})):
         res = [bench.run(d, "tcess", "0.5", **kw) for d in bench.domains]
         qrows.append((label, f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
         print(qrows[-1], flush=True)
@@ -73,7 +73,7 @@ def main() -> None:
             "also a backward, and enumerate's caching pass); s = seconds per domain (select + export + "
             "load + eval). stun-average: STUN with each kept expert replaced by its cluster's average.\n\n"
             + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "passes", "s/domain"])
-            + "\n\nQuantized kept experts (tcess, keep 0.5; group-wise asymmetric, group 128; mixed = MC-MoE "
+            + "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, symmetric, group 128; mixed = MC-MoE "
             "allotment over 2/4/8 bits by the exact integer program):\n\n"
             + table(qrows, ["expert weights", "in-domain ppl ratio"])
             + "\n\nPer domain (in-domain ratio):\n\n"
