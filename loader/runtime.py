@@ -114,8 +114,13 @@ class TaskAdaptiveModel:
         start = self._by_task(initial) if initial else self.general
         # one width for all experts (``bits``) or float: a pattern's own (mixed) bits are not applied here
         self.bits, self.group_size = bits, group_size
+        stored = _stored_width(self.ckpt.config)  # a compressed-tensors export of one width: read it packed
+        self.packed_source = stored is not None and bits is None
+        if self.packed_source:
+            self.bits = stored
         self.model, report = load_with_pattern(self.ckpt, dataclasses.replace(start, bits=None), device, dtype,
-                                               bits=bits, group_size=group_size, keep_quantized=bits is not None)
+                                               bits=bits, group_size=group_size,
+                                               keep_quantized=bits is not None or self.packed_source)
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
         self.active = start
@@ -247,7 +252,7 @@ class TaskAdaptiveModel:
 
     def _switch(self, pattern: ExpertPattern) -> dict[str, Any]:
         blocks = moe_blocks(self.model, self.adapter)
-        reader = TensorReader(self.ckpt)
+        reader = TensorReader(self.ckpt, packed=self.packed_source)
         live: dict[ExpertKey, dict[str, torch.Tensor]] = {}
         for layer, kept in self.active.kept.items():
             experts = blocks[layer].experts
@@ -259,7 +264,8 @@ class TaskAdaptiveModel:
         missing = sorted(key for key in need if key not in live and key not in self.cache)
         requests = [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
         read = reader.read(requests)
-        fresh = {(layer, e): self._quantized(assemble_expert(self.adapter, layer, e, read)) for layer, e in missing}
+        assemble = _assemble_packed if self.packed_source else assemble_expert
+        fresh = {(layer, e): self._quantized(assemble(self.adapter, layer, e, read)) for layer, e in missing}
         done: list[int] = []
         try:
             for layer, kept in sorted(pattern.kept.items()):
@@ -297,7 +303,7 @@ class TaskAdaptiveModel:
 
     def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
-        if self.bits is None:
+        if self.bits is None or self.packed_source:  # float, or already packed as stored
             return slices
         from moeprune.compressed import common_group, quantize_tensor
 
@@ -336,6 +342,31 @@ class TaskAdaptiveModel:
             if axis is not None:
                 set_tensor(self.model, self.adapter.memory_name(key), full.index_select(axis, rows), self.device, None)
         resize_block(block, self.adapter, len(kept), routing, self.ckpt.config)
+
+
+def _stored_width(config: dict[str, Any]) -> int | None:
+    """The one width of a quantized export's experts (None: float, or several widths)."""
+    widths = {b for row in (((config.get("moeprune") or {}).get("quantization") or {}).get("bits") or {}).values()
+              for b in row}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[str, torch.Tensor]:
+    """One expert's packed parts (``name.qweight`` / ``.scales`` / ``.zeros``) from stored quantized reads
+    (floats for its biases), pieces concatenated along the output rows."""
+    out: dict[str, torch.Tensor] = {}
+    for param, pieces in adapter.expert_sources(layer, expert).items():
+        got = [read[(key, None if row is None else (row,))] for key, row in pieces]
+        if isinstance(got[0], torch.Tensor):  # a bias
+            got = [g if row is None else g[0] for g, (_, row) in zip(got, pieces)]
+            out[param] = got[0] if len(got) == 1 else torch.cat(got, dim=0)
+            continue
+        qts = [g.quantized_tensor() for g in got]
+        for name, attr in (("qweight", "packed"), ("scales", "scales"), ("zeros", "zeros")):
+            ts = [getattr(q, attr) for q in qts]
+            ts = [t[0] if t.dim() == 3 else t for t in ts]
+            out[f"{param}.{name}"] = torch.cat(ts, dim=0)
+    return out
 
 
 def _refuse_merged(pattern: ExpertPattern) -> None:

@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     c.add_argument("--cache-gb", type=float, default=4.0, help="cache for experts of inactive patterns (GiB, default 4)")
-    c.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize experts to this width as they are read")
+    c.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize experts to this width as they are read")
     c.add_argument("--threshold", type=float, default=1.0,
                    help="retrieval distance beyond which the general (union) pattern is used; <0 disables")
     c.add_argument("--model-id", help="the base model's id in /v1/models (default: the folder name or Hub id)")

@@ -51,7 +51,7 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
 
     Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
     sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
-    dequantizes it); moeprune-quantized ones (``X.qweight`` ...) are always planned as ``X`` (the
+    dequantizes it); compressed-tensors ones (``X_packed`` ...) are always planned as ``X`` (the
     reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's
     multi-token-prediction layer) are left out: transformers does not build them and their experts
     would stay unpruned."""
@@ -96,7 +96,7 @@ def check_plan(ckpt: Checkpoint, pattern: ExpertPattern) -> None:
     made from the index, would silently leave it out and plain transformers could not load the result)."""
     wm = ckpt.weight_map
     present = set(wm)
-    for stored in wm:  # the tensors stored in parts (X.qweight ..., X_blocks + X_scales) count as X
+    for stored in wm:  # the tensors stored in parts (X_packed ..., X_blocks + X_scales) count as X
         key = quantized_key(wm, stored)
         if key is not None:
             present.update(k for k in (key, logical_key(wm, key)) if k is not None)

@@ -1,7 +1,12 @@
 """Group-wise asymmetric weight quantization (int8 / int4 / int2) and per-expert
 mixed-precision bit allocation.
 
-Storage format (read in-kernel by the Triton dequantization kernel -- keep in sync)
+Exports are compressed-tensors checkpoints (``moeprune.compressed``), not this format: here it is the
+IN-MEMORY layout moeprune's kernels read (a compressed-tensors weight converts to it exactly, see
+``moeprune.compressed.to_quantized_tensor``); ``to_state_dict`` / ``save_quantized`` remain for
+files of moeprune's own, never for model exports.
+
+Memory format (read in-kernel by the Triton dequantization kernel -- keep in sync)
 -----------------------------------------------------------------------------------
 For a weight ``W`` of shape ``[..., out, in]`` (``[out, in]`` or an expert stack
 ``[E, out, in]``), group size ``G`` along ``in`` and ``b`` bits (``L = 2**b - 1``):

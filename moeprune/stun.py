@@ -109,7 +109,7 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
     for param, pieces in sources[0].items():
         for j, (key, row) in enumerate(pieces):
             keys = [key] if row is not None else [src[param][j][0] for src in sources]
-            if f"{keys[0]}.qweight" in ckpt.weight_map:  # a moeprune --bits export
+            if f"{keys[0]}_packed" in ckpt.weight_map:  # a --bits export (compressed-tensors)
                 for X in _quantized_chunks(ckpt, keys, num_experts):
                     G += X @ X.T
                 continue
@@ -128,7 +128,7 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
 
 
 def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
-    """``[E, -1]`` float64 chunks of moeprune-quantized expert weights (one fused ``[E, out, in]``
+    """``[E, -1]`` float64 chunks of quantized (compressed-tensors) expert weights (one fused ``[E, out, in]``
     key or one key per expert), kept packed and dequantized a block of output rows at a time (each
     row has its own groups). The stored layout may be the transpose of the model's: a Gram matrix of
     flattened weights does not depend on it."""
@@ -138,7 +138,7 @@ def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
     from .quant import dequantize
 
     got = TensorReader(ckpt, packed=True).read((k, None) for k in keys)
-    qts = [got[(k, None)][0] for k in keys]
+    qts = [got[(k, None)].quantized_tensor() for k in keys]
     rows_axis = qts[0].packed.dim() - 2
     out, inner = qts[0].shape[rows_axis], qts[0].shape[-1]
     step = max(1, CHUNK_ELEMENTS // max(1, num_experts * inner))

@@ -226,3 +226,23 @@ def test_old_private_format_is_refused(family_checkpoints, tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="retired private format"):
         moeprune.from_pretrained(tmp_path / "old")
+
+
+def test_task_adaptive_model_reads_an_export_packed(family_checkpoints, tmp_path):
+    """Switching tasks on an int4 export reads the experts packed and equals loading that task's pattern."""
+    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.loader.runtime import TaskAdaptiveModel
+
+    _, src = family_checkpoints["qwen3_moe"]
+    export_pruned(src, _pattern(src, tmp_path, keep="0.75"), tmp_path / "q", bits=4, progress=False)
+    profile = profile_checkpoint(tmp_path / "q", write_token_demos(tmp_path / "e.jsonl", seed=3), progress=False)
+    a = dataclasses.replace(select_pattern(profile, "frequency", "0.5"), task="a")
+    b = dataclasses.replace(select_pattern(profile, "random", "0.5", seed=1), task="b")
+    assert a.kept != b.kept
+    rt = TaskAdaptiveModel(tmp_path / "q", patterns=[a, b], initial="a")
+    rt.activate("b")
+    assert any(isinstance(m, QuantizedExpertWeight) for m in rt.model.modules())
+    x = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        ref = moeprune.from_pretrained(tmp_path / "q", pattern=b, keep_quantized=False)(x).logits
+        assert _rel(rt.model(x).logits, ref) < 1e-4
