@@ -25,24 +25,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .quant import QuantizedTensor, pack
-
-SUPPORTED_BITS = (2, 3, 4, 8)  # widths of a quantized export (one place; see container_bits)
+from .widths import WIDTHS as SUPPORTED_BITS
+from .widths import check_width as check_bits
+from .widths import container_bits
 DEFAULT_BITS, DEFAULT_GROUP = 4, 128  # vLLM's W4A16 (symmetric int4, group 128)
 FORMAT = "pack-quantized"
 SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
 LEGACY_FORMAT = "moeprune-gq-v1"
-
-
-def check_bits(bits: int) -> int:
-    """``bits`` if it is a supported width, else a ValueError naming them."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return int(bits)
-
-
-def container_bits(bits: int) -> int:
-    """The width moeprune's kernels hold ``bits``-bit codes in (they pack 8, 4 or 2 bits per value)."""
-    return 4 if check_bits(bits) == 3 else bits
 
 
 def fit_group(in_dim: int, group_size: int, bits: int) -> int:

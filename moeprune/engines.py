@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-VLLM_BITS = (4, 8)
+from .widths import VLLM_WIDTHS as VLLM_BITS
 
 
 def _widths(quant: Mapping[str, Any]) -> dict[str, list[int]]:

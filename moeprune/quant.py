@@ -59,6 +59,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .widths import CONTAINER_BITS
+
 __all__ = [
     "QuantizedTensor",
     "SUPPORTED_BITS",
@@ -78,7 +80,7 @@ __all__ = [
     "allocation_objective",
 ]
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = CONTAINER_BITS  # the in-memory widths (moeprune.widths)
 FORMAT = "moeprune-gq-v1"
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
