@@ -46,8 +46,11 @@ def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int],
 
 def allot_bits(pattern: ExpertPattern, profile: RouterProfile, ckpt: Checkpoint, avg_bits: float,
                bits: Sequence[int] = (2, 4, 8), group_size: int = 128, alpha: float = 1.0,
-               beta: float = 1.0) -> dict[str, Any]:
-    """Set ``pattern.bits`` to the exact MILP allotment meeting ``avg_bits``; returns a summary."""
+               beta: float = 1.0, one_per_layer: bool | None = None) -> dict[str, Any]:
+    """Set ``pattern.bits`` to the exact MILP allotment meeting ``avg_bits``; returns a summary.
+
+    ``one_per_layer`` (default: when the checkpoint stores a layer's experts in one fused tensor) adds
+    the constraint that all experts of a MoE layer share one width."""
     profile.fingerprint.check_compatible(pattern.fingerprint, what="profile")
     freq, weight = [], []
     for row, layer in enumerate(pattern.fingerprint.moe_layers):
@@ -58,8 +61,11 @@ def allot_bits(pattern: ExpertPattern, profile: RouterProfile, ckpt: Checkpoint,
     err = expert_errors(ckpt, pattern, bits, group_size)
     # an expert the demos never use still gets some weight, so ties go to its reconstruction error
     eps = 1e-6
+    if one_per_layer is None:
+        one_per_layer = ckpt.adapter.fused_experts
+    groups = [layer for layer, kept in sorted(pattern.kept.items()) for _ in kept] if one_per_layer else None
     chosen = allocate_bits(np.array(freq) + eps, np.array(weight) + eps, err, bits=tuple(bits),
-                           avg_bits=avg_bits, alpha=alpha, beta=beta)
+                           avg_bits=avg_bits, alpha=alpha, beta=beta, groups=groups)
     out, i = {}, 0
     for layer, kept in sorted(pattern.kept.items()):
         out[layer] = [int(b) for b in chosen[i:i + len(kept)]]

@@ -54,7 +54,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -458,6 +458,7 @@ def allocate_bits(
     alpha: float = 1.0,
     beta: float = 1.0,
     sizes: Sequence[float] | np.ndarray | None = None,
+    groups: Sequence[int] | None = None,
 ) -> list[int]:
     """Pre-loading mixed-precision bit allocation (MC-MoE's PMQ), solved exactly.
 
@@ -468,7 +469,9 @@ def allocate_bits(
 
     ``freq`` phi ``[N]``: activation frequency; ``weight`` w ``[N]``: mean routing
     weight; ``err`` eps ``[N, B]``: expert error at each of ``bits``; ``sizes``
-    ``[N]``: parameter counts (default equal, i.e. the plain average bit width).
+    ``[N]``: parameter counts (default equal, i.e. the plain average bit width). ``groups`` ``[N]``:
+    experts with the same group id get one width (``x_ib = x_jb``; e.g. one width per MoE layer for
+    fused expert tensors or an engine that takes one scheme per layer).
     Returns the chosen bit width per expert.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -518,6 +521,20 @@ def allocate_bits(
         LinearConstraint(a_budget[None, :], -np.inf, rhs),
         LinearConstraint(a_onehot, 1.0, 1.0),
     ]
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups must give one group id per expert ({n}), got {len(groups)}")
+        first: dict[Any, int] = {}
+        tie = []
+        for i, g in enumerate(groups):  # every member chooses what the group's first member chooses
+            j = first.setdefault(g, i)
+            if j != i:
+                for b in range(nb):
+                    row = np.zeros(n * nb)
+                    row[i * nb + b], row[j * nb + b] = 1.0, -1.0
+                    tie.append(row)
+        if tie:
+            constraints.append(LinearConstraint(np.array(tie), 0.0, 0.0))
     res = milp(
         c,
         integrality=np.ones_like(c),

@@ -279,6 +279,46 @@ def test_allocate_matches_brute_force(seed, avg_bits):
     assert got == ref
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("avg_bits", [2.0, 3.0, 4.0, 5.5])
+def test_allocate_one_width_per_group_matches_brute_force(seed, avg_bits):
+    """With ``groups`` (e.g. one width per MoE layer) the optimum over group-wise choices, found exactly."""
+    import itertools
+
+    bits, groups = (2, 4, 8), [0, 0, 1, 1, 1, 2]
+    freq, weight, err = _instance(6, seed)
+    got = allocate_bits(freq, weight, err, bits, avg_bits, groups=groups)
+    best = None
+    for choice in itertools.product(bits, repeat=3):
+        chosen = [choice[g] for g in groups]
+        if sum(chosen) <= avg_bits * 6 + 1e-9:
+            obj = allocation_objective(freq, weight, err, bits, chosen)
+            best = obj if best is None or obj < best else best
+    assert all(got[i] == got[j] for i in range(6) for j in range(6) if groups[i] == groups[j])
+    assert sum(got) <= avg_bits * 6 + 1e-9
+    assert allocation_objective(freq, weight, err, bits, got) == pytest.approx(best, rel=1e-9)
+    free = allocate_bits(freq, weight, err, bits, avg_bits)  # the constraint can only cost
+    assert allocation_objective(freq, weight, err, bits, free) <= best + 1e-12
+
+
+def test_avg_bits_on_fused_experts_gives_one_width_per_layer(family_checkpoints, tmp_path):
+    """GPT-OSS stores a layer's experts in one tensor: the integer program gives each layer one width."""
+    import moeprune
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.export import export_pruned
+    from moeprune.mixed import allot_bits
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    from tiny_models import write_token_demos
+
+    _, src = family_checkpoints["gpt_oss"]
+    profile = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = select_pattern(profile, "frequency", "0.5")
+    summary = allot_bits(pattern, profile, open_checkpoint(src), 5.0)
+    assert all(len(set(row)) == 1 for row in pattern.bits.values()) and summary["avg_bits"] <= 5.0
+    export_pruned(src, pattern, tmp_path / "o", progress=False)
+    assert moeprune.from_pretrained(tmp_path / "o")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
 def test_allocate_budget_and_baselines():
     n, bits = 64, (2, 4, 8)
     freq, weight, err = _instance(n, 42)
