@@ -156,6 +156,13 @@ def reap_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
+@register_scorer("weighted-ean", mass=True)
+def weighted_ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """REAP's numerator without the mean: sum over routed tokens of g_j(x) * ||f_j(x)||_2 (the reference's
+    ``weighted_ean_sum`` criterion). Unlike REAP it grows with how often an expert is routed."""
+    return profile.signal("reap", "weighted-ean").clone()
+
+
 @register_scorer("ean", mass=True)
 def ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """EAN, REAP's baseline: sum over routed tokens of the expert's output norm ||f_j(x)||_2."""

@@ -62,7 +62,7 @@ def test_reap_and_ean_equal_a_direct_per_token_computation(family, family_checkp
     demos = _ids()
     prof = profile_model(model, demos, model_fingerprint(model), progress=False)
     direct = _direct(model, demos)
-    reap, ean = score("reap", prof), score("ean", prof)
+    reap, ean, wean = score("reap", prof), score("ean", prof), score("weighted-ean", prof)
     for row, layer in enumerate(prof.fingerprint.moe_layers):
         count, norm, weighted, peak = direct[layer]
         assert torch.equal(prof.stats["count"][row], count)
@@ -73,6 +73,7 @@ def test_reap_and_ean_equal_a_direct_per_token_computation(family, family_checkp
         want = torch.where(count > 0, weighted / count.clamp_min(1), torch.zeros_like(count))
         torch.testing.assert_close(reap[row], want, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ean[row], norm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wean[row], weighted, rtol=1e-5, atol=1e-6)
         assert (count > 0).any() and (want > 0).sum() == (count > 0).sum()
 
 
