@@ -71,23 +71,20 @@ def grid(bench: EmbeddedBench, keeps: list[str], no_write: bool) -> None:
     rows = []
     for keep in keeps:
         res = [bench.run(d, "random", keep) for d in bench.domains]
-        rows.append((keep, "random", "", "", "uniform", f"{statistics.geometric_mean([r.ratio for r in res]):.3f}", ""))
+        rows.append((keep, "random", "", "", "uniform", f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
         print(rows[-1], flush=True)
         for mix in (0.5, 0.0):
             for rep in ("centroid", "most-routed"):
                 for budget in ("global", "uniform"):
-                    res = [bench.run(d, "stun", keep, cross=True, mix=mix, representative=rep, budget=budget)
+                    res = [bench.run(d, "stun", keep, mix=mix, representative=rep, budget=budget)
                            for d in bench.domains]
                     rows.append((keep, "stun", f"{mix:g}", rep, budget,
-                                 f"{statistics.geometric_mean([r.ratio for r in res]):.3f}",
-                                 f"{statistics.geometric_mean([v for r in res for v in r.cross.values()]):.3f}"))
+                                 f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
                     print(rows[-1], flush=True)
     body = (f"Machine: {machine()}. Model `{bench.path.name}`, {len(bench.domains)} domains; perplexity ratio "
-            "pruned/full (geometric mean over domains) on held-out in-domain texts and on the other domains' "
-            "texts. mix: weight of co-activation against router-row distance; representative: the member kept "
+            "pruned/full (geometric mean over domains) on held-out in-domain texts. mix: weight of co-activation against router-row distance; representative: the member kept "
             "per cluster. Reproduce with `python -m benchmarks.stun_variants --grid`.\n\n"
-            + table(rows, ["keep", "method", "mix", "representative", "budget", "in-domain ppl ratio",
-                           "cross-domain ppl ratio"]) + "\n")
+            + table(rows, ["keep", "method", "mix", "representative", "budget", "in-domain ppl ratio"]) + "\n")
     print(body)
     if not no_write:
         write_section("STUN: mix, representative and budget", body)

@@ -71,10 +71,10 @@ def _pattern_table(pattern) -> str:
 
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base")
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
               if getattr(args, name, None) is not None}
-    if ("mix" in params or "merge" in params) and args.method != "stun":
-        raise ValueError("--mix and --merge apply to --method stun only")
+    if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
+        raise ValueError("--mix, --merge and --representative apply to --method stun only")
     if "base" in params and args.method != "router-drift":
         raise ValueError("--base applies to --method router-drift only")
     if getattr(args, "protect_super_experts", False):
@@ -430,10 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
         c.add_argument("--seed", type=int, help="seed for random, diep")
-        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0.5)")
+        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0)")
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
+        c.add_argument("--representative", choices=["centroid", "most-routed"],
+                       help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
         c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "

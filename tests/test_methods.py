@@ -36,7 +36,10 @@ def test_stun_collapses_duplicate_experts_to_one(tmp_path):
     src = save_model(model, tmp_path / "dup")
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl", n=8), progress=False)
     pattern = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0)  # one merge per layer
-    for layer, kept in pattern.kept.items():
+    for layer, kept in pattern.kept.items():  # the duplicates collapse to one (the more routed)
+        assert (2 in kept) != (5 in kept) and len(kept) == 7
+    centroid = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0, representative="centroid")
+    for layer, kept in centroid.kept.items():  # equal distance to the centroid: the lower id
         assert 2 in kept and 5 not in kept and len(kept) == 7
 
 
