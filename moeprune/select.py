@@ -204,7 +204,10 @@ def super_experts(max_act: torch.Tensor, fingerprint: Fingerprint, quantile: flo
     max(the ``quantile`` of all the model's experts' maxima, the model's largest / ``ratio``).
 
     As REAP's reference code, the quantile is taken over every expert of every MoE layer (with the few
-    experts of one layer a per-layer 99.5th percentile is about that layer's own maximum)."""
+    experts of one layer a per-layer 99.5th percentile is about that layer's own maximum). Two choices
+    differ from that code, recorded: the activation is the magnitude |f(x)| (the reference takes the
+    signed maximum, which misses a huge negative outlier), and every layer is considered (the
+    reference's ``perserve_outliers``; its ``perserve_super_experts`` looks only at the first 75%)."""
     fp = fingerprint
     values = torch.cat([max_act[row, :n].double() for row, n in enumerate(fp.num_experts)])
     if values.numel() == 0 or values.max() <= 0:
