@@ -24,7 +24,7 @@ import os  # noqa: E402
 from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
 
 from moeprune.demo import EmbeddedBench  # noqa: E402
-from moeprune.scoring import SCORERS  # noqa: E402
+from moeprune import scoring  # noqa: E402
 
 DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware", "reap", "ean", "weighted-ean"]
 VARIANTS = {  # name -> (scorer, parameters)
@@ -40,7 +40,8 @@ NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned 
 
 def all_methods() -> list[str]:
     """Every registered scorer (the usual ones first), then the variants."""
-    names = [m for m in DEFAULT_METHODS if m in SCORERS] + [m for m in sorted(SCORERS) if m not in DEFAULT_METHODS]
+    registered = scoring.SCORERS
+    names = [m for m in DEFAULT_METHODS if m in registered] + [m for m in sorted(registered) if m not in DEFAULT_METHODS]
     return [m for m in names if m not in NEEDS_MORE] + list(VARIANTS)
 
 

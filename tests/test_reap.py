@@ -139,3 +139,18 @@ def test_reap_export_loads_in_plain_transformers_and_equals_the_masked_model(fam
         ref = full(x).logits
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quality_benchmark_runs_every_registered_method(monkeypatch):
+    """benchmarks/quality.py takes its methods from the registry: a new scorer joins without editing it."""
+    from benchmarks.quality import NEEDS_MORE, VARIANTS, all_methods
+    from moeprune.scoring import SCORERS, register_scorer
+
+    monkeypatch.setattr("moeprune.scoring.SCORERS", dict(SCORERS))
+    import moeprune.scoring as scoring
+
+    register_scorer("brand-new")(lambda profile, **_: torch.zeros(1))
+    names = all_methods()
+    assert "brand-new" in names and {"reap", "ean", "stun", "diep"} <= set(names)
+    assert set(VARIANTS) <= set(names) and not set(NEEDS_MORE) & set(names)
+    assert set(scoring.SCORERS) - set(NEEDS_MORE) <= set(names)
