@@ -154,3 +154,26 @@ def test_quality_benchmark_runs_every_registered_method(monkeypatch):
     assert "brand-new" in names and {"reap", "ean", "stun", "diep"} <= set(names)
     assert set(VARIANTS) <= set(names) and not set(NEEDS_MORE) & set(names)
     assert set(scoring.SCORERS) - set(NEEDS_MORE) <= set(names)
+
+
+def test_a_profile_without_the_new_signals_loads_and_reap_names_the_fix(family_checkpoints, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from moeprune.profile import RouterProfile
+
+    model, _ = family_checkpoints["mixtral"]
+    prof = profile_model(model, _ids(1), model_fingerprint(model), progress=False)
+    prof.save(tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in load_file(str(tmp_path / "p.safetensors")).items() if k not in ("ean", "reap", "max_act")}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    back = RouterProfile.load(tmp_path / "old.safetensors")
+    assert torch.equal(score("frequency", back), score("frequency", prof))
+    for method in ("reap", "ean"):
+        with pytest.raises(ValueError, match="profile again"):
+            score(method, back)
+    with pytest.raises(ValueError, match="profile again"):
+        select_pattern(back, "frequency", "4", protect_super_experts=True)
+    assert "ean" not in (back + back).stats
