@@ -71,12 +71,14 @@ def _pattern_table(pattern) -> str:
 
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base")
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
               if getattr(args, name, None) is not None}
-    if ("mix" in params or "merge" in params) and args.method != "stun":
-        raise ValueError("--mix and --merge apply to --method stun only")
+    if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
+        raise ValueError("--mix, --merge and --representative apply to --method stun only")
     if "base" in params and args.method != "router-drift":
         raise ValueError("--base applies to --method router-drift only")
+    if getattr(args, "protect_super_experts", False):
+        params["protect_super_experts"] = True
     return params
 
 
@@ -114,7 +116,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
-            "notes": pattern.meta.get("notes", [])}
+            "notes": pattern.meta.get("notes", []), "protected": pattern.meta.get("protected")}
     _emit(args, data, _pattern_table(pattern) + f"\nwrote {args.out}")
 
 
@@ -291,6 +293,8 @@ def _store_add(args: argparse.Namespace, store) -> None:
     from .pattern import ExpertPattern
 
     if args.pattern:
+        if args.protect_super_experts:
+            raise ValueError("--protect-super-experts applies when store add profiles demos, not to --pattern")
         pattern = ExpertPattern.load(args.pattern)
     else:
         from .checkpoint import open_checkpoint
@@ -304,7 +308,8 @@ def _store_add(args: argparse.Namespace, store) -> None:
         fingerprint = checkpoint_fingerprint(ckpt)
         check_budget(fingerprint, args.method, args.keep)
         ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
-        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args))
+        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args),
+                                        protect_super_experts=args.protect_super_experts)
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
@@ -431,10 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
         c.add_argument("--seed", type=int, help="seed for random, diep")
-        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0.5)")
+        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0)")
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
+        c.add_argument("--representative", choices=["centroid", "most-routed"],
+                       help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
         c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
@@ -442,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the method's own; stun and diep are global)")
         c.add_argument("--min-per-layer", type=int, help="global budget: each layer keeps at least this many "
                        "(never below the router's top-k)")
+        protect(c)
+
+    def protect(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--protect-super-experts", action="store_true",
+                       help="never prune super experts (REAP's rule: largest activation above max(99.5th "
+                            "percentile of all experts, model's largest / 10)); any method")
 
     def output_dir(c: argparse.ArgumentParser) -> None:
         c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")
@@ -527,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int)
     c.add_argument("--method", default="tcess", choices=methods)
     c.add_argument("--keep", default="0.5", help="(add) experts kept per layer (default 0.5)")
+    protect(c)
     c.add_argument("--overwrite", action="store_true", help="(add) replace the task if the store has it")
     runtime(c)
     c.set_defaults(func=cmd_store)

@@ -159,8 +159,11 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int,
 def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
                    budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
                    demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
-                   progress: bool = False, **params: Any) -> ExpertPattern:
+                   progress: bool = False, protect_super_experts: bool = False, **params: Any) -> ExpertPattern:
     """Score a profile with ``method`` and keep ``keep`` experts per layer (on average for a global budget).
+
+    ``protect_super_experts`` never prunes REAP's super experts (:func:`moeprune.select.super_experts`, from
+    the profile's per-expert largest activation); the pattern's ``meta["protected"]`` lists them.
 
     ``budget`` is ``uniform`` or ``global`` (default: the method's own). Scorers that read weights
     get ``checkpoint`` (default: the checkpoint the profile was made on); scorers that run the
@@ -177,9 +180,16 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
                                            keep=keep, budget=budget, min_per_layer=min_per_layer,
                                            progress=progress, **params)
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
+    protect, threshold = None, None
+    if protect_super_experts:
+        from .select import super_experts
+
+        protect, threshold = super_experts(profile.signal("max_act", "--protect-super-experts"), profile.fingerprint)
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
-                           signature=signature, budget=budget, min_per_layer=min_per_layer)
+                           signature=signature, budget=budget, min_per_layer=min_per_layer, protect=protect)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
+    if threshold is not None:
+        pattern.meta["super_expert_threshold"] = threshold
     if clusters:
         pattern.merges = merges_for(pattern.kept, clusters)
         pattern.validate()
