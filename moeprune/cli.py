@@ -77,6 +77,11 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--mix and --merge apply to --method stun only")
     if "base" in params and args.method != "router-drift":
         raise ValueError("--base applies to --method router-drift only")
+    for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
+        if getattr(args, flag, None) is not None:
+            if args.method != "hc-smoe":
+                raise ValueError(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
+            params[name] = getattr(args, flag)
     return params
 
 
@@ -430,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
         c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
+        c.add_argument("--merge-router", choices=["dominant", "average", "fitted"],
+                       help="hc-smoe: a merged expert's router row: its dominant member's (default), the "
+                            "count-weighted average, or fitted to the members' summed routing probability")
+        c.add_argument("--hc-metric", choices=["euclidean", "cosine"],
+                       help="hc-smoe: distance between experts' mean outputs (default euclidean)")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "

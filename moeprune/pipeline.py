@@ -15,7 +15,7 @@ from .fingerprint import Fingerprint, checkpoint_fingerprint
 from .io import check_dir_target
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
-from .scoring import default_budget, needs_checkpoint, score_with_clusters
+from .scoring import default_budget, needs_checkpoint, score_merging
 from .select import make_pattern
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -137,7 +137,7 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     return profile
 
 
-def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int, budget: str | None = None,
+def check_budget(fingerprint: Fingerprint, method: str, keep: str | float, budget: str | None = None,
                  min_per_layer: int | None = None) -> str:
     """Refuse a method/keep/budget combination that cannot be selected, before any work; returns the
     budget (default: the method's own)."""
@@ -156,7 +156,7 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int,
     return budget
 
 
-def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
+def select_pattern(profile: RouterProfile, method: str, keep: str | float, task: str | None = None,
                    budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
                    demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
                    progress: bool = False, **params: Any) -> ExpertPattern:
@@ -173,17 +173,32 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
         checkpoint = open_checkpoint(checkpoint)
     if checkpoint is not None and needs_checkpoint(method):  # its weights must be the profiled model's
         profile.fingerprint.check_compatible(checkpoint_fingerprint(checkpoint), "profile")
-    scores, clusters = score_with_clusters(method, profile, model=model, demos=demos, checkpoint=checkpoint,
+    scores, merging = score_merging(method, profile, model=model, demos=demos, checkpoint=checkpoint,
                                            keep=keep, budget=budget, min_per_layer=min_per_layer,
                                            progress=progress, **params)
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
                            signature=signature, budget=budget, min_per_layer=min_per_layer)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
-    if clusters:
-        pattern.merges = merges_for(pattern.kept, clusters)
-        pattern.validate()
+    if merging is not None and merging.clusters:
+        pattern.merges = merges_for(pattern.kept, merging.clusters)
+        pattern.merge_weights = merge_weights_for(pattern.merges, merging)
+        pattern.merge_router = merging.merge_router if pattern.merges else "average"
+        pattern.router_overrides = merging.router_overrides
+        pattern.__post_init__()
     return pattern
+
+
+def merge_weights_for(merges: dict[int, dict[int, list[int]]] | None,
+                      merging: Any) -> dict[int, dict[int, list[float]]] | None:
+    """The scorer's member weights of each kept merge (``merges_for``'s clusters), None without weights."""
+    if not merges or not merging.weights:
+        return None
+    out: dict[int, dict[int, list[float]]] = {}
+    for layer, chosen in merges.items():
+        by_cluster = {tuple(sorted(c)): w for c, w in zip(merging.clusters[layer], merging.weights[layer])}
+        out[layer] = {e: list(by_cluster[tuple(members)]) for e, members in chosen.items()}
+    return out
 
 
 def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], fraction: float,
@@ -212,7 +227,7 @@ def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]])
     return merges or None
 
 
-def profile_and_select(ws: Workspace, method: str, keep: str | float | int, task: str = "",
+def profile_and_select(ws: Workspace, method: str, keep: str | float, task: str = "",
                        progress: bool = True, **select_kwargs: Any) -> tuple[RouterProfile, ExpertPattern]:
     """Profile a workspace's demos and select with ``method`` (scorers that run or read the model get
     the workspace's model, demos and checkpoint)."""
@@ -222,7 +237,7 @@ def profile_and_select(ws: Workspace, method: str, keep: str | float | int, task
     return profile, pattern
 
 
-def prune(model: str | Path, demos: str | Path, method: str, keep: str | float | int, out: str | Path,
+def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, out: str | Path,
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
