@@ -100,7 +100,9 @@ def cmd_select(args: argparse.Namespace) -> None:
     params = _method_params(args)
     check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
     ckpt = net = demos = None
-    run = bool(args.demos) and runs_model(args.method)  # diep, enumerate: on --device, in --dtype
+    if args.recalibrate_router and not args.demos:
+        raise ValueError("--recalibrate-router fits the router on the demos: give --demos FILE")
+    run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
     if args.model or (run and prof.model):
         from .checkpoint import open_checkpoint
 
@@ -116,6 +118,11 @@ def cmd_select(args: argparse.Namespace) -> None:
     pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
                              min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
                              progress=_progress(args), **params)
+    if args.recalibrate_router:
+        from .recalibrate import recalibrate_pattern
+
+        recalibrate_pattern(ckpt, pattern, net, demos, steps=args.recalibrate_steps, device=args.device,
+                            seed=args.seed or 0, progress=_progress(args))
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
@@ -164,7 +171,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
-                             dynamic_prune=args.dynamic_prune, **params)
+                             dynamic_prune=args.dynamic_prune, recalibrate_router=args.recalibrate_router,
+                             recalibrate_steps=args.recalibrate_steps, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -446,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the method's own; stun and diep are global)")
         c.add_argument("--min-per-layer", type=int, help="global budget: each layer keeps at least this many "
                        "(never below the router's top-k)")
+        c.add_argument("--recalibrate-router", action="store_true",
+                       help="fit the kept router rows (and selection biases) on the demos so the pruned model's "
+                            "next tokens match the full model's (KL); the pattern carries them in a sidecar "
+                            "<pattern>.router.safetensors and the export writes them (select: needs --demos)")
+        c.add_argument("--recalibrate-steps", type=int, help="re-calibration steps (default 4 per demo, 50-400)")
 
     def output_dir(c: argparse.ArgumentParser) -> None:
         c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")

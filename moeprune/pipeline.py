@@ -243,6 +243,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
+          recalibrate_router: bool = False, recalibrate_steps: int | None = None,
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
@@ -251,6 +252,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
+    ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
+    ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
@@ -261,6 +264,11 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
+    if recalibrate_router:
+        from .recalibrate import recalibrate_pattern
+
+        recalibrate_pattern(ws.ckpt, pattern, ws.model, ws.demos, steps=recalibrate_steps, device=device,
+                            seed=params.get("seed") or 0, progress=progress)
     transform, extra = None, None
     if unstructured or nm:
         from .unstructured import expert_transform, parse_nm, routed_input_norms
