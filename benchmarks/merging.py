@@ -4,7 +4,7 @@
 Ratios are perplexity pruned/full, geometric mean over the domains, on the held-out eval texts
 (``eval``) and on the profiling demos themselves (``demos``: what the shipped choices were made on).
 
-    python -m benchmarks.merging [--quick]
+    python -m benchmarks.merging [--quick | --variants]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def measure(bench: EmbeddedBench, full_demo: dict[str, float], method: str, keep
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the HC-SMoE variants table")
+    ap.add_argument("--variants", action="store_true", help="only the HC-SMoE variants table")
     args = ap.parse_args()
     torch.manual_seed(0)
     bench = EmbeddedBench()
@@ -63,6 +64,8 @@ def main() -> None:
                         print(f"| {keep} | {name} | {metric} | {router} | {de:.3f} | {ev:.3f} | "
                               f"{' / '.join(f'{x:.2f}' for x in per)} | {s:.1f} |", flush=True)
         print()
+    if args.variants:
+        return
     print("| keep | method | eval ratio | + re-calibration | demos ratio | + re-calibration | s/domain (+ recal) |")
     print("|---|---|---|---|---|---|---|")
     for keep in ("0.5", "0.25"):
