@@ -370,6 +370,10 @@ def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[
 
 
 def _refuse_merged(pattern: ExpertPattern) -> None:
+    if pattern.router_overrides:
+        raise ValueError(f"pattern {pattern.task!r} carries re-fitted router rows (--recalibrate-router or fitted "
+                         "merge rows), which the runtime's shared routers do not take; load it with "
+                         "moeprune.from_pretrained or export it with `moeprune export`")
     if pattern.merges:
         raise ValueError(f"pattern {pattern.task!r} merges experts (averaged weights), which the per-expert cache "
                          "cannot share between tasks; load it with moeprune.from_pretrained or export it "

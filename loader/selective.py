@@ -284,7 +284,8 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
         values = packed or read_layer_experts(reader, adapter, layer, kept, dtype)
         for i, e in enumerate(kept):
             if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
-                for param, mean in merged_expert(reader, adapter, layer, merges[e]).items():
+                for param, mean in merged_expert(reader, adapter, layer, merges[e],
+                                                 ((pattern.merge_weights or {}).get(layer) or {}).get(e)).items():
                     values[param][i] = mean.to(values[param].dtype)
         widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
         if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):

@@ -79,6 +79,11 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--base applies to --method router-drift only")
     if getattr(args, "protect_super_experts", False):
         params["protect_super_experts"] = True
+    for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
+        if getattr(args, flag, None) is not None:
+            if args.method != "hc-smoe":
+                raise ValueError(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
+            params[name] = getattr(args, flag)
     return params
 
 
@@ -97,7 +102,9 @@ def cmd_select(args: argparse.Namespace) -> None:
     params = _method_params(args)
     check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
     ckpt = net = demos = None
-    run = bool(args.demos) and runs_model(args.method)  # diep, enumerate: on --device, in --dtype
+    if args.recalibrate_router and not args.demos:
+        raise ValueError("--recalibrate-router fits the router on the demos: give --demos FILE")
+    run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
     if args.model or (run and prof.model):
         from .checkpoint import open_checkpoint
 
@@ -113,6 +120,11 @@ def cmd_select(args: argparse.Namespace) -> None:
     pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
                              min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
                              progress=_progress(args), **params)
+    if args.recalibrate_router:
+        from .recalibrate import recalibrate_pattern
+
+        recalibrate_pattern(ckpt, pattern, net, demos, steps=args.recalibrate_steps, device=args.device,
+                            seed=args.seed or 0, progress=_progress(args))
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
@@ -167,7 +179,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
                              dynamic_prune=args.dynamic_prune, symmetric=not args.asym, target=args.target,
-                             **params)
+                             recalibrate_router=args.recalibrate_router,
+                             recalibrate_steps=args.recalibrate_steps, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -443,12 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--representative", choices=["centroid", "most-routed"],
                        help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
         c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
+        c.add_argument("--merge-router", choices=["dominant", "average", "fitted"],
+                       help="hc-smoe: a merged expert's router row: its dominant member's (default), the "
+                            "count-weighted average, or fitted to the members' summed routing probability")
+        c.add_argument("--hc-metric", choices=["euclidean", "cosine"],
+                       help="hc-smoe: distance between experts' mean outputs (default euclidean)")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
                             "(default: the method's own; stun and diep are global)")
         c.add_argument("--min-per-layer", type=int, help="global budget: each layer keeps at least this many "
                        "(never below the router's top-k)")
+        c.add_argument("--recalibrate-router", action="store_true",
+                       help="fit the kept router rows (and selection biases) on the demos so the pruned model's "
+                            "next tokens match the full model's (KL); the pattern carries them in a sidecar "
+                            "<pattern>.router.safetensors and the export writes them (select: needs --demos)")
+        c.add_argument("--recalibrate-steps", type=int, help="re-calibration steps (default 4 per demo, 50-400)")
         protect(c)
 
     def protect(c: argparse.ArgumentParser) -> None:

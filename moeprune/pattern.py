@@ -11,6 +11,14 @@ average of its cluster's weights and router rows (see :mod:`moeprune.merge`). Pa
 merges are still written as version 1, so older readers keep reading them; a version-1 reader
 refuses a merged pattern instead of silently ignoring the merges.
 
+Version 3 adds what HC-SMoE and router re-calibration need: ``"merge_weights"`` (per layer, kept
+expert -> one weight per cluster member, in member order: a weighted average instead of the plain
+mean), ``"merge_router"`` (``average``: router rows averaged like the weights; ``dominant``: the kept
+expert keeps its own rows; ``fitted``: rows from the router sidecar) and ``"router_sha256"``: the
+pattern carries new router tensors (its kept rows, per checkpoint key) in a safetensors sidecar
+``<name>.router.safetensors`` next to the JSON, which export and the selective loader write in place
+of the checkpoint's. Patterns without these are still written as version 1 or 2.
+
 Bit e of a layer's bitset (little-endian within each byte) is set iff expert e is kept.
 Loading validates everything: format and version, checksum, layers and expert counts against
 the fingerprint, and that each layer keeps at least the router's top-k experts.
@@ -33,7 +41,8 @@ from .io import write_text_atomic
 
 PATTERN_FORMAT = "moeprune.pattern"
 UNGROUPED = {"n_group": 1, "topk_group": 1}  # the only routing override moeprune writes (see select.group_routing)
-PATTERN_VERSION = 2
+PATTERN_VERSION = 3
+MERGE_ROUTER_MODES = ("average", "dominant", "fitted")
 
 
 class PatternError(ValueError):
@@ -72,12 +81,18 @@ class ExpertPattern:
     bits: dict[int, list[int]] | None = None  # per layer, bit width of each kept expert
     meta: dict[str, Any] = field(default_factory=dict)
     merges: dict[int, dict[int, list[int]]] | None = None  # per layer, kept expert -> cluster it averages
+    merge_weights: dict[int, dict[int, list[float]]] | None = None  # per layer, kept expert -> member weights
+    merge_router: str = "average"  # router rows of a merged expert: average | dominant | fitted
+    router_overrides: dict[str, Any] | None = None  # checkpoint key -> new kept-rows tensor (sidecar file)
 
     def __post_init__(self) -> None:
         self.kept = {int(k): sorted(int(e) for e in v) for k, v in self.kept.items()}
         if self.merges is not None:
             self.merges = {int(layer): {int(e): sorted(int(m) for m in members) for e, members in clusters.items()}
                            for layer, clusters in self.merges.items() if clusters} or None
+        if self.merge_weights is not None:
+            self.merge_weights = {int(layer): {int(e): [float(w) for w in ws] for e, ws in c.items()}
+                                  for layer, c in self.merge_weights.items() if c} or None
         self.validate()
 
     def validate(self) -> None:
@@ -103,6 +118,15 @@ class ExpertPattern:
                 if seen & set(members) or any(m < 0 or m >= n for m in members):
                     raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
                 seen |= set(members)
+        if self.merge_router not in MERGE_ROUTER_MODES:
+            raise PatternError(f"merge_router {self.merge_router!r} is not one of {', '.join(MERGE_ROUTER_MODES)}")
+        for layer, weights in (self.merge_weights or {}).items():
+            for e, ws in weights.items():
+                members = (self.merges or {}).get(layer, {}).get(e)
+                if members is None or len(ws) != len(members) or not all(math.isfinite(w) and w >= 0 for w in ws) \
+                        or sum(ws) <= 0:
+                    raise PatternError(f"layer {layer}: merge weights {ws} of expert {e} must be one non-negative "
+                                       f"weight per member of its cluster {members}, not all zero")
         if self.routing and not (fp.groups[0] > 1 and self.routing == UNGROUPED):
             raise PatternError(f"routing overrides {self.routing} are not ones moeprune writes: only {UNGROUPED} "
                                f"(ungrouped routing), and only for a model with group-limited routing (this one has "
@@ -168,11 +192,17 @@ class ExpertPattern:
             body["merges"] = {str(layer): {str(e): m for e, m in sorted(c.items())} for layer, c in sorted(self.merges.items())}
         else:
             body["version"] = 1
+        if self.merge_weights or self.merge_router != "average" or self.router_overrides:
+            body["version"] = 3
+            body["merge_router"] = self.merge_router
+            body["merge_weights"] = None if not self.merge_weights else {
+                str(layer): {str(e): w for e, w in sorted(c.items())} for layer, c in sorted(self.merge_weights.items())}
+            body["router_sha256"] = router_digest(self.router_overrides) if self.router_overrides else None
         body["checksum"] = _checksum(body)
         return body
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "pattern") -> "ExpertPattern":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "pattern") -> ExpertPattern:
         if not isinstance(d, Mapping) or d.get("format") != PATTERN_FORMAT:
             raise PatternError(f"{source} is not a moeprune pattern (missing format {PATTERN_FORMAT!r})")
         if not isinstance(d.get("version"), int) or d["version"] > PATTERN_VERSION:
@@ -196,7 +226,8 @@ class ExpertPattern:
                 routing=dict(d.get("routing") or {}), signature=d.get("signature"),
                 bits=None if bits is None else {int(k): [int(b) for b in v] for k, v in bits.items()},
                 meta=dict(d.get("meta") or {}),
-                merges=d.get("merges"),
+                merges=d.get("merges"), merge_weights=d.get("merge_weights"),
+                merge_router=str(d.get("merge_router") or "average"),
             )
         except PatternError as exc:
             raise PatternError(f"{source}: {exc}") from None
@@ -204,10 +235,18 @@ class ExpertPattern:
             raise PatternError(f"{source} is malformed ({type(exc).__name__}: {exc})") from exc
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON (and, when the pattern carries router tensors, its sidecar first)."""
+        if self.router_overrides:
+            from safetensors.torch import save_file
+
+            from .io import atomic_path
+
+            with atomic_path(router_sidecar(path)) as tmp:
+                save_file({k: v.contiguous() for k, v in sorted(self.router_overrides.items())}, str(tmp))
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ExpertPattern":
+    def load(cls, path: str | Path) -> ExpertPattern:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -215,7 +254,39 @@ class ExpertPattern:
             raise PatternError(f"pattern file {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PatternError(f"{path} is corrupt: not valid JSON ({exc})") from exc
-        return cls.from_dict(d, source=str(path))
+        pattern = cls.from_dict(d, source=str(path))
+        if d.get("router_sha256"):
+            sidecar = router_sidecar(path)
+            try:
+                from safetensors.torch import load_file
+
+                pattern.router_overrides = load_file(str(sidecar))
+            except FileNotFoundError:
+                raise PatternError(f"{path} carries re-fitted router rows in {sidecar.name}, which is missing: "
+                                   "copy it next to the pattern, or regenerate the pattern") from None
+            except Exception as exc:
+                raise PatternError(f"{sidecar} is not a readable router sidecar ({exc})") from exc
+            if router_digest(pattern.router_overrides) != d["router_sha256"]:
+                raise PatternError(f"{sidecar} does not match {path} (its checksum differs); regenerate the pattern")
+        return pattern
+
+
+def router_sidecar(path: str | Path) -> Path:
+    """The safetensors file holding a pattern's router tensors: ``<name>.router.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.router.safetensors")
+
+
+def router_digest(tensors: Mapping[str, Any]) -> str:
+    """sha256 over the router tensors' names, dtypes, shapes and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def _brief(value: Any) -> str:

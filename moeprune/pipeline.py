@@ -15,7 +15,7 @@ from .fingerprint import Fingerprint, checkpoint_fingerprint
 from .io import check_dir_target
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
-from .scoring import default_budget, needs_checkpoint, score_with_clusters
+from .scoring import default_budget, needs_checkpoint, score_merging
 from .select import make_pattern
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -137,7 +137,7 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     return profile
 
 
-def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int, budget: str | None = None,
+def check_budget(fingerprint: Fingerprint, method: str, keep: str | float, budget: str | None = None,
                  min_per_layer: int | None = None) -> str:
     """Refuse a method/keep/budget combination that cannot be selected, before any work; returns the
     budget (default: the method's own)."""
@@ -156,7 +156,7 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float | int,
     return budget
 
 
-def select_pattern(profile: RouterProfile, method: str, keep: str | float | int, task: str | None = None,
+def select_pattern(profile: RouterProfile, method: str, keep: str | float, task: str | None = None,
                    budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
                    demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
                    progress: bool = False, protect_super_experts: bool = False, **params: Any) -> ExpertPattern:
@@ -176,7 +176,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
         checkpoint = open_checkpoint(checkpoint)
     if checkpoint is not None and needs_checkpoint(method):  # its weights must be the profiled model's
         profile.fingerprint.check_compatible(checkpoint_fingerprint(checkpoint), "profile")
-    scores, clusters = score_with_clusters(method, profile, model=model, demos=demos, checkpoint=checkpoint,
+    scores, merging = score_merging(method, profile, model=model, demos=demos, checkpoint=checkpoint,
                                            keep=keep, budget=budget, min_per_layer=min_per_layer,
                                            progress=progress, **params)
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
@@ -190,10 +190,25 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float | int,
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
     if threshold is not None:
         pattern.meta["super_expert_threshold"] = threshold
-    if clusters:
-        pattern.merges = merges_for(pattern.kept, clusters)
-        pattern.validate()
+    if merging is not None and merging.clusters:
+        pattern.merges = merges_for(pattern.kept, merging.clusters)
+        pattern.merge_weights = merge_weights_for(pattern.merges, merging)
+        pattern.merge_router = merging.merge_router if pattern.merges else "average"
+        pattern.router_overrides = merging.router_overrides
+        pattern.__post_init__()
     return pattern
+
+
+def merge_weights_for(merges: dict[int, dict[int, list[int]]] | None,
+                      merging: Any) -> dict[int, dict[int, list[float]]] | None:
+    """The scorer's member weights of each kept merge (``merges_for``'s clusters), None without weights."""
+    if not merges or not merging.weights:
+        return None
+    out: dict[int, dict[int, list[float]]] = {}
+    for layer, chosen in merges.items():
+        by_cluster = {tuple(sorted(c)): w for c, w in zip(merging.clusters[layer], merging.weights[layer])}
+        out[layer] = {e: list(by_cluster[tuple(members)]) for e, members in chosen.items()}
+    return out
 
 
 def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], fraction: float,
@@ -222,7 +237,7 @@ def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]])
     return merges or None
 
 
-def profile_and_select(ws: Workspace, method: str, keep: str | float | int, task: str = "",
+def profile_and_select(ws: Workspace, method: str, keep: str | float, task: str = "",
                        progress: bool = True, **select_kwargs: Any) -> tuple[RouterProfile, ExpertPattern]:
     """Profile a workspace's demos and select with ``method`` (scorers that run or read the model get
     the workspace's model, demos and checkpoint)."""
@@ -232,13 +247,14 @@ def profile_and_select(ws: Workspace, method: str, keep: str | float | int, task
     return profile, pattern
 
 
-def prune(model: str | Path, demos: str | Path, method: str, keep: str | float | int, out: str | Path,
+def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, out: str | Path,
           task: str = "", max_tokens: int | None = None, device: str = "cpu",
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
-          symmetric: bool = True, target: str | None = None, **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
+          symmetric: bool = True, target: str | None = None, recalibrate_router: bool = False,
+          recalibrate_steps: int | None = None, **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
@@ -247,6 +263,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
     ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.engines``).
+    ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
+    ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
     """
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
@@ -261,6 +279,11 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
+    if recalibrate_router:
+        from .recalibrate import recalibrate_pattern
+
+        recalibrate_pattern(ws.ckpt, pattern, ws.model, ws.demos, steps=recalibrate_steps, device=device,
+                            seed=params.get("seed") or 0, progress=progress)
     transform, extra = None, None
     if unstructured or nm:
         from .unstructured import expert_transform, parse_nm, routed_input_norms

@@ -28,6 +28,10 @@ class MergingScores:
 
     scores: torch.Tensor
     clusters: dict[int, list[list[int]]]
+    # optional (HC-SMoE): per layer, per cluster, one weight per sorted member (weighted average)
+    weights: dict[int, list[list[float]]] | None = None
+    merge_router: str = "average"  # router rows of a merged expert: average | dominant | fitted
+    router_overrides: dict[str, torch.Tensor] | None = None  # checkpoint key -> kept-rows tensor (fitted)
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -81,17 +85,25 @@ def score_with_clusters(method: str, profile: RouterProfile, model: Any = None,
                         demos: Sequence[Sequence[int]] | None = None,
                         **params: Any) -> tuple[torch.Tensor, dict[int, list[list[int]]] | None]:
     """Scores ``[L, E]`` (float64) of ``method``, and its merge clusters per layer (None if it does not merge)."""
+    scores, merging = score_merging(method, profile, model, demos, **params)
+    return scores, None if merging is None else merging.clusters
+
+
+def score_merging(method: str, profile: RouterProfile, model: Any = None,
+                  demos: Sequence[Sequence[int]] | None = None,
+                  **params: Any) -> tuple[torch.Tensor, MergingScores | None]:
+    """Scores ``[L, E]`` (float64) of ``method``, and its :class:`MergingScores` (None if it does not merge)."""
     try:
         scorer = SCORERS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}") from None
     result = scorer(profile, model=model, demos=demos, **params)
-    clusters = result.clusters if isinstance(result, MergingScores) else None
-    scores = (result.scores if isinstance(result, MergingScores) else result).to(torch.float64)
+    merging = result if isinstance(result, MergingScores) else None
+    scores = (result.scores if merging is not None else result).to(torch.float64)
     if scores.shape != (profile.num_layers, profile.num_experts):
         raise RuntimeError(f"scorer {method!r} returned shape {tuple(scores.shape)}, "
                            f"expected {(profile.num_layers, profile.num_experts)}")
-    return scores, clusters
+    return scores, merging
 
 
 @register_scorer("random")
@@ -171,7 +183,7 @@ def ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
 
 def _register_builtin_modules() -> None:
     """Scorers living in their own modules register themselves on import."""
-    from . import diep, drift, exact, stun, uncurl  # noqa: F401
+    from . import diep, drift, exact, hcsmoe, stun, uncurl  # noqa: F401
 
 
 _register_builtin_modules()

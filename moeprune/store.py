@@ -94,6 +94,10 @@ class PatternStore:
         with ``overwrite``."""
         task = task or pattern.task
         self._check_name(task)
+        if pattern.router_overrides:
+            raise ValueError(f"pattern {task!r} carries re-fitted router rows (--recalibrate-router, or fitted merge "
+                             "rows), which the store and the runtime (they load routers from the checkpoint) do not "
+                             "carry: export it with `moeprune export`, or store it without re-calibration")
         pattern.task = task
         model = pattern.meta.get("model")
         if model and Path(model).expanduser().is_dir():  # a local model: recorded relative to the store

@@ -1,0 +1,155 @@
+"""HC-SMoE merging: duplicate experts collapse, the merge equals them, exports load in plain transformers."""
+
+import pytest
+import torch
+from tiny_models import make_model, save_model, write_token_demos
+from transformers import AutoModelForCausalLM
+
+import moeprune
+from moeprune.checkpoint import open_checkpoint
+from moeprune.demos import encode_demos, read_demos
+from moeprune.export import export_pruned
+from moeprune.hcsmoe import cluster_features, expert_features
+from moeprune.pattern import ExpertPattern, PatternError
+from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
+
+
+def _duplicated(tmp_path, copies=((5, 2), (6, 2), (7, 3))):
+    """A mixtral whose experts 5 and 6 are copies of 2, 7 a copy of 3 (weights and router rows)."""
+    model = make_model("mixtral", seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            moe = layer.mlp
+            for dst, src in copies:
+                moe.gate.weight[dst] = moe.gate.weight[src]
+                moe.experts.gate_up_proj[dst] = moe.experts.gate_up_proj[src]
+                moe.experts.down_proj[dst] = moe.experts.down_proj[src]
+    return model, save_model(model, tmp_path / "dup")
+
+
+def _workspace(src, demos):
+    ckpt = open_checkpoint(src)
+    net, tok = load_model(ckpt, "cpu", "float32")
+    return ckpt, net, encode_demos(read_demos(demos), tok)
+
+
+def test_expert_features_are_every_experts_mean_output(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["qwen3_moe"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=3)
+    _, net, encoded = _workspace(src, demos)
+    feats, inputs = expert_features(net, encoded, keep_inputs=10)
+    block = net.model.layers[0].mlp
+    xs = []
+    hook = block.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for ids in encoded:
+            net(torch.tensor([ids]))
+    hook.remove()
+    x = torch.cat(xs).double()
+    ex = block.experts
+    want = []
+    for e in range(ex.num_experts):  # direct: SiLU(gate) * up, then down, over every token
+        gate, up = (x @ ex.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        want.append(((torch.nn.functional.silu(gate) * up) @ ex.down_proj[e].double().T).mean(0))
+    torch.testing.assert_close(feats[0], torch.stack(want), rtol=1e-4, atol=1e-6)
+    assert inputs[0].shape == (10, x.shape[1])
+
+
+def test_duplicate_experts_collapse_and_the_merge_equals_them(tmp_path):
+    model, src = _duplicated(tmp_path)
+    demos = write_token_demos(tmp_path / "d.jsonl", n=8)
+    ckpt, net, encoded = _workspace(src, demos)
+    prof = profile_checkpoint(src, demos, progress=False)
+    feats, _ = expert_features(net, encoded)
+    for layer in feats:  # the copies have the same feature: each copy is clustered with its original
+        clusters = cluster_features(feats[layer], 5, "euclidean")
+        assert [2, 5, 6] in clusters and [3, 7] in clusters, clusters
+    pattern = select_pattern(prof, "hc-smoe", "5", model=net, demos=encoded, checkpoint=ckpt, separate=False)
+    for layer, kept in pattern.kept.items():
+        assert len(kept) == 5 and len({2, 5, 6} & set(kept)) == 1 and len({3, 7} & set(kept)) == 1
+        assert sorted(map(sorted, pattern.merges[layer].values())) == [[2, 5, 6], [3, 7]]
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():  # a merge of identical experts is that expert: routing over the copies' summed
+        for layer, kept in pattern.kept.items():  # probability equals routing to one (dominant row kept)
+            moe, mine = plain.model.layers[layer].mlp, model.model.layers[layer].mlp
+            for i, e in enumerate(kept):
+                torch.testing.assert_close(moe.experts.down_proj[i], mine.experts.down_proj[e])
+                torch.testing.assert_close(moe.gate.weight[i], mine.gate.weight[e])
+
+
+@pytest.mark.parametrize("router", ["dominant", "average", "fitted"])
+def test_hcsmoe_export_loads_in_transformers_and_equals_the_merged_reference(router, family_checkpoints, tmp_path):
+    full, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    ckpt, net, encoded = _workspace(src, demos)
+    prof = profile_checkpoint(src, demos, progress=False)
+    pattern = select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt, router=router)
+    assert pattern.merges and pattern.merge_weights
+    pattern.save(tmp_path / "p.json")
+    assert (tmp_path / "p.router.safetensors").exists() == (router == "fitted")
+    pattern = ExpertPattern.load(tmp_path / "p.json")
+    assert pattern.to_dict()["version"] == 3
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    loaded = moeprune.from_pretrained(src, pattern, dtype="float32")
+    use = prof.stats["count"]
+    for row, (layer, kept) in enumerate(pattern.kept.items()):
+        mine, moe = full.model.layers[layer].mlp, plain.model.layers[layer].mlp
+        for i, e in enumerate(kept):
+            members = pattern.merges.get(layer, {}).get(e, [e])
+            w = use[row, members].float()
+            w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))
+            for name, param in moe.experts.named_parameters():  # routing-count-weighted average
+                want = torch.einsum("m,m...->...", w, getattr(mine.experts, name)[members].float())
+                torch.testing.assert_close(param[i], want, rtol=1e-5, atol=1e-6)
+            if router == "fitted":
+                row_want = pattern.router_overrides[f"model.layers.{layer}.block_sparse_moe.gate.weight"][i]
+            else:
+                row_want = mine.gate.weight[e] if router == "dominant" else w @ mine.gate.weight[members]
+            torch.testing.assert_close(moe.gate.weight[i], row_want, rtol=1e-5, atol=1e-6)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    if router == "fitted":
+        (tmp_path / "p.router.safetensors").unlink()
+        with pytest.raises(PatternError, match="missing"):
+            ExpertPattern.load(tmp_path / "p.json")
+
+
+def test_separated_clustering_keeps_the_most_routed_experts_apart():
+    feats = torch.tensor([[0.0, 0], [0.1, 0], [0.2, 0], [5, 5], [5.1, 5], [9, 9]])
+    assert cluster_features(feats, 3, "euclidean") == [[0, 1, 2], [3, 4], [5]]
+    got = cluster_features(feats, 3, "euclidean", separate=[0, 1, 5])  # 0 and 1 may not share a cluster
+    assert len(got) == 3 and all(sum(e in c for e in (0, 1, 5)) == 1 for c in got)
+    assert [3, 4] in [sorted(set(c) - {0, 1, 5}) for c in got]  # the pair still goes together
+
+
+def test_merge_weights_are_validated(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["mixtral"]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = select_pattern(prof, "frequency", "0.5")
+    layer, kept = next(iter(pattern.kept.items()))
+    dropped = next(e for e in range(8) if e not in kept)
+    merges = {layer: {kept[0]: sorted([kept[0], dropped])}}
+    for bad in ({layer: {kept[0]: [1.0]}}, {layer: {kept[0]: [0.0, 0.0]}}, {layer: {kept[0]: [1.0, -1.0]}}):
+        with pytest.raises(PatternError, match="merge weights"):
+            ExpertPattern(pattern.fingerprint, pattern.kept, merges=merges, merge_weights=bad)
+    with pytest.raises(PatternError, match="merge_router"):
+        ExpertPattern(pattern.fingerprint, pattern.kept, merges=merges, merge_router="median")
+
+
+def test_prune_cli_with_hcsmoe(family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["qwen3_moe"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    assert main(["prune", str(src), "--demos", str(demos), "--method", "hc-smoe", "--keep", "0.5", "--merge-router",
+                 "average", "--hc-metric", "cosine", "--out", str(tmp_path / "out"), "-q",
+                 "--save-pattern", str(tmp_path / "p.json")]) == 0
+    pattern = ExpertPattern.load(tmp_path / "p.json")
+    assert pattern.method == "hc-smoe" and pattern.merge_router == "average" and pattern.merges
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert main(["prune", str(src), "--demos", str(demos), "--method", "frequency", "--keep", "0.5",
+                 "--merge-router", "fitted", "--out", str(tmp_path / "o2"), "-q"]) == 2
+    assert "applies to --method hc-smoe only" in capsys.readouterr().err
