@@ -22,8 +22,8 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 MIN_CHARS, MAX_CHARS = 300, 900
 TRAIN_DOCS, HELDOUT_DOCS = 1600, 180  # per domain

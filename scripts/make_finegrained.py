@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_embedded as base  # noqa: E402  (the embedded model's recipe, reused)
-
-import torch  # noqa: E402
+import make_embedded as base
+import torch
 
 SEED = 4321
 ROOT = Path(__file__).resolve().parents[1]
