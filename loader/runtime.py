@@ -82,7 +82,7 @@ class TaskAdaptiveModel:
     def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
-                 threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128,
+                 threshold: float | str | None = "auto", bits: int | None = None, group_size: int = 128,
                  max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
         if not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool) or max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
@@ -165,7 +165,8 @@ class TaskAdaptiveModel:
             raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
         with self.lock:
             sig = query_signatures(self.model, [ids], "first")
-        return self.retriever.match(sig)[0]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return self.retriever.match(sig, [text])[0]
 
     def activate(self, pattern: ExpertPattern | str) -> dict[str, Any]:
         """Make ``pattern`` (or a stored task name) the active one; returns what the switch read."""

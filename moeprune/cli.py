@@ -323,19 +323,46 @@ def _store_add(args: argparse.Namespace, store) -> None:
         ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
         _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args),
                                         protect_super_experts=args.protect_super_experts)
+        _attach_windows(pattern, ws.model, ws.tokenizer, args.demos)
+    if args.pattern and args.demos:  # a pattern made elsewhere: its retrieval windows from these demos
+        from .retrieval import load_signature_model
+
+        net, tokenizer, fp = load_signature_model(args.target or pattern.meta.get("model"), args.device)
+        pattern.fingerprint.check_compatible(fp)
+        _attach_windows(pattern, net, tokenizer, args.demos)
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
+
+
+def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
+    from .demos import read_demos
+    from .windows import attach_windows
+
+    attach_windows(pattern, model, tokenizer, read_demos(demos))
+
+
+def _threshold(value: str) -> float | str | None:
+    """``--threshold``: ``auto`` (set from the demos), a distance, or a negative number (no fallback)."""
+    if value == "auto":
+        return "auto"
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"--threshold {value!r} is neither 'auto' nor a number") from None
+    if math.isnan(t):
+        raise ValueError("--threshold nan is no distance: give a number, 'auto', or a negative one (no fallback)")
+    return None if t < 0 else t
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
     from .demos import encode_demos, read_demos
     from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
     from .store import PatternStore
+    from .windows import record_text
 
+    threshold = _threshold(args.threshold)  # a bad threshold is refused before anything loads
     store = PatternStore(args.store)
-    if math.isnan(args.threshold):
-        raise ValueError("--threshold nan is no distance: give a number (a negative one disables the fallback)")
     patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
@@ -373,11 +400,13 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     patterns = [p for p in patterns if p.fingerprint == fp]
     if not patterns:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
-    retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
+    retriever = Retriever(patterns, args.layers, threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
     for i, ids in enumerate(encoded):
         check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
-    matches = retriever.match(query_signatures(net, encoded, args.layers))
+    texts = [tokenizer.decode(q["input_ids"], skip_special_tokens=True) if "input_ids" in q and tokenizer is not None
+             else record_text(q) for q in queries]
+    matches = retriever.match(query_signatures(net, encoded, args.layers), texts)
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
@@ -391,13 +420,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
             or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
-            or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0) or math.isnan(args.threshold)):
+            or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0)):
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite and >= 0, "
-                         "--max-body-kb > 0, --threshold a number")
+                         "--max-body-kb > 0")
+    threshold = _threshold(args.threshold)
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
-                                threshold=None if args.threshold < 0 else args.threshold,
+                                threshold=threshold,
                                 max_new_tokens_limit=args.max_tokens_cap)
     app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
@@ -576,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint (default: the one the patterns were profiled on)")
     c.add_argument("--layers", default="first", choices=["first", "all"],
                    help="router layers in the signature: first MoE layer (PreMoe, cheap) or all (full model)")
-    c.add_argument("--threshold", type=float, default=1.0,
-                   help="centred cosine distance beyond which the general (union) pattern is used; <0 disables")
+    c.add_argument("--threshold", default="auto",
+                   help="distance beyond which the general (union) pattern is used: auto (set per task from the "
+                        "demos, default), a number, or <0 to disable")
     runtime(c)
     c.set_defaults(func=cmd_retrieve)
 
@@ -588,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     c.add_argument("--cache-gb", type=float, default=4.0, help="cache for experts of inactive patterns (GiB, default 4)")
     c.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize experts to this width as they are read")
-    c.add_argument("--threshold", type=float, default=1.0,
-                   help="retrieval distance beyond which the general (union) pattern is used; <0 disables")
+    c.add_argument("--threshold", default="auto",
+                   help="retrieval distance beyond which the general (union) pattern is used: auto (from the "
+                        "demos, default), a number, or <0 to disable")
     c.add_argument("--model-id", help="the base model's id in /v1/models (default: the folder name or Hub id)")
     c.add_argument("--max-batch", type=int, default=8, help="requests per generation batch (default 8)")
     c.add_argument("--max-wait", type=float, default=1.0,
@@ -637,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     command = "moeprune"
     try:
-        from .checkpoint import CheckpointError  # torch and transformers load here: Ctrl-C is handled
+        from .checkpoint import (
+            CheckpointError,  # torch and transformers load here: Ctrl-C is handled
+        )
 
         args = build_parser().parse_args(argv)
         command = f"moeprune {args.command}"
