@@ -210,13 +210,14 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
                   max_shard_size: str | int = "2GB", overwrite: bool = False,
                   progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
                   extra_config: dict[str, Any] | None = None, bits: int | None = None,
-                  group_size: int = 128) -> dict[str, Any]:
+                  group_size: int = 128, calibrated: Any = None) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
     ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity; it runs
     after the pattern's expert merges, if any);
     ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
-    (``moeprune.quant`` format) to ``bits`` for all experts, or to the pattern's per-expert ``bits``.
+    (``moeprune.quant`` format) to ``bits`` for all experts, or to the pattern's per-expert ``bits``:
+    round-to-nearest, or the codes of ``calibrated`` (``moeprune.gptq_experts.GPTQCodes``) where it has them.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
@@ -245,8 +246,10 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     if pattern.bits is not None:
         from .quantize_experts import ExpertQuantizer
 
-        quantizer = ExpertQuantizer(adapter, pattern, group_size)
+        quantizer = ExpertQuantizer(adapter, pattern, group_size, calibrated)
         config["moeprune"]["quantization"] = quantizer.config_entry()
+        if calibrated is not None:
+            config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
     if config["moeprune"].get("quantization"):
         config["quantization_config"] = packed_experts_config(config["moeprune"]["quantization"])
     check_plan(ckpt, pattern)

@@ -228,7 +228,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
-          **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
+          quant_method: str = "rtn", **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
@@ -236,7 +236,9 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
+    ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.gptq_experts`).
     """
+    check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
     check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
@@ -256,13 +258,32 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float |
     if dynamic_prune:
         extra = dict(extra or {}, dynamic_prune=calibrate_dynamic(ws.ckpt, pattern, ws.demos, dynamic_prune, device,
                                                                   dtype, progress).to_dict())
-    ckpt = ws.ckpt
+    ckpt, encoded = ws.ckpt, ws.demos
     del ws
     if avg_bits is not None:
         from .mixed import allot_bits
 
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
+    calibrated = None
+    if quant_method == "gptq":
+        from .gptq_experts import calibrate
+
+        calibrated = calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, progress=progress,
+                               device=device)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
-                            group_size=group_size)
+                            group_size=group_size, calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
     return pattern, summary
+
+
+def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
+    """Refuse a ``--quant-method`` that cannot run, before any work."""
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"--quant-method {method!r} is not rtn or gptq")
+    if method == "gptq" and bits is None and avg_bits is None:
+        raise ValueError("--quant-method gptq quantizes the experts: give --bits N or --avg-bits B with it")
+    if method == "gptq" and sparsified:
+        raise ValueError("--quant-method gptq and --unstructured/--nm both rewrite the kept experts' weights; "
+                         "give one of them")

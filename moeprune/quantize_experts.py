@@ -34,8 +34,9 @@ def fit_group(in_dim: int, group_size: int, bits: int) -> int:
 class ExpertQuantizer:
     """Quantizes the kept experts' weight tensors of an export, one width per expert."""
 
-    def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int = 128):
+    def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int = 128, calibrated: Any = None):
         self.adapter, self.pattern, self.group_size = adapter, pattern, group_size
+        self.calibrated = calibrated  # moeprune.gptq_experts.GPTQCodes: codes by source key (else round-to-nearest)
         self.owner: dict[str, tuple[int, int | None]] = {}  # source key -> (layer, expert; None if fused)
         for layer, kept in pattern.kept.items():
             for e in kept:
@@ -63,7 +64,10 @@ class ExpertQuantizer:
                                  f"one bit width, not {sorted(chosen)}: use --bits N for this model")
             bits = chosen.pop()
         matrix = tensor.transpose(-1, -2) if self.adapter.experts_transposed else tensor
-        qt = quantize(matrix.contiguous(), bits, fit_group(matrix.shape[-1], self.group_size, bits))
+        group = fit_group(matrix.shape[-1], self.group_size, bits)
+        qt = None if self.calibrated is None or expert is None else \
+            self.calibrated.quantized(plan.source, matrix, bits, group)
+        qt = qt if qt is not None else quantize(matrix.contiguous(), bits, group)
         return packed_state_dict(plan.target, (qt, self.adapter.experts_transposed))
 
 

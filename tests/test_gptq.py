@@ -66,3 +66,48 @@ def test_dead_inputs_and_errors():
         gptq_quantize(w, torch.eye(32), 4, 32)
     with pytest.raises(ValueError, match="must divide"):
         gptq_quantize(w, torch.eye(64), 4, 48)
+
+
+# ------------------------------------------------------------ calibrated on demos, through the export
+def test_gptq_export_equals_in_memory_calibration(tmp_path):
+    from moeprune.api import from_pretrained
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.demos import encode_demos, read_demos
+    from moeprune.gptq_experts import calibrate_model
+    from moeprune.loader.selective import load_with_pattern
+    from moeprune.pipeline import prune
+    from tests.tiny_models import make_model, save_model, write_token_demos
+
+    src = save_model(make_model("mixtral"), tmp_path / "src")
+    demos = write_token_demos(tmp_path / "demos.jsonl", n=12, length=32)
+    pattern, summary = prune(src, demos, "frequency", "0.5", tmp_path / "gptq", bits=4, quant_method="gptq",
+                             progress=False, dtype="float32")
+    _, rtn_summary = prune(src, demos, "frequency", "0.5", tmp_path / "rtn", bits=4, progress=False,
+                           dtype="float32")
+    calib = summary["calibration"]
+    assert calib["method"] == "gptq" and calib["matrices"] == 2 * 2 * 4 and calib["rtn_fallback"] < calib["matrices"]
+    assert "calibration" not in rtn_summary
+
+    ckpt = open_checkpoint(src)
+    ref, _ = load_with_pattern(ckpt, pattern, dtype=torch.float32)
+    encoded = encode_demos(read_demos(demos), None)
+    calibrate_model(ref.eval(), {layer: [4] * len(k) for layer, k in pattern.kept.items()}, encoded, progress=False)
+    ids = torch.tensor([encoded[0]])
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = from_pretrained(tmp_path / "gptq", dtype=torch.float32)(ids).logits
+        rtn_logits = from_pretrained(tmp_path / "rtn", dtype=torch.float32)(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)  # the export packs exactly the calibrated codes
+    assert not torch.allclose(got, rtn_logits, rtol=1e-4, atol=1e-5)  # ... which are not round-to-nearest's
+
+
+def test_quant_method_refusals(tmp_path):
+    from moeprune.pipeline import check_quant_method
+
+    with pytest.raises(ValueError, match="--bits N or --avg-bits"):
+        check_quant_method("gptq", None, None)
+    with pytest.raises(ValueError, match="give one"):
+        check_quant_method("gptq", 4, None, 0.5)
+    with pytest.raises(ValueError, match="not rtn or gptq"):
+        check_quant_method("awq", 4, None)
+    check_quant_method("rtn", None, None)
