@@ -101,6 +101,8 @@ def _params(variant: str) -> dict:
             params["weighted"] = True
         elif part.startswith("damp"):
             params["damp"] = float(part[4:])
+        elif part in ("all", "allexperts"):
+            params["fallback"] = {"all": "all", "allexperts": "all-experts"}[part]
         elif part.startswith("min"):
             params["min_tokens"] = float(part[3:])
     return params

@@ -115,12 +115,17 @@ def calibrate(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence
 def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Sequence[int]],
                     group_size: int = 128, min_tokens: float = 1.0, chunk: int = 8, damp: float = 0.01,
                     act_order: bool = False, weighted: bool = False, method: str = "gptq",
-                    progress: bool = True) -> GPTQCodes:
+                    fallback: str = "rtn", progress: bool = True) -> GPTQCodes:
     """Quantize the experts of an in-memory (pruned) model in place, layer by layer; ``widths``: MoE layer
     -> bits per expert slot. Returns the results by ``(layer, slot)`` (``codes`` keys) with the
     fallback count. ``method="rtn"`` quantizes every matrix by round-to-nearest (same grid, same path).
-    ``weighted``: weight each token's Hessian term by its squared routing weight."""
+    ``weighted``: weight each token's Hessian term by its squared routing weight. ``fallback`` for an
+    expert with too few routed tokens: ``"rtn"``, or ``"all"`` (its Hessians from every demo token, as
+    llm-compressor's ``moe_calibrate_all_experts``); ``"all-experts"`` uses every token for every expert."""
     from .arch import get_adapter
+
+    if fallback not in ("rtn", "all", "all-experts"):
+        raise ValueError(f"fallback {fallback!r} is not rtn, all or all-experts")
 
     adapter = get_adapter(model.config)
     device = next(model.parameters()).device
@@ -184,8 +189,11 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
             for i in range(start, min(start + chunk, len(widths[l]))):
                 rows, slot = (idx == i).nonzero(as_tuple=True)
                 counts.append(len(rows))
-                xe = x[rows]
                 scale = gw[rows, slot][:, None] if weighted else 1.0
+                need = min_tokens * max(experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1])
+                if fallback == "all-experts" or (fallback == "all" and len(rows) < need):
+                    rows, scale = torch.arange(len(x), device=x.device), 1.0  # every demo token through it
+                xe = x[rows]
                 h_in = (xe * scale).T @ (xe * scale) if len(rows) else None
                 b = widths[l][i]
                 gate_up = experts.gate_up_proj[i]
