@@ -102,8 +102,12 @@ def calibrate(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence
     if adapter.experts_transposed or adapter.fused_experts:
         raise ValueError(f"--quant-method gptq does not support {adapter.family}'s fused [in, out] experts yet; "
                          "use --quant-method rtn")
+    from .stored_formats import float_dtype
+
     widths = _bits_of(pattern, bits)
-    model, _ = load_with_pattern(ckpt, pattern, device=device, dtype=torch.float32)
+    # in the dtype the export writes float experts in (an FP8 source's dequantized experts are rounded to it
+    # there too): GPTQ's codes are then made from the very weights the export quantizes
+    model, _ = load_with_pattern(ckpt, pattern, device=device, dtype=float_dtype(ckpt.config))
     by_slot = calibrate_model(model.eval(), widths, demos, group_size, progress=progress, **kw)
     out = GPTQCodes(matrices=by_slot.matrices, fallback=by_slot.fallback, tokens=by_slot.tokens)
     for (layer, i), results in by_slot.codes.items():

@@ -111,3 +111,19 @@ def test_quant_method_refusals(tmp_path):
     with pytest.raises(ValueError, match="not rtn or gptq"):
         check_quant_method("awq", 4, None)
     check_quant_method("rtn", None, None)
+
+
+def test_gptq_on_an_fp8_deepseek_v3(tmp_path):
+    """Grouped sigmoid routing, a shared expert, and FP8 experts dequantized on the way: the codes are made
+    from the very weights the export quantizes (else the export refuses them)."""
+    from moeprune.api import from_pretrained
+    from moeprune.pipeline import prune
+    from tests.tiny_models import make_model, save_fp8, write_token_demos
+
+    src = save_fp8(make_model("deepseek_v3"), tmp_path / "src")
+    demos = write_token_demos(tmp_path / "demos.jsonl", n=12, length=32)
+    _, summary = prune(src, demos, "frequency", "0.5", tmp_path / "out", bits=4, quant_method="gptq", progress=False)
+    assert summary["calibration"]["matrices"] == 2 * 2 * 4  # 2 MoE layers x 4 kept experts x (gate_up, down)
+    model = from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5, 6]])).logits).all()
