@@ -138,8 +138,15 @@ def _export_human(summary: dict[str, Any]) -> str:
               else ", ".join(f"{layer}: {n}" for layer, n in per_layer.items()))
     return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
             f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
-            f"experts per MoE layer: {counts}"
+            f"experts per MoE layer: {counts}" + _calibration_human(summary.get("calibration"))
             + (f"\nloads in {summary['compatibility']['line']}" if summary.get("compatibility") else ""))
+
+
+def _calibration_human(calib: dict[str, Any] | None) -> str:
+    if not calib:
+        return ""
+    return (f"\nGPTQ: {calib['matrices']} expert matrices, {calib['rtn_fallback']} of them round-to-nearest "
+            "(their expert got fewer demo tokens than its input size)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -162,10 +169,34 @@ def cmd_export(args: argparse.Namespace) -> None:
                              "(--profile PROFILE), or use --bits N")
         allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
                    group_size=args.group_size)
+    calibrated = _gptq_for_export(args, pattern)
     summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
-                            group_size=args.group_size, symmetric=not args.asym)
+                            group_size=args.group_size, symmetric=not args.asym, calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
     _emit(args, summary, _export_human(summary))
+
+
+def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
+    """``export --quant-method gptq``: GPTQ codes calibrated on ``--demos`` (None for rtn)."""
+    from .pipeline import check_quant_method
+
+    check_quant_method(args.quant_method, args.bits, args.avg_bits)
+    if args.quant_method != "gptq":
+        return None
+    if not args.demos:
+        raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
+    from .checkpoint import open_checkpoint
+    from .demos import encode_demos, read_demos
+    from .gptq_experts import calibrate
+    from .pipeline import load_tokenizer
+
+    ckpt = open_checkpoint(args.model)
+    encoded = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
+                           args.max_tokens, vocab_size=ckpt.config.get("vocab_size"))
+    return calibrate(ckpt, pattern, encoded, bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
+                     progress=_progress(args))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -180,7 +211,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
                              dynamic_prune=args.dynamic_prune, symmetric=not args.asym, target=args.target,
                              recalibrate_router=args.recalibrate_router,
-                             recalibrate_steps=args.recalibrate_steps, **params)
+                             recalibrate_steps=args.recalibrate_steps, quant_method=args.quant_method, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -522,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points; default symmetric)")
         c.add_argument("--target", choices=["vllm"], help="refuse up front what this engine cannot load "
                        "(vllm: uniform budget, symmetric 4/8-bit, one width per MoE layer)")
+        c.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn",
+                       help="rtn: round to nearest (default); gptq: GPTQ calibrated on the demos (export: --demos)")
 
     c = command("profile", "collect router statistics of MODEL on few-shot demos")
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
@@ -546,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
     c.add_argument("--pattern", required=True, help="pattern file from `moeprune select`")
     c.add_argument("--profile", help="(--avg-bits) the profile the pattern was selected from")
+    c.add_argument("--demos", help="(--quant-method gptq) demo file to calibrate on")
+    c.add_argument("--max-tokens", type=int, help="(--quant-method gptq) stop after this many demo tokens")
     output_dir(c)
     c.set_defaults(func=cmd_export)
 

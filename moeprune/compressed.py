@@ -59,8 +59,9 @@ def _scheme(args, targets: Sequence[str] = ("Linear",)):
     return QuantizationScheme(targets=list(targets), weights=args)
 
 
-def _compress_matrix(w: torch.Tensor, args, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+def qparams(w: torch.Tensor, args, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' round-to-nearest grid of ``w [out, in]``: ``scale`` (in ``dtype``, default
+    ``w.dtype``: as stored) and signed integer ``zero_point`` (zeros when symmetric), ``[out, in // group]``."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     out_dim, in_dim = w.shape
@@ -69,18 +70,29 @@ def _compress_matrix(w: torch.Tensor, args, dtype: torch.dtype) -> dict[str, tor
     g = args.group_size
     groups = w.detach().float().reshape(out_dim, in_dim // g, g)
     scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    state = {"weight": w.detach().to(dtype), "weight_scale": scale.to(dtype)}
+    return scale.to(dtype or w.dtype), zp
+
+
+def _compress_matrix(w: torch.Tensor, args, dtype: torch.dtype, grid_of: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    scale, zp = qparams(w if grid_of is None else grid_of, args, dtype)
+    # a weight already on the grid (GPTQ) is kept in fp32 so that rounding it gives back its very codes
+    state = {"weight": w.detach().to(dtype if grid_of is None else torch.float32), "weight_scale": scale}
     if not args.symmetric:
         state["weight_zero_point"] = zp
     return PackedQuantizationCompressor.compress(state, _scheme(args))
 
 
-def compress(w: torch.Tensor, args, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def compress(w: torch.Tensor, args, dtype: torch.dtype | None = None,
+             grid_of: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``{suffix: tensor}`` (see :data:`SUFFIXES`) of ``w [out, in]`` or of a stack ``[E, out, in]``;
-    scales in ``dtype`` (default ``w.dtype``)."""
-    dtype = dtype or w.dtype
+    scales in ``dtype`` (default ``w.dtype``). ``grid_of``: take the grid (scales, zero points) from these
+    weights instead of ``w`` (GPTQ: ``w`` is already on the grid of the original weights ``grid_of``)."""
+    dtype = dtype or (w.dtype if grid_of is None else grid_of.dtype)
     mats = [w] if w.dim() == 2 else list(w)
-    parts = [_compress_matrix(m, args, dtype) for m in mats]
+    grids = [None] * len(mats) if grid_of is None else ([grid_of] if grid_of.dim() == 2 else list(grid_of))
+    parts = [_compress_matrix(m, args, dtype, g) for m, g in zip(mats, grids)]
     stacked = {k: (torch.stack([p[k] for p in parts]) if w.dim() == 3 else parts[0][k]) for k in parts[0]}
     return {f"_{k.removeprefix('weight_')}": v.contiguous() for k, v in stacked.items()}
 

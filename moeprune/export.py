@@ -227,14 +227,15 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
                   max_shard_size: str | int = "2GB", overwrite: bool = False,
                   progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
                   extra_config: dict[str, Any] | None = None, bits: int | None = None,
-                  group_size: int = 128, symmetric: bool = True) -> dict[str, Any]:
+                  group_size: int = 128, symmetric: bool = True, calibrated: Any = None) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
     ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity; it runs
     after the pattern's expert merges, if any);
     ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
     (compressed-tensors ``pack-quantized``, see ``moeprune.compressed``; ``symmetric`` or not, groups of
-    ``group_size`` input columns) to ``bits`` for all experts, or to the pattern's per-expert ``bits``.
+    ``group_size`` input columns) to ``bits`` for all experts, or to the pattern's per-expert ``bits``:
+    round-to-nearest, or GPTQ's codes of ``calibrated`` (``moeprune.gptq_experts.GPTQCodes``) where it has them.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
@@ -271,8 +272,10 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
 
         in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
                    for k in _expert_keys(adapter, pattern)]
-        quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric)
+        quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
         config["moeprune"]["quantization"] = quantizer.config_entry()
+        if calibrated is not None:
+            config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
         config["quantization_config"] = quantizer.quantization_config()
     from .engines import compatibility, transformers_refusal
 

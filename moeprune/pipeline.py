@@ -254,7 +254,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
           symmetric: bool = True, target: str | None = None, recalibrate_router: bool = False,
-          recalibrate_steps: int | None = None, **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
+          recalibrate_steps: int | None = None, quant_method: str = "rtn",
+          **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
@@ -265,7 +266,9 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.engines``).
     ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
     ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
+    ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.gptq_experts`).
     """
+    check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
     check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
@@ -294,13 +297,33 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     if dynamic_prune:
         extra = dict(extra or {}, dynamic_prune=calibrate_dynamic(ws.ckpt, pattern, ws.demos, dynamic_prune, device,
                                                                   dtype, progress).to_dict())
-    ckpt = ws.ckpt
+    ckpt, encoded = ws.ckpt, ws.demos
     del ws
     if avg_bits is not None:
         from .mixed import allot_bits
 
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
+    calibrated = None
+    if quant_method == "gptq":
+        from .gptq_experts import calibrate
+
+        calibrated = calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
+                               progress=progress,
+                               device=device)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
-                            group_size=group_size, symmetric=symmetric)
+                            group_size=group_size, symmetric=symmetric, calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
     return pattern, summary
+
+
+def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
+    """Refuse a ``--quant-method`` that cannot run, before any work."""
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"--quant-method {method!r} is not rtn or gptq")
+    if method == "gptq" and bits is None and avg_bits is None:
+        raise ValueError("--quant-method gptq quantizes the experts: give --bits N or --avg-bits B with it")
+    if method == "gptq" and sparsified:
+        raise ValueError("--quant-method gptq and --unstructured/--nm both rewrite the kept experts' weights; "
+                         "give one of them")

@@ -56,9 +56,10 @@ class ExpertQuantizer:
     """Quantizes the kept experts' weight tensors of an export, one width per expert."""
 
     def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int, in_dims: list[int],
-                 symmetric: bool = True):
+                 symmetric: bool = True, calibrated: Any = None):
         self.adapter, self.pattern, self.symmetric = adapter, pattern, symmetric
         self.group_size = ct.common_group(in_dims, group_size)
+        self.calibrated = calibrated  # moeprune.gptq_experts.GPTQCodes: codes by source key (else round-to-nearest)
         for row in (pattern.bits or {}).values():
             for b in row:
                 ct.check_bits(b)
@@ -94,7 +95,9 @@ class ExpertQuantizer:
     def __call__(self, plan: Any, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         args = ct.weight_args(self.bits_of(plan), self.group_size, self.symmetric)
         matrix = tensor.transpose(-1, -2) if self.adapter.experts_transposed else tensor
-        parts = ct.compress(matrix.contiguous(), args)
+        w = matrix.contiguous()
+        on_grid = None if self.calibrated is None else self.calibrated.on_grid(plan.source, w, args)
+        parts = ct.compress(w, args) if on_grid is None else ct.compress(on_grid, args, grid_of=w)
         return StoredQuantized(parts, args).state_dict(plan.target), {}
 
 
