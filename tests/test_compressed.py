@@ -254,3 +254,15 @@ def test_task_adaptive_model_reads_an_export_packed(family_checkpoints, tmp_path
     with torch.no_grad():
         ref = moeprune.from_pretrained(tmp_path / "q", pattern=b, keep_quantized=False)(x).logits
         assert _rel(rt.model(x).logits, ref) < 1e-4
+
+
+def test_export_target_vllm_refuses_quantized_gpt_oss_before_writing(family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["gpt_oss"]
+    _pattern(src, tmp_path).save(tmp_path / "p.json")
+    code = main(["export", str(src), "--pattern", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"),
+                 "--bits", "4", "--target", "vllm"])
+    assert code != 0 and "GPT-OSS" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["export", str(src), "--pattern", str(tmp_path / "p.json"), "--out", str(tmp_path / "f"),
+                 "--target", "vllm", "--quiet"]) == 0  # a float GPT-OSS export complies
