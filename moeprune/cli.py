@@ -155,10 +155,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .pattern import ExpertPattern
 
     pattern = ExpertPattern.load(args.pattern)
-    if args.target == "vllm":
+    if args.target == "vllm":  # from the pattern and the config alone, before reading any weight
+        from .checkpoint import open_checkpoint
         from .engines import check_vllm_target
 
-        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform)
+        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform,
+                          open_checkpoint(args.model).adapter.family)
     if args.avg_bits is not None:
         from .checkpoint import open_checkpoint
         from .mixed import allot_bits

@@ -23,6 +23,8 @@ from .quant import QuantizedTensor
 
 fit_group = ct.fit_group  # re-exported: callers that quantize one matrix on its own
 QUANT_PARTS = ct.SUFFIXES
+# vLLM's fused MoE layer finds its scheme under these names whatever the checkpoint calls them
+VLLM_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -115,8 +117,9 @@ def export_quantization_config(adapter: MoEAdapter, kept: Mapping[int, list[int]
             b = widths[0]
             targets.setdefault(b, []).extend(f"re:^{re.escape(module_name(k))}$" for k in keys)
             continue
-        names = sorted({module_name(key)[len(f"{prefix}{ids[0]}."):] for p, pieces in sources.items()
-                        if not p.endswith("_bias") for key, _ in pieces})
+        names = {module_name(key)[len(f"{prefix}{ids[0]}."):] for p, pieces in sources.items()
+                 if not p.endswith("_bias") for key, _ in pieces}
+        names = sorted(names | set(VLLM_EXPERT_NAMES))  # vLLM looks up ``<experts>.0.gate_proj`` (Mixtral: w1)
         for b in sorted(set(widths)):
             members = [i for i, w in enumerate(widths) if w == b]
             targets.setdefault(b, []).append(ct.expert_regex(prefix, None if len(members) == len(widths) else members,

@@ -62,6 +62,14 @@ def test_plain_transformers_loads_equal_to_moeprune(family, bits, family_checkpo
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert list(qc["config_groups"]) == [f"group_{bits}"]
     assert all("experts" in t for t in qc["config_groups"][f"group_{bits}"]["targets"])
+    from moeprune.checkpoint import open_checkpoint
+
+    adapter = open_checkpoint(src).adapter
+    for layer in pattern.kept:  # vLLM finds a MoE layer's scheme under <experts>.0.gate_proj, whatever the keys
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert ct.args_for(qc, f"{adapter.experts_prefix(layer)}0.{name}").num_bits == bits
+    assert ct.args_for(qc, "model.layers.1.self_attn.q_proj") is None
+    assert ct.args_for(qc, f"{adapter.experts_prefix(min(pattern.kept))[:-len('experts.')]}shared_experts.gate_proj") is None
     keys = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"] \
         if (tmp_path / "q" / "model.safetensors.index.json").exists() else {}
     if keys:  # only routed experts are packed: attention, routers, shared experts stay float
@@ -246,3 +254,15 @@ def test_task_adaptive_model_reads_an_export_packed(family_checkpoints, tmp_path
     with torch.no_grad():
         ref = moeprune.from_pretrained(tmp_path / "q", pattern=b, keep_quantized=False)(x).logits
         assert _rel(rt.model(x).logits, ref) < 1e-4
+
+
+def test_export_target_vllm_refuses_quantized_gpt_oss_before_writing(family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["gpt_oss"]
+    _pattern(src, tmp_path).save(tmp_path / "p.json")
+    code = main(["export", str(src), "--pattern", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"),
+                 "--bits", "4", "--target", "vllm"])
+    assert code != 0 and "GPT-OSS" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["export", str(src), "--pattern", str(tmp_path / "p.json"), "--out", str(tmp_path / "f"),
+                 "--target", "vllm", "--quiet"]) == 0  # a float GPT-OSS export complies
