@@ -24,10 +24,14 @@ round-to-nearest's. ``symmetric=True`` fixes ``zero = 2**(bits-1)`` and ``scale 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-__all__ = ["GPTQResult", "gptq_quantize", "grid_params", "layer_error", "rtn"]
+__all__ = ["GPTQResult", "compressed_tensors_grid", "gptq_quantize", "grid_params", "layer_error", "rtn"]
+
+# a grid: grouped fp32 weights [out, n_groups, G] -> (scale, zero) [out, n_groups], codes q in [0, 2**bits - 1]
+Grid = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -66,13 +70,33 @@ def _check(w: torch.Tensor, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size={group_size} must divide the input dimension {w.shape[1]}")
 
 
-def grid_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+def compressed_tensors_grid(bits: int, symmetric: bool = True, dtype: torch.dtype = torch.bfloat16) -> Grid:
+    """compressed-tensors' grid (``calculate_qparams``, scales rounded to the stored ``dtype``) in this
+    module's convention: its signed codes ``q_s`` and zero points ``zp`` are ``q - 2**(bits-1)`` and
+    ``zero - 2**(bits-1)``, so ``(q - zero) * scale`` is its dequantization."""
+    def params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from compressed_tensors.quantization import QuantizationArgs
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                                group_size=wg.shape[-1])
+        scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+        return scale.to(dtype).float(), zp.float() + (1 << (bits - 1))
+
+    params.round_offset = 1 << (bits - 1)  # it rounds w / scale + zp (half-to-even ties differ from + after)
+    return params
+
+
+def grid_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, grid: Grid | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest's per-group ``(scale, zero)`` of ``w [out, in]``, fp32 ``[out, in // group_size]``."""
+    """Round-to-nearest's per-group ``(scale, zero)`` of ``w [out, in]``, fp32 ``[out, in // group_size]``
+    (``grid``: another grid's, e.g. :func:`compressed_tensors_grid`)."""
     from .quant import _group_params, _round_up_fp16
 
     _check(w, bits, group_size)
     wg = w.detach().float().reshape(w.shape[0], -1, group_size)
+    if grid is not None:
+        return grid(wg)
     if not symmetric:
         return _group_params(wg, bits)
     half = 1 << (bits - 1)
@@ -81,27 +105,35 @@ def grid_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = F
     return scale, torch.full_like(scale, float(half))
 
 
-def _codes(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
-    return (torch.round(col / scale) + zero).clamp(0, levels)
+def _codes(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int, grid: Grid | None = None
+           ) -> torch.Tensor:
+    """``round(w / scale) + zero``, or for a grid with ``round_offset`` c ``round(w / scale + zero - c) + c``
+    (the same but at exact ties), clamped to ``[0, levels]``."""
+    c = getattr(grid, "round_offset", None)
+    if c is None:
+        return (torch.round(col / scale) + zero).clamp(0, levels)
+    return (torch.round(col / scale + (zero - c)) + c).clamp(0, levels)
 
 
-def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> GPTQResult:
+def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, grid: Grid | None = None
+        ) -> GPTQResult:
     """Round-to-nearest on the same grid (what :func:`gptq_quantize` does with ``H = I``)."""
-    scale, zero = grid_params(w, bits, group_size, symmetric)
+    scale, zero = grid_params(w, bits, group_size, symmetric, grid)
     wg = w.detach().float().reshape(w.shape[0], -1, group_size)
-    q = _codes(wg, scale[..., None], zero[..., None], (1 << bits) - 1).reshape(w.shape)
+    q = _codes(wg, scale[..., None], zero[..., None], (1 << bits) - 1, grid).reshape(w.shape)
     return GPTQResult(q.to(torch.uint8), scale, zero, bits, group_size)
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128,
                   symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> GPTQResult:
+                  act_order: bool = False, grid: Grid | None = None) -> GPTQResult:
     """GPTQ codes of ``w [out, in]`` given ``hessian [in, in]`` (``X^T X``, any positive scaling).
 
     ``damp``: fraction of the mean Hessian diagonal added to it; ``block_size``: columns per lazy
     update; ``act_order``: quantize columns by decreasing ``H[i, i]`` (groups keep their columns and
-    round-to-nearest's scales, so the storage format does not change).
+    round-to-nearest's scales, so the storage format does not change); ``grid``: the scales' rule
+    (default moeprune.quant's; :func:`compressed_tensors_grid` for compressed-tensors').
     """
     _check(w, bits, group_size)
     n_in = w.shape[1]
@@ -111,7 +143,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     if not torch.isfinite(hessian).all():
         raise ValueError("the Hessian holds inf/NaN: check the calibration activations")
     levels = (1 << bits) - 1
-    scale, zero = grid_params(w, bits, group_size, symmetric)  # static groups: from the original weights
+    scale, zero = grid_params(w, bits, group_size, symmetric, grid)  # static groups: from the original weights
     W = w.detach().float().clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
     dead = torch.diagonal(H) == 0
@@ -136,7 +168,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         for i in range(i2 - i1):
             g = group_of[i1 + i]
             s, z = scale[:, g], zero[:, g]
-            q = _codes(W1[:, i], s, z, levels)
+            q = _codes(W1[:, i], s, z, levels, grid)
             codes[:, i1 + i] = q.to(torch.uint8)
             err = (W1[:, i] - (q - z) * s) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
