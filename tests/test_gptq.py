@@ -133,6 +133,7 @@ def test_gptq_on_an_fp8_deepseek_v3(tmp_path):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compressed_tensors_grid(bits, symmetric):
     """On compressed-tensors' grid, identity-Hessian GPTQ is compressed-tensors' own round-to-nearest."""
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
