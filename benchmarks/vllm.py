@@ -4,8 +4,8 @@ Run with moeprune's venv: ``python benchmarks/vllm.py`` -- it writes the checkpo
 ``benchmarks/loader.py`` does) and the keep-0.25 export, then times each load in a fresh process of
 the vLLM venv (``$MOEPRUNE_VLLM_VENV``, default ``~/.cache/moeprune-vllm-venv``, built by
 ``scripts/check_vllm.sh``): ``vllm.LLM(...)`` construction (weights, profiling run, KV cache of
-``VLLM_CPU_KVCACHE_SPACE=1`` GiB), the weight memory vLLM reports ("Model loading took"), peak RSS,
-and one 8-token greedy generation. Writes the "vLLM" section of BENCHMARKS.md.
+``VLLM_CPU_KVCACHE_SPACE=1`` GiB), peak RSS (VmHWM) and what the load added to it, and one 8-token
+greedy generation. Writes the "vLLM" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +23,13 @@ from benchmarks.loader import CONFIG, build, drop_cached_shards  # noqa: E402
 from benchmarks.report import machine, table, write_section  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import vllm
 from vllm import LLM, SamplingParams
+def hwm():  # peak RSS of this process (VmHWM; ru_maxrss would carry the parent's peak across exec)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 path = sys.argv[1]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 t = time.perf_counter()
 llm = LLM(model=path, enforce_eager=True, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=512, seed=0)
 load = time.perf_counter() - t
@@ -37,7 +38,7 @@ out = llm.generate([{"prompt_token_ids": list(range(5, 21))}], SamplingParams(te
                    detokenize=False), use_tqdm=False)
 gen = time.perf_counter() - t
 print(json.dumps({"seconds": load, "generate_s": gen, "tokens": list(out[0].outputs[0].token_ids),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "base_rss": base}))
+                  "peak_rss": hwm(), "base_rss": base}))
 """
 
 
@@ -55,8 +56,6 @@ def child(py: Path, path: Path, timeout: float) -> dict:
     if res.returncode:
         raise RuntimeError(f"vLLM failed on {path}:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    m = re.search(r"Model loading took ([\d.]+) GiB", res.stderr)
-    out["weights_gib"] = float(m.group(1)) if m else None
     return out
 
 
@@ -94,18 +93,19 @@ def main() -> None:
     rows = []
     for name, p in (("full", path), ("keep 0.25", pruned)):
         size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
-        w = runs[name][0]["weights_gib"]
         rows.append((f"{name} ({E if name == 'full' else E // 4} experts/layer)", f"{size / 2**30:.2f}",
-                     f"{med(name, 'seconds'):.1f}", "?" if w is None else f"{w:.2f}",
-                     f"{med(name, 'peak_rss') / 2**30:.2f}", f"{med(name, 'generate_s'):.2f}"))
+                     f"{med(name, 'seconds'):.1f}", f"{med(name, 'peak_rss') / 2**30:.2f}",
+                     f"{(med(name, 'peak_rss') - med(name, 'base_rss')) / 2**30:.2f}",
+                     f"{med(name, 'generate_s'):.2f}"))
     ratio = med("keep 0.25", "seconds") / med("full", "seconds")
     body = (f"Machine: {machine()}; vLLM CPU build (vllm-cpu 0.32.0), `enforce_eager=True`, bf16, "
             "`VLLM_CPU_KVCACHE_SPACE=1`, in-process engine. Checkpoint: the generated Mixtral layout of the Loader "
             f"section ({len(fp.moe_layers)} layers x {E} experts) and its keep-0.25 export (moeprune export). "
             f"Median of {args.repeats} run(s), each a fresh process, shards evicted from the page cache first. "
-            "load s = `vllm.LLM(...)` construction (weights + profiling run + KV cache); weights GiB = vLLM's own "
-            "\"Model loading took\"; peak RSS includes vLLM's imports and the 1 GiB KV cache.\n\n"
-            + table(rows, ["checkpoint", "GiB on disk", "load s", "weights GiB (vLLM)", "peak RSS GiB",
+            "load s = `vllm.LLM(...)` construction (weights + profiling run + KV cache); peak RSS (VmHWM) includes "
+            "vLLM's imports and the 1 GiB KV cache; RSS added by the load = peak minus the RSS after `import vllm` "
+            f"({med('full', 'base_rss') / 2**30:.2f} GiB). (vLLM's CPU runner logs no weight memory of its own.)\n\n"
+            + table(rows, ["checkpoint", "GiB on disk", "load s", "peak RSS GiB", "RSS added by the load GiB",
                            "8-token generate s"])
             + f"\n\nLoad time keep 0.25 / full: **{ratio:.2f}**.\n")
     print(body)

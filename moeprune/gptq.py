@@ -72,7 +72,10 @@ def grid_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = T
 
 
 def _codes(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
-    return (torch.round(col / scale) + zero).clamp(0, levels)
+    """compressed-tensors' rounding: ``round(w / scale + zp) + 2**(bits-1)`` with the signed zero point
+    ``zp = zero - 2**(bits-1)`` (half-to-even ties land where the library's do), clamped to ``[0, levels]``."""
+    half = (levels + 1) // 2
+    return (torch.round(col / scale + (zero - half)) + half).clamp(0, levels)
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> GPTQResult:

@@ -8,7 +8,7 @@ Three steps, run by ``scripts/check_vllm.sh``:
   keep 0.5 -- and writes ``DIR/expected.json``: plain transformers' greedy tokens and their log-probs.
 * ``generate DIR NAME`` (the vLLM venv, once per model): vLLM's greedy tokens (``enforce_eager``, float32) for the same
   prompts, into ``DIR/vllm.json``.
-* ``compare DIR``: a table per model; exit 1 when any model's tokens differ.
+* ``compare DIR``: a table per model; exit 1 when an export's tokens differ (see :func:`compare`).
 """
 
 from __future__ import annotations
@@ -109,30 +109,53 @@ def _common(a: list[int], b: list[int]) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _max_diff(rows: list[dict], mine: list[dict]) -> float:
+    """Largest |log-prob difference| over the tokens both engines generated alike (and the first that differs)."""
+    return max((abs(a["logprobs"][j] - b["logprobs"][j]) for a, b in zip(rows, mine)
+                for j in range(min(_common(a["tokens"], b["tokens"]) + 1, len(a["tokens"])))), default=float("nan"))
+
+
 def compare(out: Path) -> int:
+    """Exit status 1 when an export's tokens differ, unless every difference is a near-tie that the engines'
+    disagreement on the *unpruned source* already explains (transformers' margin there below the largest
+    log-prob difference vLLM and transformers show on the source): then a WARNING with the numbers."""
     expected = json.loads((out / "expected.json").read_text())
     got = json.loads((out / "vllm.json").read_text())
     failed = 0
-    print(f"{'model':<20} {'greedy tokens':<22} max |logprob diff| (over equal prefixes)")
+    lines, notes = [], []
     for name, job in expected.items():
         mine = got.get(name, {"error": "not run"})
         if "error" in mine:
-            failed += 1
-            print(f"{name:<20} {'vLLM FAILED':<22} {mine['error'].splitlines()[0][:200]}")
+            failed += not name.endswith(":source")
+            lines.append((name, "vLLM FAILED", mine["error"].splitlines()[0][:200]))
             continue
-        same = sum(a["tokens"] == b["tokens"] for a, b in zip(job["rows"], mine["rows"]))
-        for a, b in zip(job["rows"], mine["rows"]):
-            if a["tokens"] != b["tokens"]:
-                i = _common(a["tokens"], b["tokens"])
-                print(f"  {name}: first difference at new token {i}: transformers {a['tokens'][i]} (its margin over "
-                      f"the runner-up {a['margin'][i]:.2e}), vLLM {b['tokens'][i]}")
-        diff = max((abs(a["logprobs"][j] - b["logprobs"][j]) for a, b in zip(job["rows"], mine["rows"])
-                    for j in range(_common(a["tokens"], b["tokens"]) + 1) if j < len(a["tokens"])),
-                   default=float("nan"))
-        ok = same == len(job["rows"])
-        failed += not ok and not name.endswith(":source")  # sources: evidence only (not moeprune's output)
-        verdict = f"{same}/{len(job['rows'])} equal"
-        print(f"{name:<20} {verdict:<22} {diff:.2e}")
+        rows, vrows = job["rows"], mine["rows"]
+        same = sum(a["tokens"] == b["tokens"] for a, b in zip(rows, vrows))
+        verdict = f"{same}/{len(rows)} equal"
+        if same < len(rows) and not name.endswith(":source"):
+            src = f"{name}:source"
+            noise = _max_diff(expected[src]["rows"], got[src]["rows"]) if "rows" in got.get(src, {}) else None
+            margins = []
+            for a, b in zip(rows, vrows):
+                if a["tokens"] != b["tokens"]:
+                    i = _common(a["tokens"], b["tokens"])
+                    margins.append(a["margin"][i])
+                    notes.append(f"{name}: first difference at new token {i}: transformers {a['tokens'][i]} (its "
+                                 f"margin over the runner-up {a['margin'][i]:.2e}), vLLM {b['tokens'][i]}")
+            if noise is not None and max(margins) < noise:
+                verdict += " (near-tie)"
+                notes.append(f"WARNING {name}: every difference is a near-tie smaller than the {noise:.2e} log-prob "
+                             f"difference vLLM and transformers show on the unpruned source ({src}): the engines "
+                             "disagree on this model itself, not on moeprune's export")
+            else:
+                failed += 1
+                verdict += " MISMATCH"
+        lines.append((name, verdict, f"{_max_diff(rows, vrows):.2e}"))
+    print(f"{'model':<20} {'greedy tokens':<24} max |logprob diff| (common prefix)")
+    for name, verdict, diff in lines:
+        print(f"{name:<20} {verdict:<24} {diff}")
+    for note in notes:
+        print(note)
     return 1 if failed else 0
 
 

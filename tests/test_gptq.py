@@ -128,3 +128,24 @@ def test_gptq_on_an_fp8_deepseek_v3(tmp_path):
     model = from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[3, 4, 5, 6]])).logits).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_compressed_tensors_grid(bits, symmetric):
+    """On compressed-tensors' grid, identity-Hessian GPTQ is compressed-tensors' own round-to-nearest."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = (torch.randn(32, 256, generator=torch.Generator().manual_seed(bits)) * 0.02).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=64)
+    wg = w.float().reshape(32, 4, 64)
+    scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+    want = fake_quantize(w.float(), scale.to(torch.bfloat16).float(), zp, args)
+    got = gptq_quantize(w, torch.eye(256), bits, 64, symmetric=symmetric).dequantize()
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    x = _inputs(bits, 512, 256, True)
+    q = gptq_quantize(w, x.T @ x, bits, 64, symmetric=symmetric)
+    assert layer_error(x, w.float(), q.dequantize()) <= layer_error(x, w.float(), got)
