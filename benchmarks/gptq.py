@@ -1,9 +1,9 @@
 """GPTQ vs round-to-nearest on the embedded model: keep 0.5 (output-aware), experts at int2/int3/int4.
 
 Per domain: the pattern is selected on the domain's demos, the pruned model is loaded and its kept
-experts quantized in memory on the export's grid (group-wise asymmetric, group 128) by
-``moeprune.gptq_experts.calibrate_model``, ``rtn`` or ``gptq`` (same code path, same grid; int2 and
-int4 exports pack exactly these values, int3 has no packed format yet). Two perplexity ratios
+experts quantized in memory on the export's grid (compressed-tensors, group 128, symmetric as the
+export's default; ``--asym`` for zero points) by ``moeprune.gptq_experts.calibrate_model``, ``rtn`` or
+``gptq`` (same code path, same grid; the exports pack exactly these values). Two perplexity ratios
 (quantized pruned / full): on the held-out eval texts, and on held-out *demos* (the last quarter of
 each domain's demos, never used for calibration: the numbers settings are chosen on, so the eval
 texts stay untouched by that choice).
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     ap.add_argument("--variants", nargs="+", default=["rtn", "gptq"],
                     help="rtn, gptq, gptq-actorder, gptq-weighted, gptq-damp0.1, gptq-min0.5 ...")
+    ap.add_argument("--asym", action="store_true", help="asymmetric grid (zero points), as export --asym")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -60,7 +61,8 @@ def main() -> None:
                 model.eval()
                 if variant != "float":
                     res = calibrate_model(model, {l: [bits] * len(k) for l, k in patterns[d].kept.items()},
-                                          bench.demos[d][:split[d]], progress=False, **_params(variant))
+                                          bench.demos[d][:split[d]], symmetric=not args.asym, progress=False,
+                                          **_params(variant))
                     fb, mats = fb + res.fallback, mats + res.matrices
                 ev.append(perplexity(model, bench.evals[d]) / bench.full_ppl[d])
                 dm.append(perplexity(model, bench.demos[d][split[d]:]) / full_demo_ppl[d])
@@ -76,7 +78,7 @@ def main() -> None:
             r, g = raw[(bits, "rtn")], raw[(bits, "gptq")]
             gains.append((f"int{bits}", f"{(1 - g[0] / r[0]) * 100:+.1f}%", f"{(1 - g[1] / r[1]) * 100:+.1f}%"))
     body = (f"Machine: {machine()}. Embedded model, {args.method} keep {args.keep}, experts quantized group-wise "
-            "asymmetric (group 128, or the largest divisor of the input size below it) on the export's grid. "
+            f"{'asymmetric' if args.asym else 'symmetric'} (compressed-tensors' grid, group 128, or the largest divisor of the input size below it) on the export's grid. "
             "GPTQ: one Hessian per expert matrix from the demo tokens the pruned model routes to it (gate/up: "
             "hidden states; down: the intermediate activations with gate/up already quantized), layers in order "
             "on the quantized earlier layers, damp 0.01, static groups; matrices whose expert got fewer demo "
