@@ -154,6 +154,17 @@ def fit_router_rows(x: torch.Tensor, weight: torch.Tensor, clusters: list[list[i
     return rows.detach().float()
 
 
+def _most_routed(use: torch.Tensor, k: int, n_group: int = 1) -> list[int]:
+    """The ``k`` most routed experts (ties: lower id); with group-limited routing the ``k / n_group`` most
+    routed of each group, which is what the grouped uniform selection keeps of these scores."""
+    n = len(use)
+    if n_group > 1 and k % n_group == 0 and n % n_group == 0:
+        size = n // n_group
+        return sorted(g * size + e for g in range(n_group)
+                      for e in _most_routed(use[g * size:(g + 1) * size], k // n_group))
+    return sorted(sorted(range(n), key=lambda e: (-float(use[e]), e))[:k])
+
+
 @register_scorer("hc-smoe", runs_model=True)
 def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                   keep: Any = None, metric: str = "euclidean", router: str = "dominant", progress: bool = False,
@@ -170,6 +181,9 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
         raise ValueError(f"--merge-router fitted fits softmax router rows; {adapter.family} routes with "
                          f"{adapter.scoring} scores or selection biases: use dominant or average")
     fp = profile.fingerprint
+    if router == "fitted" and fp.groups[0] > 1:
+        raise ValueError("--merge-router fitted is for ungrouped routers; this model routes by groups: "
+                         "use dominant or average")
     counts = keep_per_layer(keep, list(fp.num_experts), fp.top_k)
     features, inputs = expert_features(model, demos, FIT_TOKENS if router == "fitted" else 0, progress)
     blocks = moe_blocks(model, adapter)
@@ -177,7 +191,7 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
     clusters, weights, overrides = {}, {}, {}
     for row, (layer, k) in enumerate(zip(fp.moe_layers, counts)):
         use = profile.stats["count"][row]
-        apart = sorted(range(len(features[layer])), key=lambda e: (-float(use[e]), e))[:k] if separate else ()
+        apart = _most_routed(use[: len(features[layer])], k, fp.groups[0]) if separate else ()
         layer_clusters = cluster_features(features[layer], k, metric, apart)
         slots, layer_weights = [], []
         for cluster in layer_clusters:
