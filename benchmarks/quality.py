@@ -1,7 +1,12 @@
 """Pruning quality on the embedded model: per method x keep x domain, the in-domain perplexity
 ratio pruned/full, the cross-domain ratio (experts picked for another domain), and the cost.
 
-Run: ``python benchmarks/quality.py`` (writes the "Quality" section of BENCHMARKS.md and a PNG).
+Every registered method runs (``moeprune.scoring.SCORERS``: a new scorer joins by registering), plus
+the variants below, at keep 0.75 / 0.5 / 0.25.
+
+Run: ``python benchmarks/quality.py`` (writes the "Quality" section of BENCHMARKS.md and a PNG);
+``--profiles DIR`` runs on another model folder of the embedded layout (``DIR/domains.json``, demos,
+eval, ``DIR/models/<model>``) and writes the section "Quality: <DIR name>".
 """
 
 from __future__ import annotations
@@ -14,23 +19,54 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
+import os  # noqa: E402
+
 from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
 
 from moeprune.demo import EmbeddedBench  # noqa: E402
-from moeprune.scoring import SCORERS  # noqa: E402
+from moeprune import scoring  # noqa: E402
 
-DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware"]
-VARIANTS = {"stun-average": ("stun", {"merge": "average"})}  # name -> (scorer, parameters)
+DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware", "reap", "ean", "weighted-ean"]
+VARIANTS = {  # name -> (scorer, parameters)
+    "stun-average": ("stun", {"merge": "average"}),
+    "stun-uniform": ("stun", {"budget": "uniform"}),
+    "diep-uniform": ("diep", {"budget": "uniform"}),
+    "diep-global": ("diep", {"budget": "global"}),
+    "reap+protect": ("reap", {"protect_super_experts": True}),
+    "frequency+protect": ("frequency", {"protect_super_experts": True}),
+}
+NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned one came from"}
+
+
+def all_methods() -> list[str]:
+    """Every registered scorer (the usual ones first), then the variants."""
+    registered = scoring.SCORERS
+    names = [m for m in DEFAULT_METHODS if m in registered] + [m for m in sorted(registered) if m not in DEFAULT_METHODS]
+    return [m for m in names if m not in NEEDS_MORE] + list(VARIANTS)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", nargs="+", default=[m for m in DEFAULT_METHODS if m in SCORERS] +
-                    [m for m in sorted(SCORERS) if m not in DEFAULT_METHODS] + list(VARIANTS))
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method and variant")
+    ap.add_argument("--exclude", nargs="+", default=[], help="methods to leave out (e.g. enumerate: minutes)")
     ap.add_argument("--keeps", nargs="+", default=["0.75", "0.5", "0.25"])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--profiles", default=None, help="a profiles folder of the embedded layout (another model)")
+    ap.add_argument("--no-cross", action="store_true", help="skip the cross-domain evaluation (4x faster)")
+    ap.add_argument("--no-quant", action="store_true", help="skip the quantized-experts rows")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    args.methods = [m for m in (args.methods or all_methods()) if m not in args.exclude]
+    section = "Quality"
+    if args.profiles:
+        profiles = Path(args.profiles).resolve()
+        os.environ["MOEPRUNE_PROFILES"] = str(profiles)
+        if args.model is None:
+            models = sorted(p for p in (profiles / "models").iterdir() if (p / "config.json").exists())
+            if len(models) != 1:
+                raise SystemExit(f"{profiles}/models holds {len(models)} models; name one with --model")
+            args.model = str(models[0])
+        section = f"Quality: {profiles.name}"
 
     t0 = time.perf_counter()
     bench = EmbeddedBench(args.model)
@@ -42,7 +78,7 @@ def main() -> None:
             t = time.perf_counter()
             scorer, params = VARIANTS.get(method, (method, {}))
             try:
-                res = [bench.run(d, scorer, keep, cross=True, **params) for d in bench.domains]
+                res = [bench.run(d, scorer, keep, cross=not args.no_cross, **params) for d in bench.domains]
             except ValueError as exc:  # e.g. enumerate refusing an exploding subset count
                 print(f"{method} keep {keep}: {exc}", flush=True)
                 rows.append((keep, method, "refused", "", "", ""))
@@ -50,38 +86,45 @@ def main() -> None:
             sec = (time.perf_counter() - t) / len(res)
             passes = statistics.mean(len(bench.demos[r.domain]) + r.method_passes for r in res)
             in_dom = statistics.geometric_mean([r.ratio for r in res])
-            cross = statistics.geometric_mean([v for r in res for v in r.cross.values()])
+            cross = "" if args.no_cross else \
+                f"{statistics.geometric_mean([v for r in res for v in r.cross.values()]):.3f}"
             results[(method, keep)] = in_dom
-            rows.append((keep, method, f"{in_dom:.3f}", f"{cross:.3f}", f"{passes:.0f}", f"{sec:.2f}"))
+            rows.append((keep, method, f"{in_dom:.3f}", cross, f"{passes:.0f}", f"{sec:.2f}"))
             per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
             print(rows[-1], flush=True)
     qrows = []
-    for label, kw in (("int8", {"bits": 8}), ("int4", {"bits": 4}), ("mixed 3.0 avg bits", {"avg_bits": 3.0}),
-                      ("int2", {"bits": 2})):
+    for label, kw in () if args.no_quant else (("int8 rtn", {"bits": 8}), ("int4 rtn", {"bits": 4}),
+                                                ("int3 rtn", {"bits": 3}), ("mixed 3.0 avg bits", {"avg_bits": 3.0}),
+                                                ("int2 rtn", {"bits": 2})):
         res = [bench.run(d, "tcess", "0.5", **kw) for d in bench.domains]
         qrows.append((label, f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
         print(qrows[-1], flush=True)
     full = ", ".join(f"{d} {p:.2f}" for d, p in bench.full_ppl.items())
-    plot = BENCHMARKS_MD.parent / "benchmarks" / "quality.png"
+    plot = BENCHMARKS_MD.parent / "benchmarks" / ("quality.png" if not args.profiles else
+                                                  f"quality-{Path(args.profiles).resolve().name}.png")
     _plot(results, args.methods, args.keeps, plot)
-    body = (f"Machine: {machine()}. Embedded model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
+    body = (f"Machine: {machine()}. Model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
             f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
             "pass per demo).\n\n"
             "Perplexity ratio pruned/full on held-out in-domain texts (geometric mean over domains; 1.0 = "
             "no loss), and on the other domains' texts (cross); passes = model forward passes per domain "
             "(the profile's one per demo, plus what the method runs itself: DiEP's training steps, each "
             "also a backward, and enumerate's caching pass); s = seconds per domain (select + export + "
-            "load + eval). stun-average: STUN with each kept expert replaced by its cluster's average.\n\n"
+            "load + eval). Variants: stun-average: STUN with each kept expert replaced by its cluster's "
+            "average; stun-uniform, diep-uniform, diep-global: the method's scores cut with that budget; "
+            "+protect: with --protect-super-experts. Left out: "
+            + (", ".join(f"{m} ({why})" for m, why in NEEDS_MORE.items()) + "; "
+               + (", ".join(args.exclude) + " (--exclude)" if args.exclude else "nothing else")) + ".\n\n"
             + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "passes", "s/domain"])
-            + "\n\nQuantized kept experts (tcess, keep 0.5; group-wise asymmetric, group 128; mixed = MC-MoE "
+            + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, symmetric, group 128; mixed = MC-MoE "
             "allotment over 2/4/8 bits by the exact integer program):\n\n"
-            + table(qrows, ["expert weights", "in-domain ppl ratio"])
+            + table(qrows, ["expert weights", "in-domain ppl ratio"]))
             + "\n\nPer domain (in-domain ratio):\n\n"
             + table(per_domain, ["keep", "method", *bench.domains])
             + f"\n\n![quality]({plot.relative_to(BENCHMARKS_MD.parent)})\n")
     print(body)
     if not args.no_write:
-        write_section("Quality", body)
+        write_section(section, body)
 
 
 def _plot(results, methods, keeps, out: Path) -> None:

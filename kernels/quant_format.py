@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moeprune import quant as _quant
+from moeprune.widths import CONTAINER_BITS
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -45,7 +46,7 @@ __all__ = [
     "expert_weight",
 ]
 
-SUPPORTED_BITS = (8, 4, 2)
+SUPPORTED_BITS = tuple(sorted(CONTAINER_BITS, reverse=True))  # moeprune.widths: the one definition
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 
 

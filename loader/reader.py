@@ -61,7 +61,7 @@ class TensorReader:
 
     def __init__(self, ckpt: Checkpoint, packed: bool = False, raw: bool = False):
         self.ckpt = ckpt
-        self.packed = packed  # return quantized tensors as (QuantizedTensor, transposed) instead of dequantized
+        self.packed = packed  # return quantized tensors as stored (StoredQuantized) instead of dequantized
         self.raw = raw  # read MXFP4 / FP8 tensors as stored (to copy them) instead of dequantized
         self.stats = ReadStats()
         self._offsets: dict[str, dict[str, int]] = {}
@@ -81,7 +81,7 @@ class TensorReader:
         wanted: dict[str, list[Request]] = {}
         for req in requests:
             wanted.setdefault(req[0], []).append(req)
-        stored = {self._stored_key(k): k for k in wanted}  # a quantized tensor is stored as KEY.qweight
+        stored = {self._stored_key(k): k for k in wanted}  # a quantized tensor is stored as KEY_packed ...
         for shard, stored_keys in self.ckpt.keys_by_shard(stored).items():
             keys = [stored[k] for k in stored_keys]
             self.stats.shards.add(shard)
@@ -91,12 +91,12 @@ class TensorReader:
                         yield req, self._read_one(f, shard, key, req[1])
 
     def is_quantized(self, key: str) -> bool:
-        """Whether ``key`` is stored quantized by moeprune (as ``key.qweight`` etc.)."""
-        return key not in self.ckpt.weight_map and f"{key}.qweight" in self.ckpt.weight_map
+        """Whether ``key`` is stored quantized (compressed-tensors: ``key_packed`` etc.)."""
+        return key not in self.ckpt.weight_map and f"{key}_packed" in self.ckpt.weight_map
 
     def _stored_key(self, key: str) -> str:
         if self.is_quantized(key):
-            return f"{key}.qweight"
+            return f"{key}_packed"
         scaled = None if self.raw else self.ckpt.scaled(key)
         return scaled[1] if scaled else key
 
@@ -105,13 +105,13 @@ class TensorReader:
         if scaled:
             return self._read_scaled(f, shard, key, rows, *scaled)
         if self._stored_key(key) != key:
-            from moeprune.quantize_experts import read_quantized, read_quantized_parts
+            from moeprune.quantize_experts import read_stored
 
-            tensor = read_quantized_parts(f, key, rows) if self.packed else read_quantized(f, key, rows)
-            self.stats.tensors += 3
-            self.stats.bytes += _quant_bytes(f, key, rows)
+            stored = read_stored(f, key, self.ckpt.config, self.ckpt.adapter.experts_transposed, rows)
+            self.stats.tensors += len(stored.parts)
+            self.stats.bytes += sum(t.numel() * t.element_size() for t in stored.parts.values())
             self.stats.keys.add(key)
-            return tensor
+            return stored if self.packed else stored.dequantize()
         return self._read_stored(f, shard, key, rows)
 
     def _read_scaled(self, f, shard: str, key: str, rows: tuple[int, ...] | None, fmt: str, data_key: str,
@@ -145,15 +145,3 @@ class TensorReader:
         self.stats.bytes += sum(p.numel() * p.element_size() for p in parts)
         self.stats.keys.add(key)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
-
-
-def _quant_bytes(f, key: str, rows: tuple[int, ...] | None) -> int:
-    total = 0
-    for name in ("qweight", "scales", "zeros"):
-        sl = f.get_slice(f"{key}.{name}")
-        shape = sl.get_shape()
-        n = 1
-        for d in shape[1:]:
-            n *= d
-        total += (len(rows) if rows is not None else shape[0]) * n * (1 if name == "qweight" else 2)
-    return total

@@ -82,7 +82,7 @@ class TaskAdaptiveModel:
     def __init__(self, model: str | Path, patterns: Sequence[ExpertPattern] | None = None,
                  store: str | Path | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
-                 threshold: float | None = 1.0, bits: int | None = None, group_size: int = 128,
+                 threshold: float | str | None = "auto", bits: int | None = None, group_size: int = 128,
                  max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
         if not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool) or max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
@@ -114,8 +114,13 @@ class TaskAdaptiveModel:
         start = self._by_task(initial) if initial else self.general
         # one width for all experts (``bits``) or float: a pattern's own (mixed) bits are not applied here
         self.bits, self.group_size = bits, group_size
+        stored = _stored_width(self.ckpt.config)  # a compressed-tensors export of one width: read it packed
+        self.packed_source = stored is not None and bits is None
+        if self.packed_source:
+            self.bits = stored
         self.model, report = load_with_pattern(self.ckpt, dataclasses.replace(start, bits=None), device, dtype,
-                                               bits=bits, group_size=group_size, keep_quantized=bits is not None)
+                                               bits=bits, group_size=group_size,
+                                               keep_quantized=bits is not None or self.packed_source)
         self.dtype = next(self.model.parameters()).dtype
         self.load_report = report
         self.active = start
@@ -160,7 +165,8 @@ class TaskAdaptiveModel:
             raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
         with self.lock:
             sig = query_signatures(self.model, [ids], "first")
-        return self.retriever.match(sig)[0]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return self.retriever.match(sig, [text])[0]
 
     def activate(self, pattern: ExpertPattern | str) -> dict[str, Any]:
         """Make ``pattern`` (or a stored task name) the active one; returns what the switch read."""
@@ -247,7 +253,7 @@ class TaskAdaptiveModel:
 
     def _switch(self, pattern: ExpertPattern) -> dict[str, Any]:
         blocks = moe_blocks(self.model, self.adapter)
-        reader = TensorReader(self.ckpt)
+        reader = TensorReader(self.ckpt, packed=self.packed_source)
         live: dict[ExpertKey, dict[str, torch.Tensor]] = {}
         for layer, kept in self.active.kept.items():
             experts = blocks[layer].experts
@@ -259,7 +265,8 @@ class TaskAdaptiveModel:
         missing = sorted(key for key in need if key not in live and key not in self.cache)
         requests = [r for layer, e in missing for r in expert_requests(self.adapter, layer, [e])]
         read = reader.read(requests)
-        fresh = {(layer, e): self._quantized(assemble_expert(self.adapter, layer, e, read)) for layer, e in missing}
+        assemble = _assemble_packed if self.packed_source else assemble_expert
+        fresh = {(layer, e): self._quantized(assemble(self.adapter, layer, e, read)) for layer, e in missing}
         done: list[int] = []
         try:
             for layer, kept in sorted(pattern.kept.items()):
@@ -297,19 +304,19 @@ class TaskAdaptiveModel:
 
     def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
-        if self.bits is None:
+        if self.bits is None or self.packed_source:  # float, or already packed as stored
             return slices
-        from moeprune.quant import quantize
-        from moeprune.quantize_experts import fit_group
+        from moeprune.compressed import common_group, quantize_tensor
 
         out = {}
+        mats = {n: t.to(self.dtype) for n, t in slices.items() if not n.endswith("_bias")}
+        mats = {n: (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous() for n, m in mats.items()}
+        group = common_group([m.shape[-1] for m in mats.values()], self.group_size)
         for name, t in slices.items():
             if name.endswith("_bias"):
                 out[name] = t
                 continue
-            m = t.to(self.dtype)
-            m = (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous()
-            qt = quantize(m, self.bits, fit_group(m.shape[-1], self.group_size, self.bits))
+            qt = quantize_tensor(mats[name], self.bits, group)
             out.update({f"{name}.qweight": qt.packed, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
         return out
 
@@ -318,13 +325,15 @@ class TaskAdaptiveModel:
         floats = [{n: t for n, t in e.items() if "." not in n} for e in experts]
         if floats[0]:
             fill_experts(self.model, self.adapter, layer, floats, self.device, self.dtype)
+        from moeprune.compressed import container_bits
         from moeprune.kernels.quant_format import QuantizedExpertWeight
 
         for name in sorted({n.rsplit(".", 1)[0] for n in experts[0] if n.endswith(".qweight")}):
             q, sc, z = (torch.stack([e[f"{name}.{part}"] for e in experts]) for part in ("qweight", "scales", "zeros"))
-            in_dim = q.shape[-1] * 8 // self.bits
+            bits = container_bits(self.bits)
+            in_dim = q.shape[-1] * 8 // bits
             module._parameters.pop(name, None)
-            setattr(module, name, QuantizedExpertWeight(q, sc, z, self.bits, in_dim // sc.shape[-1],
+            setattr(module, name, QuantizedExpertWeight(q, sc, z, bits, in_dim // sc.shape[-1],
                                                         self.dtype).to(self.device))
 
     def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:
@@ -334,6 +343,31 @@ class TaskAdaptiveModel:
             if axis is not None:
                 set_tensor(self.model, self.adapter.memory_name(key), full.index_select(axis, rows), self.device, None)
         resize_block(block, self.adapter, len(kept), routing, self.ckpt.config)
+
+
+def _stored_width(config: dict[str, Any]) -> int | None:
+    """The one width of a quantized export's experts (None: float, or several widths)."""
+    widths = {b for row in (((config.get("moeprune") or {}).get("quantization") or {}).get("bits") or {}).values()
+              for b in row}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[str, torch.Tensor]:
+    """One expert's packed parts (``name.qweight`` / ``.scales`` / ``.zeros``) from stored quantized reads
+    (floats for its biases), pieces concatenated along the output rows."""
+    out: dict[str, torch.Tensor] = {}
+    for param, pieces in adapter.expert_sources(layer, expert).items():
+        got = [read[(key, None if row is None else (row,))] for key, row in pieces]
+        if isinstance(got[0], torch.Tensor):  # a bias
+            got = [g if row is None else g[0] for g, (_, row) in zip(got, pieces)]
+            out[param] = got[0] if len(got) == 1 else torch.cat(got, dim=0)
+            continue
+        qts = [g.quantized_tensor() for g in got]
+        for name, attr in (("qweight", "packed"), ("scales", "scales"), ("zeros", "zeros")):
+            ts = [getattr(q, attr) for q in qts]
+            ts = [t[0] if t.dim() == 3 else t for t in ts]
+            out[f"{param}.{name}"] = torch.cat(ts, dim=0)
+    return out
 
 
 def _refuse_merged(pattern: ExpertPattern) -> None:

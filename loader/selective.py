@@ -21,7 +21,7 @@ from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.merge import merge_transform, merged_expert
 from moeprune.pattern import ExpertPattern
-from moeprune.stored_formats import drop_dequantized_config
+from moeprune.stored_formats import drop_dequantized_config, float_dtype
 
 from .reader import ReadStats, TensorReader
 
@@ -105,6 +105,7 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
     out: dict[str, Any] = {}
     for param, per_expert in requests.items():
         got = packed_reader.read(r for per in per_expert for r in per)
+        got = {r: (stored.quantized_tensor(), stored.transposed) for r, stored in got.items()}
         out[param] = stack_quantized([[got[r] for r in per] for per in per_expert])
         if out[param] is None:
             return None
@@ -117,31 +118,41 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
 
 
 def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths: list[int], group_size: int,
-                   keep_packed: bool) -> dict[str, Any]:
+                   keep_packed: bool, source_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Quantize a layer's float expert stacks on load, one width per expert (the export's format).
 
     With ``keep_packed`` the weights become packed ``QuantizedExpertWeight`` stacks (one per width
     when the layer mixes widths; run by the moeprune kernels); otherwise each expert is quantized
-    and dequantized in place, so the numerics match a quantized export either way.
+    and dequantized in place, so the numerics match a quantized export either way (which quantizes the
+    values in the checkpoint's float dtype ``source_dtype``, scales in that dtype).
     """
+    from moeprune.compressed import common_group, quantize_tensor
     from moeprune.kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
-    from moeprune.quant import dequantize, quantize
-    from moeprune.quantize_experts import fit_group
+    from moeprune.quant import dequantize
 
     out: dict[str, Any] = dict(values)
-    for param, stack in values.items():
-        if param.endswith("_bias"):
-            continue
-        matrices = stack.transpose(-1, -2) if adapter.experts_transposed else stack  # [E, out, in]
-        fit = lambda b: fit_group(matrices.shape[-1], group_size, b)  # noqa: E731
+    weights = {p: (s.transpose(-1, -2) if adapter.experts_transposed else s)  # [E, out, in]
+               for p, s in values.items() if not p.endswith("_bias")}
+    group = common_group([m.shape[-1] for m in weights.values()], group_size)  # as the export's one group size
+
+    def stack(matrices: torch.Tensor, bits: int) -> QuantizedExpertWeight:
+        qt = quantize_tensor(matrices.to(source_dtype or matrices.dtype).contiguous(), bits, group)
+        return QuantizedExpertWeight(qt.packed, qt.scales, qt.zeros, qt.bits, qt.group_size, qt.dtype)
+
+    for param, matrices in weights.items():
         if keep_packed and len(set(widths)) == 1:
-            out[param] = QuantizedExpertWeight.from_float(matrices.contiguous(), widths[0], fit(widths[0]))
+            out[param] = stack(matrices, widths[0])
             continue
         if keep_packed:  # one packed stack per width
-            out[param] = MixedQuantizedExpertWeight.from_float(matrices.contiguous(), widths, fit)
+            groups, members = [], []
+            for b in sorted(set(widths)):
+                ids = [e for e, w in enumerate(widths) if w == b]
+                groups.append(stack(matrices[ids], b))
+                members.append(ids)
+            out[param] = MixedQuantizedExpertWeight(groups, members)
             continue
         for i, b in enumerate(widths):
-            w = dequantize(quantize(matrices[i].contiguous(), b, fit_group(matrices.shape[-1], group_size, b)))
+            w = dequantize(quantize_tensor(matrices[i].to(source_dtype or matrices.dtype).contiguous(), b, group))
             matrices[i] = w.to(matrices.dtype)  # a view of ``stack``: written in place
     return out
 
@@ -280,7 +291,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
         if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
             raise ValueError(f"{ckpt.path} already stores quantized experts; load it without bits")
         if widths:
-            values = quantize_layer(values, adapter, widths, group_size, keep_quantized)
+            values = quantize_layer(values, adapter, widths, group_size, keep_quantized, float_dtype(ckpt.config))
             packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None
         for param, value in values.items():
             if isinstance(value, torch.Tensor):

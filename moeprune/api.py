@@ -39,7 +39,7 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     A quantized export's experts stay packed in memory (``keep_quantized``; one stack per width where
     a layer mixes widths) and run through the ``moeprune`` experts kernels; otherwise they are
     dequantized on load.
-    ``bits`` (8, 4 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
+    ``bits`` (8, 4, 3 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
     quantizes a float checkpoint's kept experts while loading, exactly as an export would.
     ``dynamic_prune`` skips routed token-expert pairs at run time (:mod:`moeprune.dynamic`): a
     :class:`~moeprune.dynamic.DynamicPrune` (or its dict), or a fraction F to calibrate MC-MoE's ODP on

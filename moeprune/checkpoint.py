@@ -217,6 +217,12 @@ def open_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Ch
         config = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc}); restore the checkpoint's config") from exc
+    from .compressed import refuse_legacy
+
+    try:
+        refuse_legacy(config, path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     return Checkpoint(path=path, config=config, weight_map=_read_weight_map(path), repo_id=repo_id, revision=revision)
 
 

@@ -71,12 +71,14 @@ def _pattern_table(pattern) -> str:
 
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base")
+    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
               if getattr(args, name, None) is not None}
-    if ("mix" in params or "merge" in params) and args.method != "stun":
-        raise ValueError("--mix and --merge apply to --method stun only")
+    if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
+        raise ValueError("--mix, --merge and --representative apply to --method stun only")
     if "base" in params and args.method != "router-drift":
         raise ValueError("--base applies to --method router-drift only")
+    if getattr(args, "protect_super_experts", False):
+        params["protect_super_experts"] = True
     for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
         if getattr(args, flag, None) is not None:
             if args.method != "hc-smoe":
@@ -126,7 +128,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
-            "notes": pattern.meta.get("notes", [])}
+            "notes": pattern.meta.get("notes", []), "protected": pattern.meta.get("protected")}
     _emit(args, data, _pattern_table(pattern) + f"\nwrote {args.out}")
 
 
@@ -136,7 +138,15 @@ def _export_human(summary: dict[str, Any]) -> str:
               else ", ".join(f"{layer}: {n}" for layer, n in per_layer.items()))
     return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
             f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
-            f"experts per MoE layer: {counts}")
+            f"experts per MoE layer: {counts}" + _calibration_human(summary.get("calibration"))
+            + (f"\nloads in {summary['compatibility']['line']}" if summary.get("compatibility") else ""))
+
+
+def _calibration_human(calib: dict[str, Any] | None) -> str:
+    if not calib:
+        return ""
+    return (f"\nGPTQ: {calib['matrices']} expert matrices, {calib['rtn_fallback']} of them round-to-nearest "
+            "(their expert got fewer demo tokens than its input size)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -145,6 +155,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .pattern import ExpertPattern
 
     pattern = ExpertPattern.load(args.pattern)
+    if args.target == "vllm":  # from the pattern and the config alone, before reading any weight
+        from .checkpoint import open_checkpoint
+        from .engines import check_vllm_target
+
+        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform,
+                          open_checkpoint(args.model).adapter.family)
     if args.avg_bits is not None:
         from .checkpoint import open_checkpoint
         from .mixed import allot_bits
@@ -155,10 +171,34 @@ def cmd_export(args: argparse.Namespace) -> None:
                              "(--profile PROFILE), or use --bits N")
         allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
                    group_size=args.group_size)
+    calibrated = _gptq_for_export(args, pattern)
     summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
-                            group_size=args.group_size)
+                            group_size=args.group_size, symmetric=not args.asym, calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
     _emit(args, summary, _export_human(summary))
+
+
+def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
+    """``export --quant-method gptq``: GPTQ codes calibrated on ``--demos`` (None for rtn)."""
+    from .pipeline import check_quant_method
+
+    check_quant_method(args.quant_method, args.bits, args.avg_bits)
+    if args.quant_method != "gptq":
+        return None
+    if not args.demos:
+        raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
+    from .checkpoint import open_checkpoint
+    from .demos import encode_demos, read_demos
+    from .gptq_experts import calibrate
+    from .pipeline import load_tokenizer
+
+    ckpt = open_checkpoint(args.model)
+    encoded = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
+                           args.max_tokens, vocab_size=ckpt.config.get("vocab_size"))
+    return calibrate(ckpt, pattern, encoded, bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
+                     progress=_progress(args))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -171,8 +211,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
-                             dynamic_prune=args.dynamic_prune, recalibrate_router=args.recalibrate_router,
-                             recalibrate_steps=args.recalibrate_steps, **params)
+                             dynamic_prune=args.dynamic_prune, symmetric=not args.asym, target=args.target,
+                             recalibrate_router=args.recalibrate_router,
+                             recalibrate_steps=args.recalibrate_steps, quant_method=args.quant_method, **params)
     if args.save_pattern:
         pattern.save(args.save_pattern)
     data = dict(summary, task=pattern.task, method=pattern.method,
@@ -298,6 +339,8 @@ def _store_add(args: argparse.Namespace, store) -> None:
     from .pattern import ExpertPattern
 
     if args.pattern:
+        if args.protect_super_experts:
+            raise ValueError("--protect-super-experts applies when store add profiles demos, not to --pattern")
         pattern = ExpertPattern.load(args.pattern)
     else:
         from .checkpoint import open_checkpoint
@@ -311,20 +354,48 @@ def _store_add(args: argparse.Namespace, store) -> None:
         fingerprint = checkpoint_fingerprint(ckpt)
         check_budget(fingerprint, args.method, args.keep)
         ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
-        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args))
+        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args),
+                                        protect_super_experts=args.protect_super_experts)
+        _attach_windows(pattern, ws.model, ws.tokenizer, args.demos)
+    if args.pattern and args.demos:  # a pattern made elsewhere: its retrieval windows from these demos
+        from .retrieval import load_signature_model
+
+        net, tokenizer, fp = load_signature_model(args.target or pattern.meta.get("model"), args.device)
+        pattern.fingerprint.check_compatible(fp)
+        _attach_windows(pattern, net, tokenizer, args.demos)
     path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
+
+
+def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
+    from .demos import read_demos
+    from .windows import attach_windows
+
+    attach_windows(pattern, model, tokenizer, read_demos(demos))
+
+
+def _threshold(value: str) -> float | str | None:
+    """``--threshold``: ``auto`` (set from the demos), a distance, or a negative number (no fallback)."""
+    if value == "auto":
+        return "auto"
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"--threshold {value!r} is neither 'auto' nor a number") from None
+    if math.isnan(t):
+        raise ValueError("--threshold nan is no distance: give a number, 'auto', or a negative one (no fallback)")
+    return None if t < 0 else t
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
     from .demos import encode_demos, read_demos
     from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
     from .store import PatternStore
+    from .windows import record_text
 
+    threshold = _threshold(args.threshold)  # a bad threshold is refused before anything loads
     store = PatternStore(args.store)
-    if math.isnan(args.threshold):
-        raise ValueError("--threshold nan is no distance: give a number (a negative one disables the fallback)")
     patterns = store.patterns()
     if not patterns:
         raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
@@ -362,11 +433,13 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     patterns = [p for p in patterns if p.fingerprint == fp]
     if not patterns:
         raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
-    retriever = Retriever(patterns, args.layers, None if args.threshold < 0 else args.threshold)
+    retriever = Retriever(patterns, args.layers, threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
     for i, ids in enumerate(encoded):
         check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
-    matches = retriever.match(query_signatures(net, encoded, args.layers))
+    texts = [tokenizer.decode(q["input_ids"], skip_special_tokens=True) if "input_ids" in q and tokenizer is not None
+             else record_text(q) for q in queries]
+    matches = retriever.match(query_signatures(net, encoded, args.layers), texts)
     data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
     rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
@@ -380,13 +453,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
             or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
-            or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0) or math.isnan(args.threshold)):
+            or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0)):
         raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite and >= 0, "
-                         "--max-body-kb > 0, --threshold a number")
+                         "--max-body-kb > 0")
+    threshold = _threshold(args.threshold)
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
-                                threshold=None if args.threshold < 0 else args.threshold,
+                                threshold=threshold,
                                 max_new_tokens_limit=args.max_tokens_cap)
     app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
@@ -438,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
         c.add_argument("--seed", type=int, help="seed for random, diep")
-        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0.5)")
+        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0)")
         c.add_argument("--merge", choices=["representative", "average"],
                        help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
                             "the cluster's weights and router rows")
+        c.add_argument("--representative", choices=["centroid", "most-routed"],
+                       help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
         c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
         c.add_argument("--merge-router", choices=["dominant", "average", "fitted"],
                        help="hc-smoe: a merged expert's router row: its dominant member's (default), the "
@@ -459,16 +535,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "next tokens match the full model's (KL); the pattern carries them in a sidecar "
                             "<pattern>.router.safetensors and the export writes them (select: needs --demos)")
         c.add_argument("--recalibrate-steps", type=int, help="re-calibration steps (default 4 per demo, 50-400)")
+        protect(c)
+
+    def protect(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--protect-super-experts", action="store_true",
+                       help="never prune super experts (REAP's rule: largest activation above max(99.5th "
+                            "percentile of all experts, model's largest / 10)); any method")
 
     def output_dir(c: argparse.ArgumentParser) -> None:
         c.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist)")
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         c.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
         q = c.add_mutually_exclusive_group()
-        q.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize every kept expert to this width")
+        q.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize every kept expert to this width "
+                       "(a compressed-tensors pack-quantized export)")
         q.add_argument("--avg-bits", type=float, help="mixed precision per expert (2/4/8 bits) meeting this "
                        "average width, allotted by an exact integer program (MC-MoE)")
         c.add_argument("--group-size", type=int, default=128, help="quantization group along the input (128)")
+        c.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points; default symmetric)")
+        c.add_argument("--target", choices=["vllm"], help="refuse up front what this engine cannot load "
+                       "(vllm: uniform budget, symmetric 4/8-bit, one width per MoE layer)")
+        c.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn",
+                       help="rtn: round to nearest (default); gptq: GPTQ calibrated on the demos (export: --demos)")
 
     c = command("profile", "collect router statistics of MODEL on few-shot demos")
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
@@ -493,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="local checkpoint folder or Hugging Face Hub id")
     c.add_argument("--pattern", required=True, help="pattern file from `moeprune select`")
     c.add_argument("--profile", help="(--avg-bits) the profile the pattern was selected from")
+    c.add_argument("--demos", help="(--quant-method gptq) demo file to calibrate on")
+    c.add_argument("--max-tokens", type=int, help="(--quant-method gptq) stop after this many demo tokens")
     output_dir(c)
     c.set_defaults(func=cmd_export)
 
@@ -540,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int)
     c.add_argument("--method", default="tcess", choices=methods)
     c.add_argument("--keep", default="0.5", help="(add) experts kept per layer (default 0.5)")
+    protect(c)
     c.add_argument("--overwrite", action="store_true", help="(add) replace the task if the store has it")
     runtime(c)
     c.set_defaults(func=cmd_store)
@@ -552,8 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint (default: the one the patterns were profiled on)")
     c.add_argument("--layers", default="first", choices=["first", "all"],
                    help="router layers in the signature: first MoE layer (PreMoe, cheap) or all (full model)")
-    c.add_argument("--threshold", type=float, default=1.0,
-                   help="centred cosine distance beyond which the general (union) pattern is used; <0 disables")
+    c.add_argument("--threshold", default="auto",
+                   help="distance beyond which the general (union) pattern is used: auto (set per task from the "
+                        "demos, default), a number, or <0 to disable")
     runtime(c)
     c.set_defaults(func=cmd_retrieve)
 
@@ -563,9 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     c.add_argument("--cache-gb", type=float, default=4.0, help="cache for experts of inactive patterns (GiB, default 4)")
-    c.add_argument("--bits", type=int, choices=[2, 4, 8], help="quantize experts to this width as they are read")
-    c.add_argument("--threshold", type=float, default=1.0,
-                   help="retrieval distance beyond which the general (union) pattern is used; <0 disables")
+    c.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize experts to this width as they are read")
+    c.add_argument("--threshold", default="auto",
+                   help="retrieval distance beyond which the general (union) pattern is used: auto (from the "
+                        "demos, default), a number, or <0 to disable")
     c.add_argument("--model-id", help="the base model's id in /v1/models (default: the folder name or Hub id)")
     c.add_argument("--max-batch", type=int, default=8, help="requests per generation batch (default 8)")
     c.add_argument("--max-wait", type=float, default=1.0,
@@ -613,7 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     command = "moeprune"
     try:
-        from .checkpoint import CheckpointError  # torch and transformers load here: Ctrl-C is handled
+        from .checkpoint import (
+            CheckpointError,  # torch and transformers load here: Ctrl-C is handled
+        )
 
         args = build_parser().parse_args(argv)
         command = f"moeprune {args.command}"

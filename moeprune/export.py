@@ -29,8 +29,8 @@ from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
 from .merge import merge_transform
 from .pattern import ExpertPattern
-from .quantize_experts import packed_state_dict, quantized_key
-from .stored_formats import drop_dequantized_config, float_dtype, logical_key, packed_experts_config
+from .quantize_experts import StoredQuantized, export_quantization_config, packed_state_dict, quantized_key
+from .stored_formats import drop_dequantized_config, float_dtype, logical_key
 
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -51,7 +51,7 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
 
     Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
     sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
-    dequantizes it); moeprune-quantized ones (``X.qweight`` ...) are always planned as ``X`` (the
+    dequantizes it); compressed-tensors ones (``X_packed`` ...) are always planned as ``X`` (the
     reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's
     multi-token-prediction layer) are left out: transformers does not build them and their experts
     would stay unpruned."""
@@ -96,7 +96,7 @@ def check_plan(ckpt: Checkpoint, pattern: ExpertPattern) -> None:
     made from the index, would silently leave it out and plain transformers could not load the result)."""
     wm = ckpt.weight_map
     present = set(wm)
-    for stored in wm:  # the tensors stored in parts (X.qweight ..., X_blocks + X_scales) count as X
+    for stored in wm:  # the tensors stored in parts (X_packed ..., X_blocks + X_scales) count as X
         key = quantized_key(wm, stored)
         if key is not None:
             present.update(k for k in (key, logical_key(wm, key)) if k is not None)
@@ -199,6 +199,21 @@ class _ShardWriter:
         return weight_map
 
 
+def _expert_keys(adapter: MoEAdapter, pattern: ExpertPattern) -> list[str]:
+    """The stored weight keys (not biases) of the first kept expert of every MoE layer."""
+    return [key for layer, kept in sorted(pattern.kept.items()) if kept
+            for p, pieces in adapter.expert_sources(layer, kept[0]).items() if not p.endswith("_bias")
+            for key, _ in pieces]
+
+
+def _logical_shape(ckpt: Checkpoint, key: str) -> list[int]:
+    """The shape of tensor ``key`` as the model holds it (a scaled tensor read for one expert row)."""
+    if key in ckpt.weight_map and not ckpt.scaled(key):
+        return ckpt.shape(key)
+    row = (0,) if ckpt.adapter.fused_experts else None
+    return list(TensorReader(ckpt).read([(key, row)])[(key, row)].shape)
+
+
 def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
@@ -212,16 +227,21 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
                   max_shard_size: str | int = "2GB", overwrite: bool = False,
                   progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
                   extra_config: dict[str, Any] | None = None, bits: int | None = None,
-                  group_size: int = 128) -> dict[str, Any]:
+                  group_size: int = 128, symmetric: bool = True, calibrated: Any = None) -> dict[str, Any]:
     """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
 
     ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity; it runs
     after the pattern's expert merges, if any);
     ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
-    (``moeprune.quant`` format) to ``bits`` for all experts, or to the pattern's per-expert ``bits``.
+    (compressed-tensors ``pack-quantized``, see ``moeprune.compressed``; ``symmetric`` or not, groups of
+    ``group_size`` input columns) to ``bits`` for all experts, or to the pattern's per-expert ``bits``:
+    round-to-nearest, or GPTQ's codes of ``calibrated`` (``moeprune.gptq_experts.GPTQCodes``) where it has them.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    from .compressed import refuse_legacy
+
+    refuse_legacy(ckpt.config, ckpt.path)
     if not isinstance(pattern, ExpertPattern):
         pattern = ExpertPattern.load(pattern)
     pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
@@ -240,17 +260,30 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         drop_dequantized_config(config)
     elif stored_bits:  # packed experts are copied as they are: keep their widths, of the kept experts
         widths = stored_bits.get("bits") or {}
-        config["moeprune"]["quantization"] = {**stored_bits, "bits": {
-            str(layer): [widths[str(layer)][e] for e in kept] for layer, kept in sorted(pattern.kept.items())
-            if str(layer) in widths}}
+        kept_bits = {layer: [widths[str(layer)][e] for e in kept] for layer, kept in sorted(pattern.kept.items())
+                     if str(layer) in widths}
+        config["moeprune"]["quantization"] = {**stored_bits, "bits": {str(k): v for k, v in kept_bits.items()}}
+        config["quantization_config"] = export_quantization_config(
+            adapter, {layer: list(range(len(pattern.kept[layer]))) for layer in kept_bits}, kept_bits,
+            int(stored_bits["group_size"]), bool(stored_bits.get("symmetric", True)))
     quantizer = None
     if pattern.bits is not None:
         from .quantize_experts import ExpertQuantizer
 
-        quantizer = ExpertQuantizer(adapter, pattern, group_size)
+        in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
+                   for k in _expert_keys(adapter, pattern)]
+        quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
         config["moeprune"]["quantization"] = quantizer.config_entry()
-    if config["moeprune"].get("quantization"):
-        config["quantization_config"] = packed_experts_config(config["moeprune"]["quantization"])
+        if calibrated is not None:
+            config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
+        config["quantization_config"] = quantizer.quantization_config()
+    from .engines import compatibility, transformers_refusal
+
+    refusal = transformers_refusal(config["moeprune"].get("quantization"), adapter.fused_experts)
+    if refusal and "quantization_config" in config:  # transformers would load it wrong: make it refuse
+        config["quantization_config"].pop("quant_method", None)
+        config["quantization_config"]["note"] = f"load with moeprune.from_pretrained: {refusal}"
+    compat = compatibility(config, adapter.family, adapter.fused_experts)
     check_plan(ckpt, pattern)
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     plan_of = {(p.source, p.rows): p for p in plans}
@@ -266,7 +299,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
                                     unit="tensor", disable=not progress):
             plan = plan_of[request]
-            if isinstance(tensor, tuple):  # a moeprune-quantized expert, copied packed
+            if isinstance(tensor, StoredQuantized):  # a quantized expert, copied packed
                 parts = packed_state_dict(plan.target, tensor)
             else:
                 if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
@@ -294,4 +327,5 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         "shards": len(set(weight_map.values())),
         "kept_per_layer": pattern.counts,
         "routing": pattern.routing,
+        "compatibility": compat,
     }

@@ -15,8 +15,15 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .pattern import ExpertPattern
 from .profile import RouterProfile
-from .quant import allocate_bits, expert_quant_error
-from .quantize_experts import fit_group
+from .compressed import common_group, quantize_tensor
+from .quant import allocate_bits
+
+
+def _relative_error(m, bits: int, group: int) -> float:
+    """``||W - Q(W)||_F^2 / ||W||_F^2`` with the export's quantization (compressed-tensors RTN)."""
+    denom = float(m.pow(2).sum())
+    num = float((m - quantize_tensor(m, bits, group).dequantize().float()).pow(2).sum())
+    return num / denom if denom > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int], group_size: int) -> np.ndarray:
@@ -32,15 +39,18 @@ def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int],
             params = read_layer_experts(reader, adapter, layer, [e])
             mats = {name: (t[0].transpose(-1, -2) if adapter.experts_transposed else t[0]).float()
                     for name, t in params.items() if not name.endswith("_bias")}
-            rows.append([sum(expert_quant_error({n: m}, b, fit_group(m.shape[-1], group_size, b))
-                             for n, m in mats.items()) for b in bits])
+            group = common_group([m.shape[-1] for m in mats.values()], group_size)
+            rows.append([sum(_relative_error(m, b, group) for m in mats.values()) for b in bits])
     return np.array(rows, dtype=np.float64)
 
 
 def allot_bits(pattern: ExpertPattern, profile: RouterProfile, ckpt: Checkpoint, avg_bits: float,
                bits: Sequence[int] = (2, 4, 8), group_size: int = 128, alpha: float = 1.0,
-               beta: float = 1.0) -> dict[str, Any]:
-    """Set ``pattern.bits`` to the exact MILP allotment meeting ``avg_bits``; returns a summary."""
+               beta: float = 1.0, one_per_layer: bool | None = None) -> dict[str, Any]:
+    """Set ``pattern.bits`` to the exact MILP allotment meeting ``avg_bits``; returns a summary.
+
+    ``one_per_layer`` (default: when the checkpoint stores a layer's experts in one fused tensor) adds
+    the constraint that all experts of a MoE layer share one width."""
     profile.fingerprint.check_compatible(pattern.fingerprint, what="profile")
     freq, weight = [], []
     for row, layer in enumerate(pattern.fingerprint.moe_layers):
@@ -51,8 +61,11 @@ def allot_bits(pattern: ExpertPattern, profile: RouterProfile, ckpt: Checkpoint,
     err = expert_errors(ckpt, pattern, bits, group_size)
     # an expert the demos never use still gets some weight, so ties go to its reconstruction error
     eps = 1e-6
+    if one_per_layer is None:
+        one_per_layer = ckpt.adapter.fused_experts
+    groups = [layer for layer, kept in sorted(pattern.kept.items()) for _ in kept] if one_per_layer else None
     chosen = allocate_bits(np.array(freq) + eps, np.array(weight) + eps, err, bits=tuple(bits),
-                           avg_bits=avg_bits, alpha=alpha, beta=beta)
+                           avg_bits=avg_bits, alpha=alpha, beta=beta, groups=groups)
     out, i = {}, 0
     for layer, kept in sorted(pattern.kept.items()):
         out[layer] = [int(b) for b in chosen[i:i + len(kept)]]

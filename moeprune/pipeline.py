@@ -159,8 +159,11 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float, budge
 def select_pattern(profile: RouterProfile, method: str, keep: str | float, task: str | None = None,
                    budget: str | None = None, min_per_layer: int | None = None, model: Any = None,
                    demos: Sequence[Sequence[int]] | None = None, checkpoint: Checkpoint | str | Path | None = None,
-                   progress: bool = False, **params: Any) -> ExpertPattern:
+                   progress: bool = False, protect_super_experts: bool = False, **params: Any) -> ExpertPattern:
     """Score a profile with ``method`` and keep ``keep`` experts per layer (on average for a global budget).
+
+    ``protect_super_experts`` never prunes REAP's super experts (:func:`moeprune.select.super_experts`, from
+    the profile's per-expert largest activation); the pattern's ``meta["protected"]`` lists them.
 
     ``budget`` is ``uniform`` or ``global`` (default: the method's own). Scorers that read weights
     get ``checkpoint`` (default: the checkpoint the profile was made on); scorers that run the
@@ -177,9 +180,16 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float, task:
                                            keep=keep, budget=budget, min_per_layer=min_per_layer,
                                            progress=progress, **params)
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
+    protect, threshold = None, None
+    if protect_super_experts:
+        from .select import super_experts
+
+        protect, threshold = super_experts(profile.signal("max_act", "--protect-super-experts"), profile.fingerprint)
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
-                           signature=signature, budget=budget, min_per_layer=min_per_layer)
+                           signature=signature, budget=budget, min_per_layer=min_per_layer, protect=protect)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
+    if threshold is not None:
+        pattern.meta["super_expert_threshold"] = threshold
     if merging is not None and merging.clusters:
         pattern.merges = merges_for(pattern.kept, merging.clusters)
         pattern.merge_weights = merge_weights_for(pattern.merges, merging)
@@ -243,7 +253,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
           avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
-          recalibrate_router: bool = False, recalibrate_steps: int | None = None,
+          symmetric: bool = True, target: str | None = None, recalibrate_router: bool = False,
+          recalibrate_steps: int | None = None, quant_method: str = "rtn",
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
     """Profile, select and export in one go; returns the pattern and the export summary.
 
@@ -252,15 +263,22 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
+    ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.engines``).
     ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
     ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
+    ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.gptq_experts`).
     """
+    check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
         raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
     check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
     ckpt = open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
-    check_budget(fingerprint, method, keep, budget, min_per_layer)
+    resolved = check_budget(fingerprint, method, keep, budget, min_per_layer)
+    if target == "vllm":
+        from .engines import check_vllm_target
+
+        check_vllm_target(bits, avg_bits, symmetric, resolved == "uniform", ckpt.adapter.family)
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
@@ -279,13 +297,33 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     if dynamic_prune:
         extra = dict(extra or {}, dynamic_prune=calibrate_dynamic(ws.ckpt, pattern, ws.demos, dynamic_prune, device,
                                                                   dtype, progress).to_dict())
-    ckpt = ws.ckpt
+    ckpt, encoded = ws.ckpt, ws.demos
     del ws
     if avg_bits is not None:
         from .mixed import allot_bits
 
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
+    calibrated = None
+    if quant_method == "gptq":
+        from .gptq_experts import calibrate
+
+        calibrated = calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
+                               progress=progress,
+                               device=device)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
-                            group_size=group_size)
+                            group_size=group_size, symmetric=symmetric, calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
     return pattern, summary
+
+
+def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
+    """Refuse a ``--quant-method`` that cannot run, before any work."""
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"--quant-method {method!r} is not rtn or gptq")
+    if method == "gptq" and bits is None and avg_bits is None:
+        raise ValueError("--quant-method gptq quantizes the experts: give --bits N or --avg-bits B with it")
+    if method == "gptq" and sparsified:
+        raise ValueError("--quant-method gptq and --unstructured/--nm both rewrite the kept experts' weights; "
+                         "give one of them")

@@ -13,7 +13,14 @@ g the routing weights the model actually used, k its top-k):
 - ``out_aware[l,e]``  sum of g_{t,e} * ||E_e(x_t)|| * max(0, 1 - cos(h_t, h_t + r_t)), h_t the
   residual stream entering the MoE block, r_t the routed-experts output (EASY-EP);
 - ``logit_sum[l,e]``  sum of z_{t,e} (``logit_mean``: the mean raw logit);
+- ``ean[l,e]``        sum of ||E_e(x_t)||_2 over tokens routed to e (REAP's EAN baseline);
+- ``reap[l,e]``       sum of g_{t,e} * ||E_e(x_t)||_2 over tokens routed to e (REAP = reap / count);
+- ``max_act[l,e]``    the largest |activation| of E_e's output over routed tokens (super experts);
+  it combines by max, not sum, so profiles still merge;
 - ``coact[l,e,f]``    tokens routing to both e and f (diagonal = count).
+
+E_e(x) is the expert's output before gating; g the weight the experts module is called with, i.e.
+what the family's router emits (renormalised over the top-k where the family does).
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from .io import atomic_path
 
 PROFILE_FORMAT = "moeprune.profile"
 PROFILE_VERSION = 1
-LAYER_SIGNALS = ("count", "soft", "top1_count", "top1_logit", "out_aware", "logit_sum")
+LAYER_SIGNALS = ("count", "soft", "top1_count", "top1_logit", "out_aware", "logit_sum", "ean", "reap", "max_act")
 PAIR_SIGNALS = ("coact",)
+MAX_SIGNALS = ("max_act",)  # combined by max when profiles add
+# signals profiles written before them lack; a scorer that needs one names it (profile again)
+OPTIONAL_SIGNALS = ("ean", "reap", "max_act")
 
 
 @dataclass
@@ -57,6 +67,13 @@ class RouterProfile:
         stats = {name: torch.zeros(L, E, dtype=torch.float64) for name in LAYER_SIGNALS}
         stats["coact"] = torch.zeros(L, E, E, dtype=torch.float64)
         return cls(fingerprint=fingerprint, stats=stats, task=task)
+
+    def signal(self, name: str, method: str) -> torch.Tensor:
+        """Signal ``name``, or an error naming ``method`` when this profile predates it."""
+        if name not in self.stats:
+            raise ValueError(f"{method} needs the profile signal {name!r}, which this profile (made by an older "
+                             "moeprune) lacks; profile again with `moeprune profile`")
+        return self.stats[name]
 
     def __getattr__(self, name: str) -> torch.Tensor:
         stats = self.__dict__.get("stats", {})
@@ -80,7 +97,8 @@ class RouterProfile:
         other.fingerprint.check_compatible(self.fingerprint, what="profile")
         return RouterProfile(
             fingerprint=self.fingerprint,
-            stats={k: v + other.stats[k] for k, v in self.stats.items()},
+            stats={k: torch.maximum(v, other.stats[k]) if k in MAX_SIGNALS else v + other.stats[k]
+                   for k, v in self.stats.items() if k in other.stats},
             tokens=self.tokens + other.tokens,
             task=self.task if self.task == other.task else "+".join(t for t in (self.task, other.task) if t),
             demo_hash="+".join(h for h in (self.demo_hash, other.demo_hash) if h),
@@ -121,7 +139,7 @@ class RouterProfile:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path} is a corrupt moeprune profile (its metadata: {type(exc).__name__} {exc}); "
                              "profile again with `moeprune profile`") from None
-        missing = set(LAYER_SIGNALS + PAIR_SIGNALS) - stats.keys()
+        missing = set(LAYER_SIGNALS + PAIR_SIGNALS) - set(OPTIONAL_SIGNALS) - stats.keys()
         if missing:
             raise ValueError(f"{path} lacks profile signals {sorted(missing)}")
         if tokens < 0 or num_demos < 0:
@@ -190,8 +208,9 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
     return out.view(T, k, -1)
 
 
-_SUM_ORDER = ("count", "soft", "out_aware", "top1_count", "top1_logit", "logit_sum")  # pair-indexed first
-assert sorted(_SUM_ORDER) == sorted(LAYER_SIGNALS)
+_SUM_ORDER = ("count", "soft", "out_aware", "ean", "reap", "top1_count", "top1_logit", "logit_sum")  # pair-indexed first
+_PAIR_SUMS = 5  # count, then the per-pair values of _LayerState.add
+assert sorted(_SUM_ORDER + MAX_SIGNALS) == sorted(LAYER_SIGNALS)
 PENDING_BYTES = 16 << 20  # router logits all layers may hold before they are reduced into the totals
 
 
@@ -209,14 +228,16 @@ class _LayerState:
     linear: torch.nn.Module  # holds the router's logits ``weight`` (and ``bias``): the router or a submodule
     sums: torch.Tensor  # [len(_SUM_ORDER), E] float64 totals
     coact: torch.Tensor  # [E, E] float64 totals
+    max_act: torch.Tensor  # [E] float64 running max of |expert output|
     flush_elements: int
     residual: torch.Tensor | None = None  # the residual stream entering the block (this call)
     logits: torch.Tensor | None = None  # the router's raw logits (this call), when the router returns them
-    pending: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (z, idx, w, signal) per call
+    pending: list[tuple[torch.Tensor, ...]] = field(default_factory=list)  # (z, idx, pair values) per call
     pending_elements: int = 0
 
-    def add(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, signal: torch.Tensor) -> None:
-        self.pending.append((z, idx, w, signal))
+    def add(self, z: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+        """``values`` ``[T*k, 4]``: per (token, routed expert) pair g, the EASY-EP signal, ||E(x)||, g*||E(x)||."""
+        self.pending.append((z, idx, values))
         self.pending_elements += z.numel()
         if self.pending_elements >= self.flush_elements:
             self.flush()
@@ -225,16 +246,17 @@ class _LayerState:
         """Reduce the pending tokens into the float64 totals."""
         if not self.pending:
             return
-        z, idx, w, signal = (torch.cat(parts) for parts in zip(*self.pending))
+        z, idx, values = (torch.cat(parts) for parts in zip(*self.pending))
         self.pending, self.pending_elements = [], 0
-        z, w, signal = z.double(), w.double(), signal.double()  # totals add up whatever the batching
+        z, values = z.double(), values.double()  # totals add up whatever the batching
         E = z.shape[-1]
         flat = idx.reshape(-1)
         top1_logit, top1 = z.max(-1)
+        P = _PAIR_SUMS
         sums = torch.zeros(len(_SUM_ORDER), E, dtype=torch.float64, device=z.device)
-        sums[:3].index_add_(1, flat, torch.stack((torch.ones_like(w), w, signal)))
-        sums[3:5].index_add_(1, top1, torch.stack((torch.ones_like(top1_logit), top1_logit)))
-        sums[5] = z.sum(0)
+        sums[:P].index_add_(1, flat, torch.cat((torch.ones_like(values[:, :1]), values), dim=1).T)
+        sums[P:P + 2].index_add_(1, top1, torch.stack((torch.ones_like(top1_logit), top1_logit)))
+        sums[P + 2] = z.sum(0)
         self.sums[:, :E] += sums.cpu()
         k = idx.shape[-1]  # co-selected pairs (e, f) of each token, e == f included: the diagonal is count
         pairs = (idx.unsqueeze(-1) * E + idx.unsqueeze(-2)).reshape(-1) if k > 1 else flat * (E + 1)
@@ -263,12 +285,14 @@ class RouterProfiler:
         handles, patched, states = [], [], []
         layers = self.model.model.layers
         sums = torch.zeros(len(_SUM_ORDER), *self.profile.stats["count"].shape, dtype=torch.float64)
+        max_act = torch.zeros_like(self.profile.stats["max_act"])
         flush_elements = max(1 << 14, PENDING_BYTES // (4 * max(len(self.blocks), 1)))
         try:
             for row, (i, block) in enumerate(self.blocks.items()):
                 state = _LayerState(row=row, router=getattr(block, self.adapter.router),
                                     linear=self.adapter.logits_layer(block), sums=sums[:, row],
-                                    coact=self.profile.stats["coact"][row], flush_elements=flush_elements)
+                                    coact=self.profile.stats["coact"][row], max_act=max_act[row],
+                                    flush_elements=flush_elements)
                 states.append(state)
                 norm = getattr(layers[i], self.adapter.residual_norm)
                 handles.append(norm.register_forward_pre_hook(self._residual_hook(state)))
@@ -287,6 +311,7 @@ class RouterProfiler:
                 state.flush()
             for name, values in zip(_SUM_ORDER, sums):
                 self.profile.stats[name] += values
+            self.profile.stats["max_act"] = torch.maximum(self.profile.stats["max_act"], max_act)
 
     @staticmethod
     def _residual_hook(state: _LayerState):
@@ -313,7 +338,8 @@ class RouterProfiler:
     @staticmethod
     def _observe(state: _LayerState, x, idx, weights, pair_out, routed) -> None:
         """The hidden-size reductions of one call, in float32: raw router logits (the router's own
-        when it returned them), and the EASY-EP signal g * ||E(x)|| * max(0, 1 - cos(h, h + r))."""
+        when it returned them), per pair g, ||E(x)||, g * ||E(x)|| and the EASY-EP signal
+        g * ||E(x)|| * max(0, 1 - cos(h, h + r)), and each expert's largest |output|."""
         z, state.logits = state.logits, None
         E = state.linear.weight.shape[0]
         if z is None or z.shape != (x.shape[0], E):
@@ -322,8 +348,12 @@ class RouterProfiler:
         w = weights.float().reshape(-1)
         h = (state.residual if state.residual is not None else x).float()
         drift = (1 - F.cosine_similarity(h, h + routed.float(), dim=-1)).clamp_min(0)  # [T]
-        signal = w * (pair_out.norm(dim=-1, dtype=torch.float32) * drift[:, None]).reshape(-1)
-        state.add(z.float(), idx, w, signal)
+        norm = pair_out.norm(dim=-1, dtype=torch.float32)  # [T, k]
+        signal = w * (norm * drift[:, None]).reshape(-1)
+        norm = norm.reshape(-1)
+        state.add(z.float(), idx, torch.stack((w, signal, norm, w * norm), dim=1))
+        peak = pair_out.abs().amax(-1).reshape(-1).double().cpu()  # [T*k]
+        state.max_act.scatter_reduce_(0, idx.reshape(-1).cpu(), peak, reduce="amax")
 
 
 def profile_model(model: Any, encoded_demos: Sequence[Sequence[int]], fingerprint: Fingerprint,

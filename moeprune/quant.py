@@ -1,7 +1,12 @@
 """Group-wise asymmetric weight quantization (int8 / int4 / int2) and per-expert
 mixed-precision bit allocation.
 
-Storage format (read in-kernel by the Triton dequantization kernel -- keep in sync)
+Exports are compressed-tensors checkpoints (``moeprune.compressed``), not this format: here it is the
+IN-MEMORY layout moeprune's kernels read (a compressed-tensors weight converts to it exactly, see
+``moeprune.compressed.to_quantized_tensor``); ``to_state_dict`` / ``save_quantized`` remain for
+files of moeprune's own, never for model exports.
+
+Memory format (read in-kernel by the Triton dequantization kernel -- keep in sync)
 -----------------------------------------------------------------------------------
 For a weight ``W`` of shape ``[..., out, in]`` (``[out, in]`` or an expert stack
 ``[E, out, in]``), group size ``G`` along ``in`` and ``b`` bits (``L = 2**b - 1``):
@@ -49,10 +54,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .widths import CONTAINER_BITS
 
 __all__ = [
     "QuantizedTensor",
@@ -73,7 +80,7 @@ __all__ = [
     "allocation_objective",
 ]
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = CONTAINER_BITS  # the in-memory widths (moeprune.widths)
 FORMAT = "moeprune-gq-v1"
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -451,6 +458,7 @@ def allocate_bits(
     alpha: float = 1.0,
     beta: float = 1.0,
     sizes: Sequence[float] | np.ndarray | None = None,
+    groups: Sequence[int] | None = None,
 ) -> list[int]:
     """Pre-loading mixed-precision bit allocation (MC-MoE's PMQ), solved exactly.
 
@@ -461,7 +469,9 @@ def allocate_bits(
 
     ``freq`` phi ``[N]``: activation frequency; ``weight`` w ``[N]``: mean routing
     weight; ``err`` eps ``[N, B]``: expert error at each of ``bits``; ``sizes``
-    ``[N]``: parameter counts (default equal, i.e. the plain average bit width).
+    ``[N]``: parameter counts (default equal, i.e. the plain average bit width). ``groups`` ``[N]``:
+    experts with the same group id get one width (``x_ib = x_jb``; e.g. one width per MoE layer for
+    fused expert tensors or an engine that takes one scheme per layer).
     Returns the chosen bit width per expert.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -511,6 +521,20 @@ def allocate_bits(
         LinearConstraint(a_budget[None, :], -np.inf, rhs),
         LinearConstraint(a_onehot, 1.0, 1.0),
     ]
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups must give one group id per expert ({n}), got {len(groups)}")
+        first: dict[Any, int] = {}
+        tie = []
+        for i, g in enumerate(groups):  # every member chooses what the group's first member chooses
+            j = first.setdefault(g, i)
+            if j != i:
+                for b in range(nb):
+                    row = np.zeros(n * nb)
+                    row[i * nb + b], row[j * nb + b] = 1.0, -1.0
+                    tie.append(row)
+        if tie:
+            constraints.append(LinearConstraint(np.array(tie), 0.0, 0.0))
     res = milp(
         c,
         integrality=np.ones_like(c),

@@ -1,41 +1,70 @@
-"""Quantized expert weights in checkpoints: written at export, read back transparently.
+"""Quantized expert weights in checkpoints (compressed-tensors, see ``moeprune.compressed``): written at
+export, read back packed (for moeprune's kernels) or dequantized.
 
-An expert weight ``KEY`` is stored as ``KEY.qweight`` / ``KEY.scales`` / ``KEY.zeros`` in the
-``moeprune.quant`` format (group-wise asymmetric int8/int4/int2), with the shard metadata
-``KEY.quant`` (bits, group size, shape, dtype) and, for experts stored ``[in, out]`` (GPT-OSS),
-``KEY.layout = "transposed"``: the quantized matrix is then the ``[out, in]`` transpose, so groups
-always run along the input dimension. Biases stay in full precision. Each expert may have its own
-width (the pattern's ``bits``); a fused ``[E, ...]`` tensor needs one width for its layer.
+An expert weight ``KEY`` is stored as ``KEY_packed`` / ``KEY_scale`` / ``KEY_shape`` (+ ``KEY_zero_point``),
+described by the config group of ``quantization_config`` whose regex targets ``KEY`` (less ``.weight``).
+For experts stored ``[in, out]`` (GPT-OSS) the quantized matrix is the ``[out, in]`` transpose, so groups
+always run along the input dimension. Biases stay in full precision. Each expert may have its own width
+(the pattern's ``bits``); a fused ``[E, ...]`` tensor needs one width for its layer.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
+from . import compressed as ct
 from .arch import MoEAdapter
 from .pattern import ExpertPattern
-from .quant import FORMAT, QuantizedTensor, dequantize, quantize, to_state_dict
+from .quant import QuantizedTensor
+
+fit_group = ct.fit_group  # re-exported: callers that quantize one matrix on its own
+QUANT_PARTS = ct.SUFFIXES
+# vLLM's fused MoE layer finds its scheme under these names whatever the checkpoint calls them
+VLLM_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def fit_group(in_dim: int, group_size: int, bits: int) -> int:
-    """The largest group size <= ``group_size`` dividing ``in_dim`` and holding whole bytes."""
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group size must be a positive number of input columns, not {group_size!r}")
-    per_byte = 8 // bits
-    for g in range(min(group_size, in_dim), 0, -1):
-        if in_dim % g == 0 and g % per_byte == 0:
-            return g
-    raise ValueError(f"no group size fits an input dimension of {in_dim} at {bits} bits")
+@dataclass
+class StoredQuantized:
+    """One quantized tensor as stored: its compressed-tensors parts (suffix -> tensor), weight args, and
+    whether it is the ``[out, in]`` transpose of the model's ``[in, out]`` weight."""
+
+    parts: dict[str, torch.Tensor]
+    args: Any
+    transposed: bool = False
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The in-memory packed form moeprune's kernels run (same values as :meth:`dequantize`)."""
+        return ct.to_quantized_tensor(self.parts, self.args, self.parts["_scale"].dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight in the model's orientation, dequantized by compressed-tensors."""
+        w = ct.decompress(self.parts, self.args)
+        return w.transpose(-1, -2).contiguous() if self.transposed else w
+
+    def state_dict(self, target: str) -> dict[str, torch.Tensor]:
+        return {f"{target}{s}": t for s, t in self.parts.items()}
+
+
+def module_name(key: str) -> str:
+    """The module a stored weight belongs to, as config-group targets name it."""
+    return key.removesuffix(".weight")
 
 
 class ExpertQuantizer:
     """Quantizes the kept experts' weight tensors of an export, one width per expert."""
 
-    def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int = 128):
-        self.adapter, self.pattern, self.group_size = adapter, pattern, group_size
+    def __init__(self, adapter: MoEAdapter, pattern: ExpertPattern, group_size: int, in_dims: list[int],
+                 symmetric: bool = True, calibrated: Any = None):
+        self.adapter, self.pattern, self.symmetric = adapter, pattern, symmetric
+        self.group_size = ct.common_group(in_dims, group_size)
+        self.calibrated = calibrated  # moeprune.gptq_experts.GPTQCodes: codes by source key (else round-to-nearest)
+        for row in (pattern.bits or {}).values():
+            for b in row:
+                ct.check_bits(b)
         self.owner: dict[str, tuple[int, int | None]] = {}  # source key -> (layer, expert; None if fused)
         for layer, kept in pattern.kept.items():
             for e in kept:
@@ -44,74 +73,93 @@ class ExpertQuantizer:
                         self.owner.update({key: (layer, None if row is not None else e) for key, row in pieces})
 
     def config_entry(self) -> dict[str, Any]:
-        return {"format": FORMAT, "group_size": self.group_size,
+        return {"format": ct.FORMAT, "group_size": self.group_size, "symmetric": self.symmetric,
                 "bits": {str(k): v for k, v in sorted((self.pattern.bits or {}).items())}}
+
+    def quantization_config(self) -> dict[str, Any]:
+        return export_quantization_config(self.adapter, self.pattern.kept, self.pattern.bits, self.group_size,
+                                          self.symmetric)
 
     def handles(self, plan: Any) -> bool:
         return plan.source in self.owner
 
-    def __call__(self, plan: Any, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def bits_of(self, plan: Any) -> int:
         layer, expert = self.owner[plan.source]
-        widths = self.pattern.bits[layer]
-        kept = self.pattern.kept[layer]
+        widths, kept = self.pattern.bits[layer], self.pattern.kept[layer]
         if expert is not None:
-            bits = widths[kept.index(expert)]
-        else:
-            chosen = {widths[kept.index(e)] for e in plan.rows}
-            if len(chosen) != 1:
-                raise ValueError(f"{plan.source} holds all experts of layer {layer} in one tensor, so they need "
-                                 f"one bit width, not {sorted(chosen)}: use --bits N for this model")
-            bits = chosen.pop()
+            return widths[kept.index(expert)]
+        chosen = {widths[kept.index(e)] for e in plan.rows}
+        if len(chosen) != 1:
+            raise ValueError(f"{plan.source} holds all experts of layer {layer} in one tensor, so they need "
+                             f"one bit width, not {sorted(chosen)}: use --bits N for this model")
+        return chosen.pop()
+
+    def __call__(self, plan: Any, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        args = ct.weight_args(self.bits_of(plan), self.group_size, self.symmetric)
         matrix = tensor.transpose(-1, -2) if self.adapter.experts_transposed else tensor
-        qt = quantize(matrix.contiguous(), bits, fit_group(matrix.shape[-1], self.group_size, bits))
-        return packed_state_dict(plan.target, (qt, self.adapter.experts_transposed))
+        w = matrix.contiguous()
+        on_grid = None if self.calibrated is None else self.calibrated.on_grid(plan.source, w, args)
+        parts = ct.compress(w, args) if on_grid is None else ct.compress(on_grid, args, grid_of=w)
+        return StoredQuantized(parts, args).state_dict(plan.target), {}
 
 
-QUANT_PARTS = (".qweight", ".scales", ".zeros")
+def export_quantization_config(adapter: MoEAdapter, kept: Mapping[int, list[int]], bits: Mapping[int, list[int]],
+                               group_size: int, symmetric: bool) -> dict[str, Any]:
+    """compressed-tensors ``quantization_config`` of an export whose layer ``l`` keeps ``kept[l]`` (renumbered
+    0..K-1) at widths ``bits[l]``: one config group per width, regex targets of exactly its experts."""
+    targets: dict[int, list[str]] = {}
+    for layer, ids in sorted(kept.items()):
+        widths = list(bits[layer])
+        prefix = adapter.experts_prefix(layer)
+        sources = adapter.expert_sources(layer, ids[0])
+        if adapter.fused_experts:
+            keys = sorted({key for p, pieces in sources.items() if not p.endswith("_bias") for key, _ in pieces})
+            b = widths[0]
+            targets.setdefault(b, []).extend(f"re:^{re.escape(module_name(k))}$" for k in keys)
+            continue
+        names = {module_name(key)[len(f"{prefix}{ids[0]}."):] for p, pieces in sources.items()
+                 if not p.endswith("_bias") for key, _ in pieces}
+        names = sorted(names | set(VLLM_EXPERT_NAMES))  # vLLM looks up ``<experts>.0.gate_proj`` (Mixtral: w1)
+        for b in sorted(set(widths)):
+            members = [i for i, w in enumerate(widths) if w == b]
+            targets.setdefault(b, []).append(ct.expert_regex(prefix, None if len(members) == len(widths) else members,
+                                                             names))
+    return ct.quantization_config(targets, group_size, symmetric)
 
 
 def quantized_key(weight_map: Any, stored: str) -> str | None:
-    """For a part of a tensor stored in this format, the tensor's own key (``KEY`` for ``KEY.qweight``)
-    on its ``.qweight`` part and None on the others; ``stored`` itself for any other tensor."""
+    """For a part of a tensor stored quantized, the tensor's own key (``KEY`` for ``KEY_packed``) on its
+    ``_packed`` part and None on the others; ``stored`` itself for any other tensor."""
     for suffix in QUANT_PARTS:
-        if stored.endswith(suffix) and stored[: -len(suffix)] + ".qweight" in weight_map:
-            return stored[: -len(suffix)] if suffix == ".qweight" else None
+        if stored.endswith(suffix) and stored[: -len(suffix)] + "_packed" in weight_map:
+            return stored[: -len(suffix)] if suffix == "_packed" else None
     return stored
 
 
-def packed_state_dict(target: str, packed: tuple[QuantizedTensor, bool]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and shard metadata that store an already quantized ``(tensor, transposed)`` as ``target``."""
-    qt, transposed = packed
-    tensors, meta = to_state_dict(target, qt)
-    if transposed:
-        meta[f"{target}.layout"] = "transposed"
-    return tensors, meta
+def packed_state_dict(target: str, packed: StoredQuantized) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (and shard metadata: none) that store an already quantized tensor as ``target``."""
+    return packed.state_dict(target), {}
 
 
-def read_quantized_parts(f: Any, key: str, rows: tuple[int, ...] | None = None) -> tuple[QuantizedTensor, bool]:
-    """The stored ``QuantizedTensor`` of ``key`` (optionally only expert ``rows``) and whether it is the
-    ``[out, in]`` transpose of the model's ``[in, out]`` weight."""
-    meta = f.metadata() or {}
-    info = json.loads(meta[f"{key}.quant"])
+def read_stored(f: Any, key: str, config: Mapping[str, Any], transposed: bool,
+                rows: tuple[int, ...] | None = None) -> StoredQuantized:
+    """The stored parts of ``key`` (optionally only expert ``rows`` of a fused tensor) from an open shard."""
+    qc = config.get("quantization_config") or {}
+    args = ct.args_for(qc, module_name(key))
+    if args is None:
+        raise ValueError(f"{key} is stored quantized but no config group of quantization_config targets "
+                         f"{module_name(key)!r}: restore the export's config.json")
     parts = {}
-    for name in ("qweight", "scales", "zeros"):
+    for suffix in QUANT_PARTS:
+        name = f"{key}{suffix}"
+        if name not in f.keys():
+            continue
         if rows is None:
-            parts[name] = f.get_tensor(f"{key}.{name}")
+            parts[suffix] = f.get_tensor(name)
         else:
-            sl = f.get_slice(f"{key}.{name}")
-            parts[name] = torch.cat([sl[r:r + 1] for r in rows])
-    shape = tuple(info["shape"]) if rows is None else (len(rows), *info["shape"][1:])
-    dtype = getattr(torch, info.get("dtype", "float32"))
-    qt = QuantizedTensor(parts["qweight"], parts["scales"], parts["zeros"], int(info["bits"]),
-                         int(info["group_size"]), shape, dtype)
-    return qt, meta.get(f"{key}.layout") == "transposed"
-
-
-def read_quantized(f: Any, key: str, rows: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Dequantize ``key`` (stored as ``key.qweight`` etc.) from an open shard, optionally only ``rows``."""
-    qt, transposed = read_quantized_parts(f, key, rows)
-    w = dequantize(qt)
-    return w.transpose(-1, -2).contiguous() if transposed else w
+            sl = f.get_slice(name)
+            parts[suffix] = torch.cat([sl[r:r + 1] for r in rows])
+    return StoredQuantized(parts, args, transposed)
 
 
 def stack_quantized(per_expert: list[list[tuple[QuantizedTensor, bool]]]) -> Any | None:

@@ -177,39 +177,82 @@ class Match:
     distance: float
     pattern: ExpertPattern
     nearest: str  # nearest stored task, even when the general pattern was chosen
+    threshold: float | None = None  # the distance beyond which this query would go to the general pattern
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "distance": self.distance, "nearest": self.nearest}
+        return {"task": self.task, "distance": self.distance, "nearest": self.nearest, "threshold": self.threshold}
 
 
 class Retriever:
-    """Nearest stored pattern for query signatures."""
+    """The stored pattern for each query.
+
+    Patterns stored with demo windows (``moeprune.windows``, spec 2; what ``moeprune store add`` makes)
+    are matched by the fused lexical + routing window classifier, which needs the query texts
+    (``match(signatures, texts)``) and falls back on novelty (``threshold="auto"``: per task, from the
+    demos; a number: a fixed distance ``1 - similarity``). Patterns with only a profile signature (made
+    by ``select`` without demos) are matched by nearest centred cosine (``threshold="auto"`` = 1.0).
+    A store mixing the two, or holding windows of another spec, is refused.
+    """
 
     def __init__(self, patterns: Sequence[ExpertPattern], layers: str | Sequence[int] = "first",
-                 threshold: float | None = 1.0):
+                 threshold: float | str | None = "auto", method: str = "auto", **classifier: Any):
         from sklearn.neighbors import NearestNeighbors
+
+        from .windows import WindowClassifier, check_specs
 
         if not patterns:
             raise ValueError("no patterns to retrieve from: add some with `moeprune store add`")
         fps = {p.fingerprint for p in patterns}
         if len(fps) > 1:
             raise ValueError("the patterns belong to different models; retrieve among one model's patterns")
+        if method not in ("auto", "windows", "centroid"):
+            raise ValueError(f"retrieval method {method!r} is not auto, windows or centroid")
         self.patterns = list(patterns)
-        if threshold is not None and threshold != threshold:
+        if isinstance(threshold, str) and threshold != "auto":
+            raise ValueError(f"threshold {threshold!r} is neither a number nor 'auto'")
+        if isinstance(threshold, float) and threshold != threshold:
             raise ValueError("threshold nan is no distance: give a number, or None to disable the fallback")
         self.layers, self.threshold = layers, threshold
+        self.windowed = method != "centroid" and check_specs(self.patterns)
+        if method == "windows" and not self.windowed:
+            raise ValueError("the patterns hold no demo windows: re-add them with `moeprune store add ... --demos`")
+        self.general = general_pattern(self.patterns)
+        if self.windowed:
+            if layers != "first":
+                raise ValueError("window signatures are first-MoE-layer ones: retrieve with layers='first'")
+            self.classifier = WindowClassifier([p.task for p in self.patterns],
+                                               [p.meta["retrieval"]["windows"] for p in self.patterns], **classifier)
+            return
         sigs = np.stack([pattern_signature(p, layers) for p in self.patterns])
         self.center = sigs.mean(0) if len(sigs) > 1 else np.zeros(sigs.shape[1])
         self.nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(sigs - self.center)
-        self.general = general_pattern(self.patterns)
 
-    def match(self, signatures: np.ndarray) -> list[Match]:
+    def match(self, signatures: np.ndarray, texts: Sequence[str] | None = None) -> list[Match]:
+        """Matches for query ``signatures`` (:func:`query_signatures` with this retriever's layers);
+        windowed patterns also need the queries' ``texts``."""
+        if self.windowed:
+            return self._match_windows(np.atleast_2d(signatures), texts)
+        threshold = 1.0 if self.threshold == "auto" else self.threshold
         dist, idx = self.nn.kneighbors(np.atleast_2d(signatures) - self.center)
         out = []
         for d, i in zip(dist[:, 0], idx[:, 0]):
             p = self.patterns[int(i)]
-            if self.threshold is not None and d > self.threshold:
-                out.append(Match(GENERAL_TASK, float(d), self.general, p.task))
+            if threshold is not None and d > threshold:
+                out.append(Match(GENERAL_TASK, float(d), self.general, p.task, threshold))
             else:
-                out.append(Match(p.task, float(d), p, p.task))
+                out.append(Match(p.task, float(d), p, p.task, threshold))
+        return out
+
+    def _match_windows(self, signatures: np.ndarray, texts: Sequence[str] | None) -> list[Match]:
+        if texts is None or len(texts) != len(signatures):
+            raise ValueError("retrieval over demo windows needs each query's text with its signature")
+        th = self.threshold if self.threshold in ("auto", None) else 1.0 - float(self.threshold)
+        out = []
+        for dec in self.classifier.decide(list(texts), signatures, th):
+            p = self.patterns[dec.task_index]
+            dist, limit = 1.0 - dec.similarity, (None if self.threshold is None else 1.0 - dec.threshold)
+            if limit is not None and dist > limit:
+                out.append(Match(GENERAL_TASK, dist, self.general, p.task, limit))
+            else:
+                out.append(Match(p.task, dist, p, p.task, limit))
         return out

@@ -154,6 +154,33 @@ def output_aware_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     return s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+@register_scorer("reap")
+def reap_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """REAP (Lasby et al. 2025): (1/|X_j|) * sum over the tokens X_j routed to j of g_j(x) * ||f_j(x)||_2.
+
+    g is the routing weight the router emitted (renormalised over the top-k where the family does),
+    f_j the expert's output before gating; an expert no demo token routed to scores 0, as in the
+    reference implementation (CerebrasResearch/reap, ``observer.py``: a per-expert running mean over
+    routed tokens only).
+    """
+    count = profile.stats["count"]
+    total = profile.signal("reap", "reap")
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+@register_scorer("weighted-ean", mass=True)
+def weighted_ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """REAP's numerator without the mean: sum over routed tokens of g_j(x) * ||f_j(x)||_2 (the reference's
+    ``weighted_ean_sum`` criterion). Unlike REAP it grows with how often an expert is routed."""
+    return profile.signal("reap", "weighted-ean").clone()
+
+
+@register_scorer("ean", mass=True)
+def ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
+    """EAN, REAP's baseline: sum over routed tokens of the expert's output norm ||f_j(x)||_2."""
+    return profile.signal("ean", "ean").clone()
+
+
 def _register_builtin_modules() -> None:
     """Scorers living in their own modules register themselves on import."""
     from . import diep, drift, exact, hcsmoe, stun, uncurl  # noqa: F401

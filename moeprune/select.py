@@ -194,10 +194,62 @@ def check_keep(fp: Fingerprint, keep: str | float | int, budget: str = "uniform"
         raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
 
 
+SUPER_QUANTILE = 0.995  # REAP's super-expert rule (CerebrasResearch/reap, model_util.get_super_expert_indices)
+SUPER_RATIO = 10.0
+
+
+def super_experts(max_act: torch.Tensor, fingerprint: Fingerprint, quantile: float = SUPER_QUANTILE,
+                  ratio: float = SUPER_RATIO) -> tuple[dict[int, list[int]], float]:
+    """Super experts per MoE layer, and the threshold: experts whose largest |output activation| exceeds
+    max(the ``quantile`` of all the model's experts' maxima, the model's largest / ``ratio``).
+
+    As REAP's reference code, the quantile is taken over every expert of every MoE layer (with the few
+    experts of one layer a per-layer 99.5th percentile is about that layer's own maximum). Two choices
+    differ from that code, recorded: the activation is the magnitude |f(x)| (the reference takes the
+    signed maximum, which misses a huge negative outlier), and every layer is considered (the
+    reference's ``perserve_outliers``; its ``perserve_super_experts`` looks only at the first 75%)."""
+    fp = fingerprint
+    values = torch.cat([max_act[row, :n].double() for row, n in enumerate(fp.num_experts)])
+    if values.numel() == 0 or values.max() <= 0:
+        return {}, 0.0
+    threshold = max(float(torch.quantile(values, quantile)), float(values.max()) / ratio)
+    found = {layer: [e for e in range(n) if float(max_act[row, e]) > threshold]
+             for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts))}
+    return {layer: ids for layer, ids in found.items() if ids}, threshold
+
+
+def protect_experts(kept: dict[int, list[int]], scores: torch.Tensor, fingerprint: Fingerprint,
+                    protected: dict[int, list[int]]) -> tuple[dict[int, list[int]], list[str], bool]:
+    """``kept`` with every protected expert in: each one missing replaces the lowest-scored unprotected kept
+    expert of its layer (of its routing group first, so group-equal selections stay equal). Returns the
+    kept sets, notes, and whether some swap crossed routing groups."""
+    fp = fingerprint
+    n_group, _ = fp.groups
+    s = scores.detach().cpu().double()
+    crossed, notes = False, []
+    out = {layer: list(v) for layer, v in kept.items()}
+    for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts)):
+        guard = set(protected.get(layer, ()))
+        size = n // n_group if n_group > 1 else n
+        for e in sorted(guard - set(out[layer])):
+            free = [k for k in out[layer] if k not in guard]
+            same = [k for k in free if k // size == e // size]
+            pool = same or free
+            if not pool:
+                notes.append(f"layer {layer}: super expert {e} not kept (more super experts than kept slots)")
+                continue
+            crossed |= not same
+            drop = min(pool, key=lambda k: (float(s[row, k]), -k))  # the lowest score, ties: the higher id
+            out[layer] = sorted([k for k in out[layer] if k != drop] + [e])
+            notes.append(f"layer {layer}: super expert {e} kept in place of expert {drop}")
+    return out, notes, crossed
+
+
 def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int, task: str = "",
                  method: str = "", signature: list[float] | None = None, budget: str = "uniform",
-                 min_per_layer: int | None = None) -> ExpertPattern:
-    """Select experts from ``scores`` with a ``uniform`` (per-layer), ``global`` or ``top-p`` budget."""
+                 min_per_layer: int | None = None, protect: dict[int, list[int]] | None = None) -> ExpertPattern:
+    """Select experts from ``scores`` with a ``uniform`` (per-layer), ``global`` or ``top-p`` budget;
+    ``protect`` (per layer, expert ids) are never pruned (they take the places of the lowest-scored)."""
     check_keep(fingerprint, keep, budget, min_per_layer)
     if budget == "uniform":
         kept, routing, notes = select_uniform(scores, fingerprint, keep)
@@ -205,5 +257,13 @@ def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | flo
         kept, routing, notes = select_global(scores, fingerprint, keep, min_per_layer)
     else:
         kept, routing, notes = select_top_p(scores, fingerprint, keep, min_per_layer)
+    meta: dict[str, Any] = {"keep": str(keep), "budget": budget, "notes": notes}
+    if protect is not None:
+        kept, swaps, crossed = protect_experts(kept, scores, fingerprint, protect)
+        notes.extend(swaps)
+        if crossed and not routing:
+            routing, more = group_routing(kept, fingerprint)
+            notes.extend(more[:1] if routing else [])
+        meta["protected"] = {str(layer): ids for layer, ids in sorted(protect.items())}
     return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
-                         signature=signature, meta={"keep": str(keep), "budget": budget, "notes": notes})
+                         signature=signature, meta=meta)

@@ -10,7 +10,6 @@ from typing import Any, Mapping
 
 import torch
 
-from .quant import FORMAT
 
 DEQUANTIZED_METHODS = ("mxfp4", "fp8")
 
@@ -56,18 +55,10 @@ def float_dtype(config: Mapping[str, Any]) -> torch.dtype:
     return name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
 
 
-def packed_experts_config(quantization: dict[str, Any]) -> dict[str, Any]:
-    """``quantization_config`` of a moeprune export with packed experts (``quantization``: its
-    ``moeprune.quantization`` entry). It has no ``quant_method`` on purpose: plain transformers then
-    refuses to load the export instead of initialising the experts at random."""
-    widths = sorted({b for row in (quantization.get("bits") or {}).values() for b in row})
-    return {"format": quantization["format"], "bits": widths,
-            "note": "experts packed by moeprune: load with moeprune.from_pretrained (plain transformers cannot)"}
-
-
 def drop_dequantized_config(config: dict[str, Any]) -> None:
     """Remove a ``quantization_config`` moeprune handles itself: of a format it dequantizes (the weights
-    are float now) or of its own packed experts."""
+    are float now) or compressed-tensors (moeprune reads the packed experts itself)."""
     qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") in DEQUANTIZED_METHODS or (not qc.get("quant_method") and qc.get("format") == FORMAT):
+    stripped = not qc.get("quant_method") and qc.get("format") == "pack-quantized"  # a mixed-width export
+    if qc.get("quant_method") in (*DEQUANTIZED_METHODS, "compressed-tensors") or stripped:
         del config["quantization_config"]

@@ -7,16 +7,22 @@ Per MoE layer the behaviour distance between experts i and j mixes two signals:
 - co-activation: ``-C_ij / |mean C|`` with C the profile's co-selection counts (experts that fire
   together behave alike, so they are closer).
 
-``D = (1 - mix) * D_router + mix * D_coact`` (``mix`` default 0.5; the official code adds raw router
-distances, here they are made unitless per layer so ``mix`` means the same in every layer). Each
+``D = (1 - mix) * D_router + mix * D_coact`` (the official code adds raw router distances, here they
+are made unitless per layer so ``mix`` means the same in every layer). Default ``mix`` 0: measured on
+the embedded model (``python -m benchmarks.stun_variants --grid``), co-activation makes STUN worse
+than random selection (16.4 against 8.2 at keep 0.5): in a top-k router the experts a token picks
+together are complements, not duplicates, so merging co-firing experts removes half of the pairs the
+domain routes to; router-row distance alone gives 1.33. Each
 layer is clustered by complete-linkage agglomeration (scipy; STUN's greedy rule merges two clusters
 only if all their members are close). One distance threshold is shared by all layers (their
 distances shifted by one common constant, never per layer, so heights compare across layers):
 merges of all layers are taken in order of merge distance until the global budget of clusters is
 met exactly, never merging a layer below its minimum (top-k). This is the shared-threshold cut of
-STUN, found exactly rather than by bisection. In each cluster the member nearest the centroid of
-the cluster's flattened expert weights is kept (distances from a streamed Gram matrix, so
-expert weights are never all in memory at once); with ``merge="average"`` it instead takes the
+STUN, found exactly rather than by bisection (``budget="uniform"`` instead cuts every layer to K).
+In each cluster the member the demos route to most is kept (default ``representative="most-routed"``;
+``centroid``: the member nearest the centroid of the cluster's flattened expert weights, distances
+from a streamed Gram matrix, so expert weights are never all in memory at once; measured, the
+centroid member is often one the domain never routes to: 1.73 against 1.33 at keep 0.5); with ``merge="average"`` it instead takes the
 average of its cluster's weights and router rows (applied at export and load, see
 :mod:`moeprune.merge`). O(1) forward passes: only the profile and weights.
 """
@@ -109,7 +115,7 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
     for param, pieces in sources[0].items():
         for j, (key, row) in enumerate(pieces):
             keys = [key] if row is not None else [src[param][j][0] for src in sources]
-            if f"{keys[0]}.qweight" in ckpt.weight_map:  # a moeprune --bits export
+            if f"{keys[0]}_packed" in ckpt.weight_map:  # a --bits export (compressed-tensors)
                 for X in _quantized_chunks(ckpt, keys, num_experts):
                     G += X @ X.T
                 continue
@@ -128,7 +134,7 @@ def expert_gram(ckpt: Checkpoint, layer: int, num_experts: int) -> torch.Tensor:
 
 
 def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
-    """``[E, -1]`` float64 chunks of moeprune-quantized expert weights (one fused ``[E, out, in]``
+    """``[E, -1]`` float64 chunks of quantized (compressed-tensors) expert weights (one fused ``[E, out, in]``
     key or one key per expert), kept packed and dequantized a block of output rows at a time (each
     row has its own groups). The stored layout may be the transpose of the model's: a Gram matrix of
     flattened weights does not depend on it."""
@@ -138,7 +144,7 @@ def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
     from .quant import dequantize
 
     got = TensorReader(ckpt, packed=True).read((k, None) for k in keys)
-    qts = [got[(k, None)][0] for k in keys]
+    qts = [got[(k, None)].quantized_tensor() for k in keys]
     rows_axis = qts[0].packed.dim() - 2
     out, inner = qts[0].shape[rows_axis], qts[0].shape[-1]
     step = max(1, CHUNK_ELEMENTS // max(1, num_experts * inner))
@@ -205,39 +211,60 @@ def nearest_to_centroid(gram: torch.Tensor, cluster: list[int]) -> int:
     return cluster[int(torch.argmin(d))]
 
 
-def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | int, mix: float = 0.5,
-                  normalize_rows: bool = False, min_per_layer: int | None = None) -> dict[int, list[list[int]]]:
-    """Clusters of experts per MoE layer meeting the global budget of ``keep`` x layers clusters."""
+DEFAULT_MIX = 0.0
+DEFAULT_REPRESENTATIVE = "most-routed"
+
+
+def stun_clusters(profile: RouterProfile, ckpt: Checkpoint, keep: str | float | int, mix: float = DEFAULT_MIX,
+                  normalize_rows: bool = False, min_per_layer: int | None = None,
+                  budget: str = "global") -> dict[int, list[list[int]]]:
+    """Clusters of experts per MoE layer: ``keep`` x layers clusters under one shared threshold (``global``),
+    or ``keep`` clusters in every layer (``uniform``)."""
     fp = profile.fingerprint
     routers = ckpt.router_weights()
     sizes = list(fp.num_experts)
     floor = max(fp.top_k, min_per_layer or 0)
-    budget = sum(keep_per_layer(keep, sizes, fp.top_k))  # what the global cut of these scores keeps
+    counts = keep_per_layer(keep, sizes, fp.top_k)
     linkages = layer_linkages([behaviour_distance(routers[layer], profile.stats["coact"][row, :sizes[row], :sizes[row]],
                                                   mix, normalize_rows) for row, layer in enumerate(fp.moe_layers)])
-    steps = shared_threshold_cut(linkages, sizes, budget, floor)
+    if budget == "uniform":
+        steps = [n - k for n, k in zip(sizes, counts)]
+    else:
+        steps = shared_threshold_cut(linkages, sizes, sum(counts), floor)  # what the global cut keeps
     return {layer: _clusters(z, n, s) for layer, z, n, s in zip(fp.moe_layers, linkages, sizes, steps)}
 
 
 MERGE_MODES = ("representative", "average")
+REPRESENTATIVES = ("centroid", "most-routed")
 
 
 @register_scorer("stun", budget="global", reads_checkpoint=True)
 def stun_scores(profile: RouterProfile, checkpoint: Checkpoint | None = None, keep: Any = None,
-                mix: float = 0.5, normalize_rows: bool = False, min_per_layer: int | None = None,
-                merge: str = "representative", **_: Any) -> torch.Tensor | MergingScores:
-    """1 for each cluster's representative, 0 otherwise: a global cut of these scores keeps exactly them.
+                mix: float = DEFAULT_MIX, normalize_rows: bool = False, min_per_layer: int | None = None,
+                merge: str = "representative", representative: str = DEFAULT_REPRESENTATIVE, budget: str = "global",
+                **_: Any) -> torch.Tensor | MergingScores:
+    """1 for each cluster's representative, 0 otherwise: a cut of these scores (global, or uniform: the
+    clusters are then cut to K per layer) keeps exactly them.
 
-    ``merge="average"`` also returns the clusters: the representative then takes the average of its
-    cluster's expert weights and router rows (instead of its own)."""
+    ``representative``: the member nearest the centroid of the cluster's weights (``centroid``) or the
+    one the demos route to most (``most-routed``, ties: nearest the centroid). ``merge="average"``
+    also returns the clusters: the representative then takes the average of its cluster's expert
+    weights and router rows (instead of its own)."""
     if checkpoint is None or keep is None:
         raise ValueError("stun reads router and expert weights: give the checkpoint (--model) and --keep")
     if merge not in MERGE_MODES:
         raise ValueError(f"stun merge {merge!r} is not one of {', '.join(MERGE_MODES)}")
-    clusters = stun_clusters(profile, checkpoint, keep, mix, normalize_rows, min_per_layer)
+    if representative not in REPRESENTATIVES:
+        raise ValueError(f"stun representative {representative!r} is not one of {', '.join(REPRESENTATIVES)}")
+    clusters = stun_clusters(profile, checkpoint, keep, mix, normalize_rows, min_per_layer,
+                             "uniform" if budget == "uniform" else "global")
     scores = torch.zeros(profile.num_layers, profile.num_experts, dtype=torch.float64)
+    count = profile.stats["count"]
     for row, layer in enumerate(profile.fingerprint.moe_layers):
         gram = expert_gram(checkpoint, layer, profile.fingerprint.num_experts[row])
         for cluster in clusters[layer]:
-            scores[row, nearest_to_centroid(gram, cluster)] = 1.0
+            rep = nearest_to_centroid(gram, cluster)
+            if representative == "most-routed":
+                rep = max(cluster, key=lambda e: (float(count[row, e]), e == rep, -e))
+            scores[row, rep] = 1.0
     return MergingScores(scores, clusters) if merge == "average" else scores

@@ -68,7 +68,7 @@ def test_exports(quantized_ckpt, tmp_path):
     torch.testing.assert_close(_logits(plain, x), _logits(reference, x, pattern.kept), rtol=1e-5, atol=1e-5)
     export_pruned(src, pattern, tmp_path / "int4", progress=False, bits=4, group_size=16)
     assert json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]["format"] == \
-        "moeprune-gq-v1"  # the source's mxfp4/fp8 entry is gone, moeprune's packed experts named
+        "pack-quantized"  # the source's mxfp4/fp8 entry is gone, compressed-tensors experts named
     on_load = moeprune.from_pretrained(src, pattern=pattern, bits=4, group_size=16)
     torch.testing.assert_close(_logits(moeprune.from_pretrained(tmp_path / "int4"), x), _logits(on_load, x),
                                rtol=0, atol=0)

@@ -36,7 +36,10 @@ def test_stun_collapses_duplicate_experts_to_one(tmp_path):
     src = save_model(model, tmp_path / "dup")
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl", n=8), progress=False)
     pattern = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0)  # one merge per layer
-    for layer, kept in pattern.kept.items():
+    for layer, kept in pattern.kept.items():  # the duplicates collapse to one (the more routed)
+        assert (2 in kept) != (5 in kept) and len(kept) == 7
+    centroid = select_pattern(prof, "stun", "7", checkpoint=src, mix=0.0, representative="centroid")
+    for layer, kept in centroid.kept.items():  # equal distance to the centroid: the lower id
         assert 2 in kept and 5 not in kept and len(kept) == 7
 
 
@@ -346,3 +349,22 @@ def test_stun_threshold_is_shared_across_layers():
     distances = [behaviour_distance(router, c, mix=1.0) for c in (flat, paired)]
     assert shared_threshold_cut(layer_linkages(distances), [8, 8], budget=12, floor=2) == [0, 4]
     assert shared_threshold_cut(layer_linkages(distances, per_layer_shift=True), [8, 8], budget=12, floor=2) == [4, 0]
+
+
+def test_stun_uniform_budget_and_most_routed_representative(family_checkpoints, tmp_path):
+    """--budget uniform cuts every layer's clusters to K; most-routed keeps each cluster's most-routed member."""
+    from moeprune.stun import stun_clusters
+
+    _, src = family_checkpoints["qwen3_moe"]
+    prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    ckpt = open_checkpoint(src)
+    clusters = stun_clusters(prof, ckpt, "3", mix=0.0, budget="uniform")
+    assert all(len(c) == 3 for c in clusters.values())
+    pattern = select_pattern(prof, "stun", "3", checkpoint=src, budget="uniform", mix=0.0,
+                             representative="most-routed")
+    count = prof.stats["count"]
+    for row, layer in enumerate(prof.fingerprint.moe_layers):
+        assert len(pattern.kept[layer]) == 3
+        for cluster in clusters[layer]:
+            kept = [e for e in cluster if e in pattern.kept[layer]]
+            assert len(kept) == 1 and count[row, kept[0]] == count[row, cluster].max()

@@ -4,6 +4,8 @@ import itertools
 import math
 
 import numpy as np
+import json
+
 import pytest
 import torch
 
@@ -277,6 +279,46 @@ def test_allocate_matches_brute_force(seed, avg_bits):
     assert got == ref
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("avg_bits", [2.0, 3.0, 4.0, 5.5])
+def test_allocate_one_width_per_group_matches_brute_force(seed, avg_bits):
+    """With ``groups`` (e.g. one width per MoE layer) the optimum over group-wise choices, found exactly."""
+    import itertools
+
+    bits, groups = (2, 4, 8), [0, 0, 1, 1, 1, 2]
+    freq, weight, err = _instance(6, seed)
+    got = allocate_bits(freq, weight, err, bits, avg_bits, groups=groups)
+    best = None
+    for choice in itertools.product(bits, repeat=3):
+        chosen = [choice[g] for g in groups]
+        if sum(chosen) <= avg_bits * 6 + 1e-9:
+            obj = allocation_objective(freq, weight, err, bits, chosen)
+            best = obj if best is None or obj < best else best
+    assert all(got[i] == got[j] for i in range(6) for j in range(6) if groups[i] == groups[j])
+    assert sum(got) <= avg_bits * 6 + 1e-9
+    assert allocation_objective(freq, weight, err, bits, got) == pytest.approx(best, rel=1e-9)
+    free = allocate_bits(freq, weight, err, bits, avg_bits)  # the constraint can only cost
+    assert allocation_objective(freq, weight, err, bits, free) <= best + 1e-12
+
+
+def test_avg_bits_on_fused_experts_gives_one_width_per_layer(family_checkpoints, tmp_path):
+    """GPT-OSS stores a layer's experts in one tensor: the integer program gives each layer one width."""
+    import moeprune
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.export import export_pruned
+    from moeprune.mixed import allot_bits
+    from moeprune.pipeline import profile_checkpoint, select_pattern
+    from tiny_models import write_token_demos
+
+    _, src = family_checkpoints["gpt_oss"]
+    profile = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
+    pattern = select_pattern(profile, "frequency", "0.5")
+    summary = allot_bits(pattern, profile, open_checkpoint(src), 5.0)
+    assert all(len(set(row)) == 1 for row in pattern.bits.values()) and summary["avg_bits"] <= 5.0
+    export_pruned(src, pattern, tmp_path / "o", progress=False)
+    assert moeprune.from_pretrained(tmp_path / "o")(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
 def test_allocate_budget_and_baselines():
     n, bits = 64, (2, 4, 8)
     freq, weight, err = _instance(n, 42)
@@ -357,23 +399,31 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     assert summary["bytes_written"] < plain["bytes_written"]
     loaded = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False)
     reference = moeprune.from_pretrained(tmp_path / "p")
-    # the reference: every kept expert weight quantized then dequantized, the rest untouched
+    # the reference: every kept expert weight quantized then dequantized (compressed-tensors RTN), the rest untouched
+    from moeprune.compressed import quantize_tensor
+
+    group = summary_group = json.loads((tmp_path / "q" / "config.json").read_text())["moeprune"]["quantization"]["group_size"]
+    assert summary_group == 32  # 128 fits neither H=32 nor I=64/16: one group size for all matrices
     for (name, q), (_, r) in zip(loaded.named_parameters(), reference.named_parameters()):
         if ".experts." in name and not name.endswith("bias"):
             m = r.detach().transpose(-1, -2) if family == "gpt_oss" else r.detach()
-            from moeprune.quantize_experts import fit_group
-            qdq = quantize(m, bits, fit_group(m.shape[-1], 128, bits)).dequantize()
+            qdq = quantize_tensor(m, bits, group).dequantize()
             qdq = qdq.transpose(-1, -2) if family == "gpt_oss" else qdq
             assert torch.equal(q.detach(), qdq), name
-            assert (q.detach() - r.detach()).abs().max() <= error_bound(m, bits, fit_group(m.shape[-1], 128, bits)).max()
         else:
             assert torch.equal(q, r), name
     x = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         assert (loaded(x).logits - reference(x).logits).abs().max() < (0.05 if bits == 8 else 0.5)
-    from transformers import AutoModelForCausalLM  # plain transformers refuses (else: random experts)
-    with pytest.raises(ValueError, match="quant_method"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    from transformers import AutoModelForCausalLM
+    if family == "gpt_oss":  # fused experts: plain transformers refuses (else: random experts)
+        with pytest.raises(ValueError, match="quant_method"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    else:
+        plain_tf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+        with torch.no_grad():
+            a, b = plain_tf(x).logits, loaded(x).logits
+        assert ((a - b).norm() / b.norm()) < 1e-4
 
 
 def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, capsys):

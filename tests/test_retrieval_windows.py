@@ -1,0 +1,155 @@
+"""Retrieval signature spec 2 (moeprune.windows): demo windows, the fused classifier, novelty, spec refusal."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moeprune import embedded
+from moeprune.demos import encode_demos, read_demos
+from moeprune.retrieval import GENERAL_TASK, Retriever, query_signatures
+from moeprune.windows import (
+    INNER_PER_LENGTH,
+    SPEC_ID,
+    WINDOW_CHARS,
+    SignatureSpecError,
+    attach_windows,
+    cut_windows,
+    window_data,
+)
+
+
+@pytest.fixture(scope="module")
+def emb():
+    from moeprune.checkpoint import open_checkpoint
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.pipeline import load_model
+
+    torch.manual_seed(0)
+    ckpt = open_checkpoint(embedded.model_dir())
+    model, tok = load_model(ckpt, "cpu", "float32")
+    return model, tok, checkpoint_fingerprint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def patterns(emb):
+    """One pattern per embedded domain, windows from its first 10 demos (tcess, keep 0.5)."""
+    from moeprune.pipeline import select_pattern
+    from moeprune.profile import profile_model
+
+    model, tok, fp = emb
+    out = {}
+    for d in embedded.domains():
+        recs = read_demos(embedded.demo_file(d))[:10]
+        prof = profile_model(model, encode_demos(recs, tok), fp, task=d, progress=False)
+        out[d] = attach_windows(select_pattern(prof, "tcess", "0.5"), model, tok, recs)
+    return out
+
+
+def _eval_openings(domain, n=200):
+    return [r["text"][:n] for r in read_demos(embedded.demo_file(domain, "eval"))]
+
+
+def test_cut_windows_are_query_length_openings_and_inner_windows():
+    text = "\n".join(f"line {i}: " + "word " * 12 for i in range(30))
+    wins = cut_windows(text)
+    assert wins == cut_windows(text)  # deterministic
+    assert len(wins) == len(set(wins)) == len(WINDOW_CHARS) * (1 + INNER_PER_LENGTH)
+    for n in WINDOW_CHARS:
+        assert text[:n].strip() in wins
+    assert all(len(w) <= max(WINDOW_CHARS) for w in wins)
+    assert cut_windows("short text") == ["short text"] and cut_windows("  \n ") == []
+
+
+def test_stored_window_signatures_are_query_signatures(emb, patterns):
+    """A window's stored signature is exactly the signature a query of that text gets (so stored
+    signatures look like queries), and making the windows is deterministic."""
+    model, tok, _ = emb
+    data = patterns["math"].meta["retrieval"]
+    assert data["spec"] == SPEC_ID
+    wins = data["windows"][:12]
+    sig = query_signatures(model, encode_demos([{"text": w} for _, w, _ in wins], tok), "first")
+    np.testing.assert_allclose(np.asarray([s for _, _, s in wins]), sig, atol=1e-5)
+    again = window_data(model, tok, read_demos(embedded.demo_file("math"))[:10])
+    assert again == data
+
+
+def test_uniform_signature_is_additive_over_tokens(emb):
+    """With uniform weights a signature is the mean of per-token top-k indicators, and a causal model routes
+    a prefix the same whatever follows: n * sig(ids[:n]) - (n-1) * sig(ids[:n-1]) is token n's indicator
+    (exactly top-k ones, the rest zeros)."""
+    model, tok, fp = emb
+    ids = encode_demos([{"text": "Solve for x: 3x + 4 = 19. Subtract 4 from both sides."}], tok)[0]
+    sig = lambda n: query_signatures(model, [ids[:n]], "first", weighting="uniform", ignore_ids=[])[0]
+    for n in range(2, len(ids) + 1):
+        token = n * sig(n) - (n - 1) * sig(n - 1)
+        np.testing.assert_allclose(np.sort(token)[::-1][: fp.top_k + 1], [1.0] * fp.top_k + [0.0], atol=1e-9)
+        assert np.all(np.isclose(token, 0.0, atol=1e-9) | np.isclose(token, 1.0, atol=1e-9))
+
+
+def test_retrieval_in_store_and_fallback_out_of_store(patterns):
+    """Held-out openings go to their task; a domain the store lacks goes mostly to the general pattern,
+    at little in-store cost."""
+    from moeprune.retrieval import load_signature_model
+
+    net, tok, _ = load_signature_model(embedded.model_dir())
+    inside = [patterns[d] for d in ("math", "code", "legal")]
+    r = Retriever(inside)
+    assert r.windowed
+    texts = {d: _eval_openings(d) for d in ("math", "code", "legal", "recipes")}
+    sig = {d: query_signatures(net, encode_demos([{"text": t} for t in v], tok), "first") for d, v in texts.items()}
+    hits = [m.task == d for d in ("math", "code", "legal") for m in r.match(sig[d], texts[d])]
+    assert np.mean(hits) >= 0.9
+    out = r.match(sig["recipes"], texts["recipes"])
+    assert np.mean([m.task == GENERAL_TASK for m in out]) >= 0.8
+    assert all(m.pattern.task == GENERAL_TASK for m in out if m.task == GENERAL_TASK)
+    # no fallback: None, or a distance no query can exceed
+    for threshold in (None, 1.0):
+        assert GENERAL_TASK not in {m.task for m in Retriever(inside, threshold=threshold).match(sig["recipes"], texts["recipes"])}
+    assert Retriever(inside).match(sig["math"], texts["math"])[0].task == r.match(sig["math"], texts["math"])[0].task
+    with pytest.raises(ValueError, match="needs each query's text"):
+        r.match(sig["math"])
+
+
+def test_store_round_trip_keeps_windows_and_refuses_other_specs(patterns, tmp_path):
+    from moeprune.store import PatternStore
+
+    store = PatternStore(tmp_path / "s")
+    for p in patterns.values():
+        store.add(copy.deepcopy(p))
+    back = {p.task: p for p in store.patterns()}
+    assert {t: p.meta["retrieval"] for t, p in back.items()} == {t: p.meta["retrieval"] for t, p in patterns.items()}
+    assert Retriever(list(back.values())).windowed
+    other = copy.deepcopy(patterns["code"])
+    other.meta["retrieval"]["spec"] = "moeprune.retrieval/1 something else"
+    with pytest.raises(SignatureSpecError, match="'code' was made with signature spec.*store add"):
+        Retriever([patterns["math"], other])
+    legacy = copy.deepcopy(patterns["code"])
+    del legacy.meta["retrieval"]
+    with pytest.raises(SignatureSpecError, match="no demo windows"):
+        Retriever([patterns["math"], legacy])
+    centroid = [copy.deepcopy(p) for p in patterns.values()]
+    for p in centroid:
+        del p.meta["retrieval"]
+    assert not Retriever(centroid).windowed  # profile signatures only: the nearest-centroid matcher
+    with pytest.raises(ValueError, match="hold no demo windows"):
+        Retriever(centroid, method="windows")
+
+
+def test_cli_store_add_makes_windows_and_retrieve_uses_them(tmp_path, capsys):
+    from moeprune.cli import main
+
+    store = tmp_path / "store"
+    for d in ("math", "code"):
+        demos = tmp_path / f"{d}.jsonl"
+        demos.write_text("".join(json.dumps(r) + "\n" for r in read_demos(embedded.demo_file(d))[:6]))
+        assert main(["store", "add", str(store), str(embedded.model_dir()), "--demos", str(demos), "--task", d,
+                     "--keep", "0.5", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["retrieve", str(store), "--query", _eval_openings("math")[0], "--query", _eval_openings("code")[0],
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [m["task"] for m in out] == ["math", "code"] and all(m["threshold"] is not None for m in out)
+    assert main(["retrieve", str(store), "--query", "x", "--threshold", "banana"]) == 2
