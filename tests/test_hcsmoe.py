@@ -153,3 +153,21 @@ def test_prune_cli_with_hcsmoe(family_checkpoints, tmp_path, capsys):
     assert main(["prune", str(src), "--demos", str(demos), "--method", "frequency", "--keep", "0.5",
                  "--merge-router", "fitted", "--out", str(tmp_path / "o2"), "-q"]) == 2
     assert "applies to --method hc-smoe only" in capsys.readouterr().err
+
+
+def test_hcsmoe_on_grouped_routing_merges_into_the_kept_slots(family_checkpoints, tmp_path):
+    _, src = family_checkpoints["deepseek_v3"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    ckpt, net, encoded = _workspace(src, demos)
+    prof = profile_checkpoint(src, demos, progress=False)
+    pattern = select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt)
+    for layer, kept in pattern.kept.items():  # every expert lands in a kept expert's cluster
+        members = {m for c in (pattern.merges or {}).get(layer, {}).values() for m in c} | set(kept)
+        assert members == set(range(8)), (layer, kept, pattern.merges)
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    _, src = family_checkpoints["deepseek_v2"]  # softmax scores, group-limited routing
+    ckpt, net, encoded = _workspace(src, demos)
+    prof = profile_checkpoint(src, demos, progress=False)
+    with pytest.raises(ValueError, match="groups"):
+        select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt, router="fitted")

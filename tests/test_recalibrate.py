@@ -93,3 +93,20 @@ def test_prune_and_select_cli_recalibrate(family_checkpoints, tmp_path):
     assert main(["export", str(src), "--pattern", str(tmp_path / "s.json"), "--out", str(tmp_path / "e"), "-q"]) == 0
     assert main(["select", str(tmp_path / "prof.safetensors"), "--method", "frequency", "--keep", "0.5",
                  "--recalibrate-router", "-q", "--out", str(tmp_path / "t.json")]) == 2
+
+
+def test_recalibrating_a_merged_pattern_starts_from_its_rows(family_checkpoints, tmp_path):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    assert main(["prune", str(src), "--demos", str(demos), "--method", "hc-smoe", "--merge-router", "fitted",
+                 "--keep", "0.5", "-q", "--recalibrate-router", "--recalibrate-steps", "10",
+                 "--out", str(tmp_path / "out"), "--save-pattern", str(tmp_path / "p.json")]) == 0
+    pattern = ExpertPattern.load(tmp_path / "p.json")
+    assert pattern.merges and pattern.merge_router == "fitted" and pattern.router_overrides
+    report = pattern.meta["router_recalibration"]
+    assert report["kl_after"] <= report["kl_before"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for key, rows in pattern.router_overrides.items():
+        torch.testing.assert_close(plain.get_parameter(key.replace("block_sparse_moe", "mlp")), rows)
