@@ -186,6 +186,22 @@ def m_classifier(lexical, routing, lexical_c=None, routing_c=None):
     return fn
 
 
+def m_with_hidden(routing: bool):
+    """The window classifier (lexical, and routing if asked) times a hidden-state LR."""
+    def fn(tr, q):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        wins = [[(int(i), t, s) for i, t, s, y in zip(tr["demo"], tr["text"], tr["sig"], tr["y"]) if y == c]
+                for c in range(tr["T"])]
+        clf = WindowClassifier([str(c) for c in range(tr["T"])], wins, routing=routing)
+        logp = np.log(np.clip(clf.proba(q["text"], q["sig"]), 1e-12, None))
+        sc = StandardScaler().fit(tr["hid"])
+        hid = LogisticRegression(C=1.0, max_iter=3000).fit(sc.transform(tr["hid"]), tr["y"])
+        return (logp + np.log(np.clip(hid.predict_proba(sc.transform(q["hid"])), 1e-12, None))).argmax(1)
+    return fn
+
+
 def m_profile_centroid(tr, q):  # the shipped v1: the whole-demo profile signature per task
     return m_centroid({"sig": tr["profile"], "y": np.arange(tr["T"]), "T": tr["T"]}, q)
 
@@ -198,6 +214,8 @@ METHODS = {
     "logistic regression on window hidden states": m_lr_hidden,
     "routing LR on windows": m_classifier(False, True),
     "lexical LR on windows (char 1-4-gram TF-IDF)": m_classifier(True, False),
+    "lexical LR x hidden-state LR": m_with_hidden(False),
+    "lexical LR x routing LR x hidden-state LR": m_with_hidden(True),
     "**fused: lexical LR x routing LR (shipped)**": m_classifier(True, True),
 }
 SHIPPED = "**fused: lexical LR x routing LR (shipped)**"

@@ -1,5 +1,10 @@
 """Task-adaptive expert retrieval (PreMoe's TAER): pick the stored pattern a query needs.
 
+Stores made by ``moeprune store add`` hold demo windows (signature spec 2): they are matched by the fused
+lexical + routing classifier of :mod:`moeprune.windows`, with a novelty fallback set from the demos.
+What follows describes the per-query routing signature both matchers use, and the nearest-centroid
+matcher kept for patterns that have only a profile signature.
+
 A signature is, per MoE layer used, the share of a text's tokens that route to each expert (the
 experts the router picks). A pattern's signature comes from its demos' profile (``count / tokens``); a
 query's from one pass over the query that stops right after the last layer it needs, routed by a

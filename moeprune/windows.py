@@ -222,12 +222,11 @@ class WindowClassifier:
         (``"auto"``: the demos' leave-one-out one; a number: a fixed minimum similarity; None: none)."""
         p = self.proba(texts, signatures)
         choice = p.argmax(1)
-        Q = self.tfidf.transform(texts)
+        S = (self.tfidf.transform(texts) @ self.X_lex.T).toarray()  # cosine similarities (rows are l2-normed)
         buckets = self._bucket(np.asarray([len(t) for t in texts]))
         out = []
         for q, t in enumerate(choice):
-            rows = np.flatnonzero(self.y == t)
-            sim = float((self.X_lex[rows] @ Q[q].T).max()) if len(rows) else 0.0
+            sim = float(S[q, self.y == t].max())
             th = (float(self.auto[t, buckets[q]]) if threshold == "auto"
                   else -np.inf if threshold is None else float(threshold))
             out.append(Decision(int(t), p[q], sim, th))
