@@ -151,7 +151,7 @@ def test_quality_benchmark_runs_every_registered_method(monkeypatch):
 
     register_scorer("brand-new")(lambda profile, **_: torch.zeros(1))
     names = all_methods()
-    assert "brand-new" in names and {"reap", "ean", "stun", "diep"} <= set(names)
+    assert "brand-new" in names and {"reap", "ean", "stun", "diep-global", "diep-uniform"} <= set(names)
     assert set(VARIANTS) <= set(names) and not set(NEEDS_MORE) & set(names)
     assert set(scoring.SCORERS) - set(NEEDS_MORE) <= set(names)
 
