@@ -960,7 +960,7 @@ def report(model, tokenizer, demos: dict, evals: dict) -> dict:
     """Per-domain perplexity, expert usage, top-8 overlaps and the masking check; returns a summary."""
     enc_demo = {d: [render(r, tokenizer) for r in recs] for d, recs in demos.items()}
     enc_eval = {d: [render(r, tokenizer) for r in recs] for d, recs in evals.items()}
-    n_exp = model.config.num_local_experts
+    n_exp = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     half = n_exp // 2
     summary: dict = {"vocab": len(tokenizer), "domains": {}}
     usage_eval = {d: expert_counts(model, enc_eval[d]) for d in DOMAINS}
