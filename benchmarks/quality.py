@@ -35,7 +35,8 @@ VARIANTS = {  # name -> (scorer, parameters)
     "reap+protect": ("reap", {"protect_super_experts": True}),
     "frequency+protect": ("frequency", {"protect_super_experts": True}),
 }
-NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned one came from"}
+NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned one came from",
+              "diep": "run as diep-global, its default budget, next to diep-uniform"}
 
 
 def all_methods() -> list[str]:
@@ -107,7 +108,8 @@ def main() -> None:
             f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
             "pass per demo).\n\n"
             "Perplexity ratio pruned/full on held-out in-domain texts (geometric mean over domains; 1.0 = "
-            "no loss), and on the other domains' texts (cross); passes = model forward passes per domain "
+            + ("no loss); " if args.no_cross else "no loss), and on the other domains' texts (cross); ")
+            + "passes = model forward passes per domain "
             "(the profile's one per demo, plus what the method runs itself: DiEP's training steps, each "
             "also a backward, and enumerate's caching pass); s = seconds per domain (select + export + "
             "load + eval). Variants: stun-average: STUN with each kept expert replaced by its cluster's "
@@ -133,16 +135,18 @@ def _plot(results, methods, keeps, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [float(k) for k in keeps]
-    for m in methods:
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):
         pts = [(x, results[(m, k)]) for x, k in zip(xs, keeps) if (m, k) in results]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>"[i % 7], color=colors[i % 20],
+                linestyle="-" if i < 10 else "--", label=m)
     ax.set_xlabel("fraction of experts kept")
     ax.set_ylabel("in-domain perplexity ratio (pruned / full)")
     ax.set_yscale("log")
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

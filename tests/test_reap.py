@@ -151,7 +151,7 @@ def test_quality_benchmark_runs_every_registered_method(monkeypatch):
 
     register_scorer("brand-new")(lambda profile, **_: torch.zeros(1))
     names = all_methods()
-    assert "brand-new" in names and {"reap", "ean", "stun", "diep"} <= set(names)
+    assert "brand-new" in names and {"reap", "ean", "stun", "diep-global", "diep-uniform"} <= set(names)
     assert set(VARIANTS) <= set(names) and not set(NEEDS_MORE) & set(names)
     assert set(scoring.SCORERS) - set(NEEDS_MORE) <= set(names)
 
@@ -177,3 +177,26 @@ def test_a_profile_without_the_new_signals_loads_and_reap_names_the_fix(family_c
     with pytest.raises(ValueError, match="profile again"):
         select_pattern(back, "frequency", "4", protect_super_experts=True)
     assert "ean" not in (back + back).stats
+
+
+def test_cli_select_and_store_add_protect_super_experts(family_checkpoints, tmp_path, capsys):
+    import json
+
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["olmoe"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["profile", str(src), "--demos", str(demos), "--out", str(tmp_path / "p.safetensors"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["select", str(tmp_path / "p.safetensors"), "--method", "reap", "--keep", "4",
+                 "--protect-super-experts", "--out", str(tmp_path / "s.json"), "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "reap" and out["protected"] is not None
+    for layer, ids in out["protected"].items():
+        assert set(ids) <= set(out["kept"][layer])
+    assert main(["store", "add", str(tmp_path / "store"), str(src), "--demos", str(demos), "--task", "t",
+                 "--method", "ean", "--keep", "4", "--protect-super-experts", "-q"]) == 0
+    assert main(["store", "add", str(tmp_path / "store"), "--pattern", str(tmp_path / "s.json"), "--task", "u",
+                 "--protect-super-experts", "-q"]) != 0
+    assert main(["select", str(tmp_path / "p.safetensors"), "--method", "frequency", "--keep", "4",
+                 "--representative", "centroid", "--out", str(tmp_path / "x.json"), "-q"]) != 0
