@@ -1,7 +1,7 @@
 """Pruning quality on the embedded model: per method x keep x domain, the in-domain perplexity
 ratio pruned/full, the cross-domain ratio (experts picked for another domain), and the cost.
 
-Every registered method runs (``moeprune.scoring.SCORERS``: a new scorer joins by registering), plus
+Every registered method runs (``moeprune.registry.SCORERS``: a new scorer joins by registering), plus
 the variants below, at keep 0.75 / 0.5 / 0.25.
 
 Run: ``python benchmarks/quality.py`` (writes the "Quality" section of BENCHMARKS.md and a PNG);
@@ -24,7 +24,7 @@ import os  # noqa: E402
 from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
 
 from moeprune.demo import EmbeddedBench  # noqa: E402
-from moeprune import scoring  # noqa: E402
+from moeprune import registry, scoring  # noqa: E402,F401  (scoring registers the built-ins)
 
 DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware", "reap", "ean", "weighted-ean"]
 VARIANTS = {  # name -> (scorer, parameters)
@@ -41,7 +41,7 @@ NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned 
 
 def all_methods() -> list[str]:
     """Every registered scorer (the usual ones first), then the variants."""
-    registered = scoring.SCORERS
+    registered = registry.SCORERS
     names = [m for m in DEFAULT_METHODS if m in registered] + [m for m in sorted(registered) if m not in DEFAULT_METHODS]
     return [m for m in names if m not in NEEDS_MORE] + list(VARIANTS)
 

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from moeprune.arch import MoEAdapter
 from moeprune.checkpoint import Checkpoint, CheckpointError
 
 Request = tuple[str, tuple[int, ...] | None]  # (checkpoint key, expert-axis rows or None for the whole tensor)
@@ -145,3 +146,28 @@ class TensorReader:
         self.stats.bytes += sum(p.numel() * p.element_size() for p in parts)
         self.stats.keys.add(key)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+
+
+def read_layer_experts(reader: TensorReader, adapter: MoEAdapter, layer: int, experts: list[int],
+                       dtype: torch.dtype | None = None, only: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The layer's in-memory expert parameters ``[len(experts), ...]`` for the given experts.
+
+    Each expert is read and copied into a preallocated stack, so the transient memory beyond the
+    result is one expert's tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    only = set(only) if only is not None else None
+    for i, e in enumerate(experts):
+        sources = {p: s for p, s in adapter.expert_sources(layer, e).items() if only is None or p in only}
+        got = reader.read((key, None if row is None else (row,)) for pieces in sources.values() for key, row in pieces)
+        for param, pieces in sources.items():
+            parts = [got[(key, None)] if row is None else got[(key, (row,))][0] for key, row in pieces]
+            if param not in out:
+                rows = sum(p.shape[0] for p in parts)
+                out[param] = torch.empty((len(experts), rows, *parts[0].shape[1:]), dtype=dtype or parts[0].dtype)
+            offset = 0
+            for part in parts:
+                out[param][i, offset:offset + part.shape[0]] = part
+                offset += part.shape[0]
+        del got
+    return out

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .pattern import ExpertPattern
-from .pipeline import parse_dtype
+from .modeling import parse_dtype
 
 
 def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | None = None) -> ExpertPattern:
@@ -51,13 +51,13 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
     if pattern is None and bits is None:
-        from .pipeline import load_as_is
+        from .modeling import load_as_is
 
         net, report = load_as_is(ckpt, device, torch_dtype or "auto", keep_quantized=keep_quantized)
         apply_dynamic(net, ckpt, dynamic_prune, demos)
         return (net, report) if return_report else net
     if pattern is None:
-        from .pipeline import every_expert
+        from .modeling import every_expert
 
         pattern = every_expert(ckpt)
     pat = resolve_pattern(pattern, store)
@@ -90,7 +90,7 @@ def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path |
         raise ValueError(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos: "
                          "give them (--demos FILE / demos=...)")
     from .demos import encode_demos, read_demos
-    from .pipeline import load_tokenizer, max_context
+    from .modeling import load_tokenizer, max_context
 
     encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), max_length=max_context(net),
                            max_tokens=max_tokens, vocab_size=getattr(net.config, "vocab_size", None))
@@ -118,7 +118,7 @@ def evaluate_checkpoint(model: str | Path, texts: str | Path, pattern: ExpertPat
     from .demos import encode_demos, read_demos
     from .dynamic import attach
     from .evaluate import evaluate
-    from .pipeline import load_tokenizer, max_context
+    from .modeling import load_tokenizer, max_context
 
     records = read_demos(texts)  # a bad file is refused before the model loads
     ckpt = open_checkpoint(model)

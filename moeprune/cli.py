@@ -370,7 +370,7 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
 def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
     from .demos import read_demos
-    from .windows import attach_windows
+    from .retrieval import attach_windows
 
     attach_windows(pattern, model, tokenizer, read_demos(demos))
 

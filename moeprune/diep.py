@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_adapter, moe_blocks
 from .profile import RouterProfile, expert_pair_outputs
-from .scoring import register_scorer
+from .registry import register_scorer
 
 
 @contextmanager
@@ -116,7 +116,7 @@ def diep_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seque
     if model is None:
         if checkpoint is None:
             raise ValueError("diep runs the model: give the checkpoint (--model)")
-        from .pipeline import load_model
+        from .modeling import load_model
 
         model, _ = load_model(checkpoint, "cpu", "float32")
     alpha, beta = train_gates(model, demos, steps=steps, lam=lam, rho=rho, seed=seed, progress=progress)

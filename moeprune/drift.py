@@ -17,7 +17,7 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .profile import RouterProfile
-from .scoring import register_scorer
+from .registry import register_scorer
 
 DRIFTS = ("norm", "row")
 

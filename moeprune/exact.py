@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .arch import MoEAdapter, get_adapter, moe_blocks
 from .profile import RouterProfile, expert_pair_outputs
-from .scoring import register_scorer
+from .registry import register_scorer
 from .select import keep_per_layer
 
 
@@ -126,7 +126,7 @@ def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[
     if model is None:
         if checkpoint is None:
             raise ValueError("enumerate runs the model: give the checkpoint (--model)")
-        from .pipeline import load_model
+        from .modeling import load_model
 
         model, _ = load_model(checkpoint, "cpu", "float32")
     best = best_subsets(model, demos, k, max_subsets, progress=progress)

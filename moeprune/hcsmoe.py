@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_adapter, moe_blocks
 from .profile import RouterProfile, expert_pair_outputs
-from .scoring import MergingScores, register_scorer
+from .registry import MergingScores, register_scorer
 from .select import keep_per_layer
 
 CHUNK_ELEMENTS = 1 << 23  # elements of one [tokens, E, H] chunk of all-expert outputs

@@ -92,7 +92,7 @@ def merged_expert(reader, adapter: MoEAdapter, layer: int, members: list[int],
                   weights: list[float] | None = None) -> dict[str, torch.Tensor]:
     """The in-memory parameters (``param -> tensor`` without the expert axis) averaging ``members``
     (weighted by ``weights`` when given)."""
-    from .loader.selective import read_layer_experts
+    from .loader.reader import read_layer_experts
 
     stacks = read_layer_experts(reader, adapter, layer, members, torch.float32)
     if weights is None:

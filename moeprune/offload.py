@@ -30,7 +30,8 @@ class _Stop(Exception):
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
     from .arch import moe_blocks
     from .loader.reader import TensorReader
-    from .loader.selective import read_layer_experts, resize_block, set_tensor
+    from .loader.reader import read_layer_experts
+    from .loader.selective import resize_block, set_tensor
     from .stored_formats import logical_key
 
     adapter = ckpt.adapter

@@ -146,7 +146,7 @@ def load_signature_model(model: Any, device: str = "cpu"):
     from .checkpoint import open_checkpoint
     from .fingerprint import checkpoint_fingerprint
     from .loader.selective import attach_full_routers, load_with_pattern
-    from .pipeline import load_tokenizer
+    from .modeling import load_tokenizer
 
     ckpt = open_checkpoint(model)
     fp = checkpoint_fingerprint(ckpt)
@@ -261,3 +261,26 @@ class Retriever:
             else:
                 out.append(Match(p.task, dist, p, p.task, limit))
         return out
+
+
+def window_data(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The retrieval data a pattern stores: its demos' windows with their routing signatures; None when
+    the demos hold no text (token ids of a model without a tokenizer): the pattern then has only its
+    profile signature."""
+    from .demos import encode_demos
+    from .windows import SPEC_ID, demo_windows
+
+    wins = demo_windows(records, tokenizer)
+    if not wins or tokenizer is None:
+        return None
+    enc = encode_demos([{"text": w} for _, w in wins], tokenizer, vocab_size=getattr(model.config, "vocab_size", None))
+    sigs = query_signatures(model, enc, "first")
+    return {"spec": SPEC_ID, "windows": [[i, w, [round(float(x), 5) for x in s]] for (i, w), s in zip(wins, sigs)]}
+
+
+def attach_windows(pattern: Any, model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]) -> Any:
+    """Store the demos' retrieval windows in ``pattern.meta["retrieval"]`` (when the demos hold text)."""
+    data = window_data(model, tokenizer, records)
+    if data is not None:
+        pattern.meta["retrieval"] = data
+    return pattern

@@ -38,7 +38,7 @@ from scipy.spatial.distance import squareform
 
 from .checkpoint import Checkpoint
 from .profile import RouterProfile
-from .scoring import MergingScores, register_scorer
+from .registry import MergingScores, register_scorer
 from .select import keep_per_layer
 
 CHUNK_ELEMENTS = 1 << 24  # expert-weight elements per Gram-matrix step (bounds memory)

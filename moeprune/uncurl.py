@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .arch import get_adapter, moe_blocks
 from .profile import RouterProfile
-from .scoring import MergingScores, register_scorer
+from .registry import MergingScores, register_scorer
 from .select import keep_per_layer
 
 

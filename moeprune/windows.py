@@ -89,29 +89,6 @@ def demo_windows(records: Sequence[dict[str, Any]], tokenizer: Any = None) -> li
     return [(i, w) for i, r in enumerate(records) for w in cut_windows(text(r))]
 
 
-def window_data(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The retrieval data a pattern stores: its demos' windows with their routing signatures; None when
-    the demos hold no text (token ids of a model without a tokenizer): the pattern then has only its
-    profile signature."""
-    from .demos import encode_demos
-    from .retrieval import query_signatures
-
-    wins = demo_windows(records, tokenizer)
-    if not wins or tokenizer is None:
-        return None
-    enc = encode_demos([{"text": w} for _, w in wins], tokenizer, vocab_size=getattr(model.config, "vocab_size", None))
-    sigs = query_signatures(model, enc, "first")
-    return {"spec": SPEC_ID, "windows": [[i, w, [round(float(x), 5) for x in s]] for (i, w), s in zip(wins, sigs)]}
-
-
-def attach_windows(pattern: Any, model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]) -> Any:
-    """Store the demos' retrieval windows in ``pattern.meta["retrieval"]`` (when the demos hold text)."""
-    data = window_data(model, tokenizer, records)
-    if data is not None:
-        pattern.meta["retrieval"] = data
-    return pattern
-
-
 def spec_of(pattern: Any) -> str | None:
     data = pattern.meta.get("retrieval")
     return data.get("spec") if isinstance(data, dict) else None

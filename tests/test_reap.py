@@ -146,8 +146,8 @@ def test_quality_benchmark_runs_every_registered_method(monkeypatch):
     from benchmarks.quality import NEEDS_MORE, VARIANTS, all_methods
     from moeprune.scoring import SCORERS, register_scorer
 
-    monkeypatch.setattr("moeprune.scoring.SCORERS", dict(SCORERS))
-    import moeprune.scoring as scoring
+    monkeypatch.setattr("moeprune.registry.SCORERS", dict(SCORERS))
+    import moeprune.registry as scoring
 
     register_scorer("brand-new")(lambda profile, **_: torch.zeros(1))
     names = all_methods()

@@ -9,15 +9,13 @@ import torch
 
 from moeprune import embedded
 from moeprune.demos import encode_demos, read_demos
-from moeprune.retrieval import GENERAL_TASK, Retriever, query_signatures
+from moeprune.retrieval import GENERAL_TASK, Retriever, attach_windows, query_signatures, window_data
 from moeprune.windows import (
     INNER_PER_LENGTH,
     SPEC_ID,
     WINDOW_CHARS,
     SignatureSpecError,
-    attach_windows,
     cut_windows,
-    window_data,
 )
 
 
