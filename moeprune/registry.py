@@ -9,7 +9,10 @@ in :mod:`moeprune.scoring` and the modules it imports. A merging scorer returns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -35,11 +38,67 @@ class MergingScores:
     router_overrides: dict[str, torch.Tensor] | None = None  # checkpoint key -> kept-rows tensor (fitted)
 
 
+# what the pipeline itself passes to every scorer (a scorer takes those it needs, ``**_`` swallows the rest)
+FRAMEWORK_ARGS = frozenset({"profile", "model", "demos", "checkpoint", "keep", "budget", "min_per_layer",
+                            "progress"})
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What a registered method is: its function, how its scores are cut, what it needs, its parameters."""
+
+    name: str
+    fn: Scorer
+    budget: str = "uniform"
+    reads_checkpoint: bool = False
+    runs_model: bool = False
+    mass: bool = False
+    params: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # parameter -> (type or None, default)
+
+    def check(self, given: dict[str, Any]) -> None:
+        """Refuse a parameter this method does not take, or a value of the wrong type, by name."""
+        for name, value in given.items():
+            if name not in self.params:
+                takes = ", ".join(f"{p}={d!r}" for p, (_, d) in sorted(self.params.items())) or "none"
+                raise ValueError(f"method {self.name!r} takes no parameter {name!r} (its parameters: {takes})")
+            kind = self.params[name][0]
+            if kind is not None and not _is_a(value, kind):
+                raise ValueError(f"method {self.name!r}: parameter {name}={value!r} is not {_type_name(kind)}")
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is Any:
+        return True
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_is_a(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(kind, type) or isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _params_of(fn: Callable[..., Any]) -> dict[str, tuple[Any, Any]]:
+    """A scorer's own parameters (not the pipeline's arguments) with their annotated type and default."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: parameters stay untyped
+        hints = {}
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in FRAMEWORK_ARGS:
+            out[p.name] = (hints.get(p.name), None if p.default is p.empty else p.default)
+    return out
+
+
+SPECS: dict[str, ScorerSpec] = {}
 SCORERS: dict[str, Scorer] = {}
-_BUDGETS: dict[str, str] = {}
-_READS_CHECKPOINT: set[str] = set()
-_MASS: set[str] = set()
-_RUNS_MODEL: set[str] = set()
 
 
 def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool = False,
@@ -48,32 +107,39 @@ def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool =
     ``reads_checkpoint`` whether it needs the model's weights (passed as ``checkpoint=``, by default the
     profiled one), ``runs_model`` whether it also runs the model on the demos (given ``model=`` and
     ``demos=``), ``mass`` whether its scores are non-negative shares of a layer's mass (only those can be
-    cut with ``--budget top-p``)."""
+    cut with ``--budget top-p``). The method's parameters are the function's keyword parameters other
+    than :data:`FRAMEWORK_ARGS`, typed by their annotations (:class:`ScorerSpec`)."""
     def deco(fn: Scorer) -> Scorer:
         SCORERS[name] = fn
-        _BUDGETS[name] = budget
-        for flag, names in ((reads_checkpoint or runs_model, _READS_CHECKPOINT), (mass, _MASS),
-                            (runs_model, _RUNS_MODEL)):
-            if flag:
-                names.add(name)
+        SPECS[name] = ScorerSpec(name, fn, budget, reads_checkpoint or runs_model, runs_model, mass, _params_of(fn))
         return fn
     return deco
 
 
+def spec(method: str) -> ScorerSpec:
+    """The :class:`ScorerSpec` of ``method`` (a scorer put in :data:`SCORERS` by hand gets a default one)."""
+    if method not in SCORERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    found = SPECS.get(method)
+    if found is None or found.fn is not SCORERS[method]:
+        found = ScorerSpec(method, SCORERS[method], params=_params_of(SCORERS[method]))
+    return found
+
+
 def default_budget(method: str) -> str:
-    return _BUDGETS.get(method, "uniform")
+    return SPECS[method].budget if method in SPECS else "uniform"
 
 
 def needs_checkpoint(method: str) -> bool:
-    return method in _READS_CHECKPOINT
+    return method in SPECS and SPECS[method].reads_checkpoint
 
 
 def scores_mass(method: str) -> bool:
-    return method in _MASS
+    return method in SPECS and SPECS[method].mass
 
 
 def runs_model(method: str) -> bool:
-    return method in _RUNS_MODEL
+    return method in SPECS and SPECS[method].runs_model
 
 
 def score(method: str, profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
@@ -94,11 +160,9 @@ def score_merging(method: str, profile: RouterProfile, model: Any = None,
                   demos: Sequence[Sequence[int]] | None = None,
                   **params: Any) -> tuple[torch.Tensor, MergingScores | None]:
     """Scores ``[L, E]`` (float64) of ``method``, and its :class:`MergingScores` (None if it does not merge)."""
-    try:
-        scorer = SCORERS[method]
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}") from None
-    result = scorer(profile, model=model, demos=demos, **params)
+    found = spec(method)
+    found.check({k: v for k, v in params.items() if k not in FRAMEWORK_ARGS})
+    result = found.fn(profile, model=model, demos=demos, **params)
     merging = result if isinstance(result, MergingScores) else None
     scores = (result.scores if merging is not None else result).to(torch.float64)
     if scores.shape != (profile.num_layers, profile.num_experts):

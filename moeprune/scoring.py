@@ -90,3 +90,23 @@ def weighted_ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
 def ean_scores(profile: RouterProfile, **_: Any) -> torch.Tensor:
     """EAN, REAP's baseline: sum over routed tokens of the expert's output norm ||f_j(x)||_2."""
     return profile.signal("ean", "ean").clone()
+
+
+def register_entry_points() -> list[str]:
+    """Import third-party scorers: a package declaring ``[project.entry-points."moeprune.scorers"]``
+    ``name = "pkg.module"`` (a module whose ``@register_scorer`` run on import). Returns those loaded; one
+    that fails to load is skipped with a warning naming it."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group="moeprune.scorers"):
+        try:
+            ep.load()
+            loaded.append(ep.name)
+        except Exception as exc:  # a broken plugin must not break moeprune
+            warnings.warn(f"moeprune scorer plugin {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+    return loaded
+
+
+register_entry_points()

@@ -200,3 +200,47 @@ def test_cli_select_and_store_add_protect_super_experts(family_checkpoints, tmp_
                  "--protect-super-experts", "-q"]) != 0
     assert main(["select", str(tmp_path / "p.safetensors"), "--method", "frequency", "--keep", "4",
                  "--representative", "centroid", "--out", str(tmp_path / "x.json"), "-q"]) != 0
+
+
+def test_a_method_refuses_unknown_or_ill_typed_parameters_by_name(family_checkpoints):
+    model, _ = family_checkpoints["mixtral"]
+    prof = profile_model(model, _ids(), model_fingerprint(model), progress=False)
+    with pytest.raises(ValueError, match="takes no parameter 'mixx'.*mix="):
+        score("stun", prof, mixx=0.5)
+    with pytest.raises(ValueError, match="seed='1' is not int"):
+        score("random", prof, seed="1")
+    with pytest.raises(ValueError, match="'frequency' takes no parameter 'seed'"):
+        score("frequency", prof, seed=1)
+    assert torch.equal(score("random", prof, seed=3), score("random", prof, seed=3))
+
+
+def test_scorer_specs_declare_budget_needs_and_parameters():
+    from moeprune.registry import SPECS
+
+    assert SPECS["stun"].budget == "global" and SPECS["stun"].reads_checkpoint and "mix" in SPECS["stun"].params
+    assert SPECS["diep"].runs_model and SPECS["frequency"].mass and not SPECS["reap"].params
+    assert SPECS["random"].params["seed"] == (int, 0)
+
+
+def test_third_party_scorers_register_through_an_entry_point(monkeypatch, tmp_path):
+    import importlib.metadata as md
+    import sys
+
+    import moeprune.scoring as scoring
+    from moeprune.registry import SCORERS
+
+    monkeypatch.setattr("moeprune.registry.SCORERS", dict(SCORERS))
+    (tmp_path / "my_scorer_plugin.py").write_text(
+        "import torch\nfrom moeprune.registry import register_scorer\n"
+        "@register_scorer('plugin-zero')\ndef zero(profile, **_):\n"
+        "    return torch.zeros(profile.num_layers, profile.num_experts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = md.EntryPoint("plugin-zero", "my_scorer_plugin", "moeprune.scorers")
+    bad = md.EntryPoint("broken", "no_such_module_here", "moeprune.scorers")
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [good, bad] if group == "moeprune.scorers" else [])
+    with pytest.warns(UserWarning, match="'broken'"):
+        assert scoring.register_entry_points() == ["plugin-zero"]
+    import moeprune.registry as registry
+
+    assert "plugin-zero" in registry.SCORERS
+    sys.modules.pop("my_scorer_plugin", None)
