@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from accelerate import init_empty_weights
 
-from moeprune.arch import MoEAdapter, get_path, moe_blocks
+from moeprune.arch import MoEAdapter, get_path, layer_of, moe_blocks
 from moeprune.checkpoint import Checkpoint, CheckpointError
 from moeprune.export import plan_tensors, pruned_config
 from moeprune.merge import merge_transform, merged_expert
@@ -25,7 +25,6 @@ from moeprune.stored_formats import drop_dequantized_config, float_dtype
 
 from .reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # config fields a pattern may override -> the router attribute transformers reads them from
 ROUTER_ATTRS = {"n_group": "num_group", "topk_group": "topk_group"}
 
@@ -295,8 +294,8 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
 
 
 def _within(key: str, num_layers: int | None) -> bool:
-    m = _LAYER.match(key)
-    return num_layers is None or m is None or int(m.group(1)) < num_layers
+    layer = layer_of(key)
+    return num_layers is None or layer is None or layer < num_layers
 
 
 def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | None = None) -> dict[str, torch.Tensor]:
@@ -308,9 +307,9 @@ def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | Non
     blocks = moe_blocks(model, adapter)
     keys: dict[int, list[str]] = {}
     for key in ckpt.weight_map:
-        m = _LAYER.match(key)
-        if m and int(m.group(1)) in blocks and adapter.router_axis(int(m.group(1)), key) is not None:
-            keys.setdefault(int(m.group(1)), []).append(key)
+        layer = adapter.layer_of(key)
+        if layer in blocks and adapter.router_axis(layer, key) is not None:
+            keys.setdefault(layer, []).append(key)
     reader = reader or TensorReader(ckpt)
     full = {k: t for (k, _), t in reader.read((k, None) for ks in keys.values() for k in ks).items()}
     for layer, block in blocks.items():

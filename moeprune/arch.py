@@ -22,10 +22,18 @@ Facts shared by every supported family (transformers >= 5 and the Hub checkpoint
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 LAYERS_PREFIX = "model.layers"
+_LAYER_KEY = re.compile(rf"^{re.escape(LAYERS_PREFIX)}\.(\d+)\.")
+
+
+def layer_of(key: str) -> int | None:
+    """The decoder layer of a checkpoint key (``model.layers.{i}.…``); None for keys outside the layers."""
+    m = _LAYER_KEY.match(key)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,15 @@ class MoEAdapter:
 
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."
+
+    def layer_of(self, key: str) -> int | None:
+        """The decoder layer of checkpoint key ``key`` (None outside the decoder layers)."""
+        return layer_of(key)
+
+    def router_weight_layer(self, key: str) -> int | None:
+        """The layer whose router logits matrix ``key`` is, else None."""
+        layer = layer_of(key)
+        return layer if layer is not None and key == self.block_prefix(layer) + self.router_weight else None
 
     def router_prefix(self, layer: int) -> str:
         return f"{self.block_prefix(layer)}{self.router}."

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from safetensors import safe_open
 
-from .arch import MoEAdapter, get_adapter
+from .arch import MoEAdapter, get_adapter, layer_of
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -28,7 +28,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-_DECODER_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _MTP_HEAD = re.compile(r"^(model\.)?mtp[._]")
 
 
@@ -127,22 +126,20 @@ class Checkpoint:
         (``model.layers.61``), Qwen3-Next and EXAONE-MoE (``mtp.layers.0``) and ERNIE-4.5 (``model.mtp_block.0``)."""
         if _MTP_HEAD.match(key):
             return False
-        m = _DECODER_LAYER.match(key)
-        return m is None or int(m.group(1)) < int(self.config.get("num_hidden_layers", 1 << 30))
+        layer = layer_of(key)
+        return layer is None or layer < int(self.config.get("num_hidden_layers", 1 << 30))
 
     def expert_axis(self, key: str) -> int:
         """The expert axis of a router or fused expert tensor: the first, but where the adapter's
         ``router_tensors`` say otherwise (ERNIE-4.5's ``[1, E]`` selection bias)."""
-        m = _DECODER_LAYER.match(key)
-        return (m is not None and self.adapter.router_axis(int(m.group(1)), key)) or 0
+        layer = layer_of(key)
+        return (layer is not None and self.adapter.router_axis(layer, key)) or 0
 
     def moe_layers(self) -> dict[int, int]:
         """MoE decoder layers of the checkpoint and their routed-expert counts, from router weights."""
         adapter = self.adapter
-        pattern = re.compile(
-            rf"^model\.layers\.(\d+)\.{re.escape(adapter.checkpoint_block)}\.{re.escape(adapter.router_weight)}$"
-        )
-        layers = {int(m.group(1)): k for k in self.weight_map if (m := pattern.match(k)) and self.in_model(k)}
+        layers = {layer: k for k in self.weight_map
+                  if (layer := adapter.router_weight_layer(k)) is not None and self.in_model(k)}
         if not layers:
             raise CheckpointError(f"no MoE router weights found in {self.path} for family {adapter.family}")
         counts = {layer: self.shape(key)[0] for layer, key in sorted(layers.items())}

@@ -57,7 +57,6 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
     would stay unpruned."""
     adapter: MoEAdapter = ckpt.adapter
     layers = ckpt.moe_layers()
-    layer_of = re.compile(r"^model\.layers\.(\d+)\.")
     plans = []
     for stored in ckpt.weight_map:
         key = quantized_key(ckpt.weight_map, stored)  # a moeprune --bits export: read as one tensor
@@ -65,8 +64,7 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
             key = logical_key(ckpt.weight_map, stored)
         if key is None or not ckpt.in_model(key):  # a scale (read with its data), or an MTP layer
             continue
-        m = layer_of.match(key)
-        layer = int(m.group(1)) if m else None
+        layer = adapter.layer_of(key)
         if layer not in layers:
             plans.append(TensorPlan(key, key))
             continue

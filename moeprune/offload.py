@@ -10,17 +10,16 @@ the in-memory profile; peak memory is one layer plus the demos' hidden states.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .arch import layer_of
 from .checkpoint import Checkpoint
 from .fingerprint import Fingerprint
 from .profile import RouterProfile, RouterProfiler
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class _Stop(Exception):
@@ -70,8 +69,8 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
     for key in ckpt.weight_map:
         if not ckpt.in_model(key):  # multi-token-prediction heads: not built, not profiled
             continue
-        m = _LAYER.match(key)
-        (by_layer.setdefault(int(m.group(1)), []) if m else outer).append(key)
+        layer = layer_of(key)
+        (by_layer.setdefault(layer, []) if layer is not None else outer).append(key)
     outer = [k for k in outer if not k.startswith("lm_head.")]  # the pass stops before the head
     _load_tensors(model, ckpt, outer, device, dtype)
 
