@@ -19,7 +19,6 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.report import interleaved, machine, table, write_section  # noqa: E402
-
 from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.dynamic import DynamicPrune, DynamicPruner, calibrate  # noqa: E402
 from moeprune.evaluate import evaluate  # noqa: E402

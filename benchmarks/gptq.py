@@ -22,7 +22,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 from benchmarks.report import machine, table, write_section  # noqa: E402
-
 from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
 from moeprune.gptq_experts import calibrate_model  # noqa: E402
@@ -78,7 +77,8 @@ def main() -> None:
             r, g = raw[(bits, "rtn")], raw[(bits, "gptq")]
             gains.append((f"int{bits}", f"{(1 - g[0] / r[0]) * 100:+.1f}%", f"{(1 - g[1] / r[1]) * 100:+.1f}%"))
     body = (f"Machine: {machine()}. Embedded model, {args.method} keep {args.keep}, experts quantized group-wise "
-            f"{'asymmetric' if args.asym else 'symmetric'} (compressed-tensors' grid, group 128, or the largest divisor of the input size below it) on the export's grid. "
+            f"{'asymmetric' if args.asym else 'symmetric'} (compressed-tensors' grid, group 128, "
+            "or the largest divisor of the input size below it) on the export's grid. "
             "GPTQ: one Hessian per expert matrix from the demo tokens the pruned model routes to it (gate/up: "
             "hidden states; down: the intermediate activations with gate/up already quantized), layers in order "
             "on the quantized earlier layers, damp 0.01, static groups; matrices whose expert got fewer demo "

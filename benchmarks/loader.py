@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
@@ -125,7 +124,8 @@ def main() -> None:
         for mode in runs:
             dropped &= drop_cached_shards(path)
             runs[mode].append(child(mode, str(path), pa, pb, "b", str(path.parent)))
-    med = lambda mode, key: sorted(r[key] for r in runs[mode])[len(runs[mode]) // 2]
+    def med(mode, key):
+        return sorted(r[key] for r in runs[mode])[len(runs[mode]) // 2]
     kept_bytes = runs["selective"][0]["param_bytes"]
     sel = runs["selective"][0]
     plain_t, sel_t = med("plain", "seconds"), med("selective", "seconds")
@@ -141,11 +141,15 @@ def main() -> None:
     body = (
         f"Machine: {machine()}. Checkpoint: generated Mixtral layout, {len(fp.moe_layers)} layers x {E} experts, "
         f"bf16, {total / 2**30:.2f} GiB in {len(ckpt.shards)} shards. Median of {args.repeats} interleaved runs, "
-        f"each in a fresh process; {'the shards evicted from the page cache before every load (posix_fadvise DONTNEED)' if dropped else 'page cache warm for all (could not evict)'}; imports and config parsing are done before the clock starts.\n\n"
+        "each in a fresh process; "
+        + ("the shards evicted from the page cache before every load (posix_fadvise DONTNEED)" if dropped
+           else "page cache warm for all (could not evict)")
+        + "; imports and config parsing are done before the clock starts.\n\n"
         + table(rows, ["load", "seconds", "peak RSS MiB", "MiB read", "time vs plain"])
         + f"\n\n- bytes read / kept tensors' bytes: **{sel['bytes_read'] / kept_bytes:.3f}** (target <= 1.05)\n"
         f"- load time at keep 0.25 / plain: **{sel_t / plain_t:.2f}** (target <= 0.35)\n"
-        f"- peak RSS {med('selective', 'peak_rss') / 2**20:,.0f} MiB vs 1.2 x kept ({kept_bytes / 2**20:,.0f} MiB) + 300 MiB "
+        f"- peak RSS {med('selective', 'peak_rss') / 2**20:,.0f} MiB vs 1.2 x kept "
+        f"({kept_bytes / 2**20:,.0f} MiB) + 300 MiB "
         f"= {(1.2 * kept_bytes + 300 * 2**20) / 2**20:,.0f} MiB; of it, {sel['base_rss'] / 2**20:,.0f} MiB is the "
         "interpreter with torch and transformers imported before loading\n"
         f"- export of the keep-0.25 pattern (500 MB output shards): {med('export', 'seconds'):.2f} s, peak RSS "

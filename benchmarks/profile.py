@@ -15,7 +15,6 @@ import torch
 if __package__ in (None, ""):  # run as a file: import from the repo root, not this folder (profile.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
 from benchmarks.report import machine, table, write_section  # noqa: E402
-
 from moeprune import embedded  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
@@ -44,7 +43,8 @@ def main() -> None:
     # through a copy with the profiler attached, so machine drift hits both alike.
     profiled_model = copy.deepcopy(model)
     profiler = RouterProfiler(profiled_model, fp)
-    run = lambda m, ids: m(torch.tensor([ids]), use_cache=False)
+    def run(m, ids):
+        return m(torch.tensor([ids]), use_cache=False)
     totals = {"plain forward": [], "profiled forward": []}
     with torch.inference_mode(), profiler.attached():
         for ids in demos:  # warm-up

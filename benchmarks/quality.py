@@ -22,9 +22,8 @@ if __package__ in (None, ""):  # run as a file: import from the repo root, not t
 import os  # noqa: E402
 
 from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
-
-from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune import registry, scoring  # noqa: E402,F401  (scoring registers the built-ins)
+from moeprune.demo import EmbeddedBench  # noqa: E402
 
 DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware", "reap", "ean", "weighted-ean"]
 VARIANTS = {  # name -> (scorer, parameters)
@@ -42,7 +41,8 @@ NEEDS_MORE = {"router-drift": "needs --base, the pre-trained model a fine-tuned 
 def all_methods() -> list[str]:
     """Every registered scorer (the usual ones first), then the variants."""
     registered = registry.SCORERS
-    names = [m for m in DEFAULT_METHODS if m in registered] + [m for m in sorted(registered) if m not in DEFAULT_METHODS]
+    names = [m for m in DEFAULT_METHODS if m in registered]
+    names += [m for m in sorted(registered) if m not in DEFAULT_METHODS]
     return [m for m in names if m not in NEEDS_MORE] + list(VARIANTS)
 
 
@@ -118,7 +118,8 @@ def main() -> None:
             + (", ".join(f"{m} ({why})" for m, why in NEEDS_MORE.items()) + "; "
                + (", ".join(args.exclude) + " (--exclude)" if args.exclude else "nothing else")) + ".\n\n"
             + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "passes", "s/domain"])
-            + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, symmetric, group 128; mixed = MC-MoE "
+            + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, "
+               "symmetric, group 128; mixed = MC-MoE "
             "allotment over 2/4/8 bits by the exact integer program):\n\n"
             + table(qrows, ["expert weights", "in-domain ppl ratio"]))
             + "\n\nPer domain (in-domain ratio):\n\n"

@@ -16,10 +16,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: import from the repo root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.report import machine, table, write_section  # noqa: E402
-
 import torch  # noqa: E402
 
+from benchmarks.report import machine, table, write_section  # noqa: E402
 from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
 from moeprune.export import export_pruned  # noqa: E402
@@ -34,8 +33,9 @@ def main() -> None:
     ap.add_argument("--keep", default="0.5")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    import moeprune
     from transformers import AutoModelForCausalLM
+
+    import moeprune
 
     bench = EmbeddedBench()
     rows = []

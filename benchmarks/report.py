@@ -33,7 +33,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    fmt = lambda c: f"{c:.4g}" if isinstance(c, float) else str(c)
+    def fmt(c):
+        return f"{c:.4g}" if isinstance(c, float) else str(c)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -41,7 +42,8 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 def write_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the ``## title`` section of BENCHMARKS.md with ``body``."""
-    text = path.read_text() if path.exists() else "# moeprune benchmarks\n\nEach section is written by its script in `benchmarks/`.\n"
+    default = "# moeprune benchmarks\n\nEach section is written by its script in `benchmarks/`.\n"
+    text = path.read_text() if path.exists() else default
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section

@@ -371,7 +371,8 @@ def main() -> None:
     args = ap.parse_args()
     roots = {"embedded": (embedded.profiles_dir(), HERE / "handwritten_queries.jsonl"),
              "finegrained": (embedded.finegrained_dir(), HERE / "handwritten_queries_finegrained.jsonl")}
-    log = lambda s: print(s, file=sys.stderr, flush=True)
+    def log(s):
+        return print(s, file=sys.stderr, flush=True)
     parts = [f"Machine: {machine()}. Protocol of issue 14; every query comes from a held-out document or was "
              "written by hand. `opening-N`: a document's first N characters; `inner-N`: N characters from a "
              "random line start; `wrapped-200`: a 200-character window inside an instruction; `query-file`: "
@@ -393,7 +394,8 @@ def main() -> None:
             "Top-1 accuracy per query kind (n = " + ", ".join(f"{k} {v}" for k, v in res["n"].items()) + "):\n\n"
             + table(res["rows"], ["method", *res["kinds"]])
             + "\n\nAll windows of >= 100 characters together: "
-            + ", ".join(f"{m.strip('*')} {v:.1%}" for m, v in res["long"].items() if m in (SHIPPED, next(iter(METHODS))))
+            + ", ".join(f"{m.strip('*')} {v:.1%}" for m, v in res["long"].items()
+                        if m in (SHIPPED, next(iter(METHODS))))
             + ".\n\nShipped method per domain (windows >= 100 / = 30 characters) and confusion "
             "(rows: truth, columns: retrieved; windows >= 100 characters):\n\n"
             + table([(d, a, b, *res["confusion"][i].tolist()) for i, (d, a, b) in enumerate(res["per_domain"])],

@@ -19,18 +19,17 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.report import machine, table, write_section  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.report import machine, table, write_section  # noqa: E402
+from benchmarks.retrieval import OPENINGS  # noqa: E402
 from moeprune import embedded  # noqa: E402
 from moeprune.arch import get_adapter, moe_blocks  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
-from benchmarks.retrieval import OPENINGS  # noqa: E402
 
 # the generic openings some queries start with: used only to break the accuracy down, never by a method
 PREAMBLES = OPENINGS
@@ -177,7 +176,8 @@ def main() -> None:
     for n in (1, 5):
         knn = KNeighborsClassifier(n, metric="cosine").fit(X - X.mean(0), y)
         results.append((f"k-NN over per-demo signatures (k={n})", knn.predict(first(query_z, shares) - X.mean(0))))
-    results.append(("LDA on per-demo signatures", LinearDiscriminantAnalysis().fit(X, y).predict(first(query_z, shares))))
+    results.append(("LDA on per-demo signatures",
+                    LinearDiscriminantAnalysis().fit(X, y).predict(first(query_z, shares))))
 
     window = int(np.median([z.shape[1] for z in query_z]))  # query-length windows of the demos
     Xw, yw = [], []
@@ -191,7 +191,8 @@ def main() -> None:
     qs = first(query_z, shares)
     results.append((f"logistic regression on {window}-token windows of the demos",
                     LogisticRegression(max_iter=5000).fit(Xw, yw).predict(qs)))
-    results.append((f"LDA on {window}-token windows of the demos", LinearDiscriminantAnalysis().fit(Xw, yw).predict(qs)))
+    results.append((f"LDA on {window}-token windows of the demos",
+                    LinearDiscriminantAnalysis().fit(Xw, yw).predict(qs)))
 
     chat_ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True)
                 for _, t in texts]

@@ -32,7 +32,8 @@ BIG = Path("/tmp/moeprune-bench/mixtral-32e")
 
 def queries(n: int) -> list[str]:
     """``n`` held-out queries, the four domains interleaved."""
-    per = [[json.loads(line)["text"] for line in (ROOT / "profiles" / "queries" / f"{t}.jsonl").read_text().splitlines()]
+    per = [[json.loads(line)["text"]
+            for line in (ROOT / "profiles" / "queries" / f"{t}.jsonl").read_text().splitlines()]
            for t in ("code", "legal", "math", "recipes")]
     return [per[i % 4][(i // 4) % len(per[i % 4])] for i in range(n)]
 
@@ -225,7 +226,8 @@ def main() -> None:
     print(evict, flush=True)
     print("launch to first answer ...", flush=True)
     q = queries(1)[0]
-    rows = [("imports alone (torch, transformers, moeprune)", "", f"{statistics.median(imports_seconds() for _ in range(args.repeats)):.2f}")]
+    imports = statistics.median(imports_seconds() for _ in range(args.repeats))
+    rows = [("imports alone (torch, transformers, moeprune)", "", f"{imports:.2f}")]
     for cold in (True, False):
         t = statistics.median(launch(EMBEDDED, STORE, "tiny-moe", q, cold, args.port) for _ in range(args.repeats))
         rows.append(("embedded (17 MB)", "cold" if cold else "warm", f"{t:.2f}"))

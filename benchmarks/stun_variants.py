@@ -21,11 +21,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.report import machine, table, write_section  # noqa: E402
-
 from functools import partial  # noqa: E402
 
 import moeprune.stun as stun  # noqa: E402
+from benchmarks.report import machine, table, write_section  # noqa: E402
 from moeprune.demo import EmbeddedBench  # noqa: E402
 
 
@@ -82,7 +81,8 @@ def grid(bench: EmbeddedBench, keeps: list[str], no_write: bool) -> None:
                                  f"{statistics.geometric_mean([r.ratio for r in res]):.3f}"))
                     print(rows[-1], flush=True)
     body = (f"Machine: {machine()}. Model `{bench.path.name}`, {len(bench.domains)} domains; perplexity ratio "
-            "pruned/full (geometric mean over domains) on held-out in-domain texts. mix: weight of co-activation against router-row distance; representative: the member kept "
+            "pruned/full (geometric mean over domains) on held-out in-domain texts. mix: weight of co-activation "
+            "against router-row distance; representative: the member kept "
             "per cluster. Reproduce with `python -m benchmarks.stun_variants --grid`.\n\n"
             + table(rows, ["keep", "method", "mix", "representative", "budget", "in-domain ppl ratio"]) + "\n")
     print(body)

@@ -163,7 +163,8 @@ class MixedQuantizedExpertWeight(nn.Module):
         raise IndexError(e)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, bits={[g.bits for g in self.groups]}, experts per width={[len(m) for m in self.members]}"
+        return (f"shape={self.shape}, bits={[g.bits for g in self.groups]}, "
+                f"experts per width={[len(m) for m in self.members]}")
 
 
 def mixed_weights(module: nn.Module) -> dict[str, MixedQuantizedExpertWeight]:

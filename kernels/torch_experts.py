@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _buffers, counters
-from .quant_format import expert_weight, get_quantized, qparts, dequantize_ref
+from .quant_format import dequantize_ref, expert_weight, get_quantized, qparts
 from .routing import sort_by_expert
 
 __all__ = ["torch_experts_forward", "eager_experts_forward"]

@@ -32,7 +32,15 @@ from moeprune.modeling import load_tokenizer, parse_dtype
 from moeprune.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
 
 from .reader import TensorReader
-from .selective import assemble_expert, attach_full_routers, expert_requests, fill_experts, load_with_pattern, resize_block, set_tensor
+from .selective import (
+    assemble_expert,
+    attach_full_routers,
+    expert_requests,
+    fill_experts,
+    load_with_pattern,
+    resize_block,
+    set_tensor,
+)
 
 ExpertKey = tuple[int, int]  # (layer, original expert id)
 
@@ -84,7 +92,8 @@ class TaskAdaptiveModel:
                  dtype: torch.dtype | str | None = None, cache_bytes: int = 2**30, initial: str | None = None,
                  threshold: float | str | None = "auto", bits: int | None = None, group_size: int = 128,
                  max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
-        if not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool) or max_new_tokens_limit < 1:
+        if (not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool)
+                or max_new_tokens_limit < 1):
             raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
         self.max_new_tokens_limit = max_new_tokens_limit
         self.ckpt = open_checkpoint(model)
@@ -285,7 +294,8 @@ class TaskAdaptiveModel:
         return {"task": pattern.task, "experts_read": len(missing), "bytes_read": reader.stats.bytes,
                 "from_cache": from_cache, "cache_bytes": self.cache.bytes}
 
-    def _restore(self, blocks: dict[int, Any], layers: list[int], live: dict[ExpertKey, dict[str, torch.Tensor]]) -> None:
+    def _restore(self, blocks: dict[int, Any], layers: list[int],
+                 live: dict[ExpertKey, dict[str, torch.Tensor]]) -> None:
         """Put the active pattern's experts back into ``layers`` after a switch failed halfway."""
         try:
             for layer in layers:
@@ -310,7 +320,8 @@ class TaskAdaptiveModel:
 
         out = {}
         mats = {n: t.to(self.dtype) for n, t in slices.items() if not n.endswith("_bias")}
-        mats = {n: (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous() for n, m in mats.items()}
+        mats = {n: (m.transpose(-1, -2) if self.adapter.experts_transposed else m).contiguous()
+                for n, m in mats.items()}
         group = common_group([m.shape[-1] for m in mats.values()], self.group_size)
         for name, t in slices.items():
             if name.endswith("_bias"):

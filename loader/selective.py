@@ -43,7 +43,8 @@ class LoadReport:
                 "notes": self.notes}
 
 
-def expert_requests(adapter: MoEAdapter, layer: int, experts: Iterable[int]) -> list[tuple[str, tuple[int, ...] | None]]:
+def expert_requests(adapter: MoEAdapter, layer: int,
+                    experts: Iterable[int]) -> list[tuple[str, tuple[int, ...] | None]]:
     """Checkpoint reads that hold the given experts of one layer (one row per expert for fused tensors)."""
     reqs = []
     for e in experts:
@@ -195,9 +196,9 @@ def resize_router(router: Any, num_experts: int, routing: dict[str, Any], base_c
     """Set a router's expert count and routing groups (a pattern's override, else the checkpoint's)."""
     if hasattr(router, "num_experts"):
         router.num_experts = num_experts
-    for field, attr in ROUTER_ATTRS.items():
+    for cfg_key, attr in ROUTER_ATTRS.items():
         if hasattr(router, attr):
-            setattr(router, attr, routing.get(field, base_config.get(field, getattr(router, attr))))
+            setattr(router, attr, routing.get(cfg_key, base_config.get(cfg_key, getattr(router, attr))))
 
 
 def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict[str, torch.Tensor]],
@@ -234,7 +235,8 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = empty_model(config, dtype)
     reader = TensorReader(ckpt)
-    kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items()) if num_layers is None or layer < num_layers}
+    kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items())
+                   if num_layers is None or layer < num_layers}
     experts_prefixes = tuple(adapter.experts_prefix(layer) for layer in pattern.kept)
     plans = [p for p in plan_tensors(ckpt, pattern, dequantize=True)
              if not p.source.startswith(experts_prefixes) and _within(p.source, num_layers)]
@@ -254,7 +256,8 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     for layer, kept in kept_layers.items():
         prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
         merges = (pattern.merges or {}).get(layer, {})
-        packed = read_layer_experts_packed(ckpt, adapter, layer, kept, reader) if keep_quantized and not merges else None
+        packed = (read_layer_experts_packed(ckpt, adapter, layer, kept, reader)
+                  if keep_quantized and not merges else None)
         values = packed or read_layer_experts(reader, adapter, layer, kept, dtype)
         for i, e in enumerate(kept):
             if e in merges:  # the kept expert takes its cluster's average (weights read member by member)

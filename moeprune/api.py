@@ -46,7 +46,7 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     ``demos`` (a demo file); an export carrying a ``dynamic_prune`` config entry applies it unless
     ``dynamic_prune=False``.
     """
-    from .loader.selective import LoadReport, load_with_pattern
+    from .loader.selective import load_with_pattern
 
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)

@@ -75,7 +75,8 @@ class Checkpoint:
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"shard {path} is corrupt or not a safetensors file ({exc}); re-download it.") from exc
+            raise CheckpointError(
+                f"shard {path} is corrupt or not a safetensors file ({exc}); re-download it.") from exc
 
     def verify(self) -> None:
         """Open every shard's header: a missing or corrupt shard raises a CheckpointError naming it."""

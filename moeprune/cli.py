@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -151,7 +150,6 @@ def _calibration_human(calib: dict[str, Any] | None) -> str:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_pruned
-
     from .pattern import ExpertPattern
 
     pattern = ExpertPattern.load(args.pattern)
@@ -446,10 +444,10 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import math
+
     from .loader.runtime import TaskAdaptiveModel
     from .serve.app import bind, create_app, run
-
-    import math
 
     if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
             or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
@@ -501,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime(c: argparse.ArgumentParser, dtype: str = "auto") -> None:
         c.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
-        c.add_argument("--dtype", default=dtype, help=f"model dtype: auto, float32, bfloat16, float16 (default {dtype})")
+        c.add_argument("--dtype", default=dtype,
+                       help=f"model dtype: auto, float32, bfloat16, float16 (default {dtype})")
 
     def demos(c: argparse.ArgumentParser) -> None:
         c.add_argument("--demos", required=True, help="demo file: JSONL (text | messages | input_ids) or plain text")
@@ -654,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store", required=True, help="pattern store folder (moeprune store add)")
     c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    c.add_argument("--cache-gb", type=float, default=4.0, help="cache for experts of inactive patterns (GiB, default 4)")
+    c.add_argument("--cache-gb", type=float, default=4.0,
+                   help="cache for experts of inactive patterns (GiB, default 4)")
     c.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize experts to this width as they are read")
     c.add_argument("--threshold", default="auto",
                    help="retrieval distance beyond which the general (union) pattern is used: auto (from the "

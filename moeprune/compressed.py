@@ -28,6 +28,7 @@ from .quant import QuantizedTensor, pack
 from .widths import WIDTHS as SUPPORTED_BITS
 from .widths import check_width as check_bits
 from .widths import container_bits
+
 DEFAULT_BITS, DEFAULT_GROUP = 4, 128  # vLLM's W4A16 (symmetric int4, group 128)
 FORMAT = "pack-quantized"
 SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
@@ -73,7 +74,8 @@ def qparams(w: torch.Tensor, args, dtype: torch.dtype | None = None) -> tuple[to
     return scale.to(dtype or w.dtype), zp
 
 
-def _compress_matrix(w: torch.Tensor, args, dtype: torch.dtype, grid_of: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _compress_matrix(w: torch.Tensor, args, dtype: torch.dtype,
+                     grid_of: torch.Tensor | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
     scale, zp = qparams(w if grid_of is None else grid_of, args, dtype)
@@ -173,7 +175,8 @@ def config_widths(qc: Mapping[str, Any]) -> list[tuple[Any, list[str]]]:
         if w is None:
             continue
         args = QuantizationArgs(**w)
-        if args.type != "int" or args.strategy != "group" or (qc.get("format") or group.get("format")) not in (None, FORMAT):
+        fmt = qc.get("format") or group.get("format")
+        if args.type != "int" or args.strategy != "group" or fmt not in (None, FORMAT):
             raise ValueError(f"config group {name!r}: moeprune reads pack-quantized int group-wise weights only, "
                              f"not {args.type} {args.strategy} ({qc.get('format')})")
         out.append((args, list(group.get("targets") or [])))

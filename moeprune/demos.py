@@ -58,7 +58,8 @@ def check_demo(demo: Demo, where: str = "demo") -> None:
     if "input_ids" in demo:
         ids = demo["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            bad = ids if not isinstance(ids, list) else next(t for t in ids if not isinstance(t, int) or isinstance(t, bool))
+            bad = ids if not isinstance(ids, list) else next(
+                t for t in ids if not isinstance(t, int) or isinstance(t, bool))
             raise DemoError(f"{where}: 'input_ids' must be a flat list of integer token ids, but holds {bad!r}")
     elif "messages" in demo:
         msgs = demo["messages"]

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .arch import get_adapter, moe_blocks

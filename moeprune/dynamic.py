@@ -77,7 +77,8 @@ class DynamicPrune:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"dynamic_prune section has unknown fields {sorted(unknown)}: written by a newer moeprune?")
+            raise ValueError(
+                f"dynamic_prune section has unknown fields {sorted(unknown)}: written by a newer moeprune?")
         d = dict(d)
         if d.get("heads"):
             d["heads"] = {int(layer): {k: torch.tensor(v, dtype=torch.float32) for k, v in state.items()}

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .arch import MoEAdapter
-from .loader.reader import TensorReader
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, open_checkpoint
 from .fingerprint import checkpoint_fingerprint
 from .io import atomic_dir
+from .loader.reader import TensorReader
 from .merge import merge_transform
 from .pattern import ExpertPattern
 from .quantize_experts import StoredQuantized, export_quantization_config, packed_state_dict, quantized_key
@@ -245,7 +245,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
     adapter = ckpt.adapter
     if bits is not None:
-        pattern = dataclasses.replace(pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
+        pattern = dataclasses.replace(
+            pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
     config = pruned_config(ckpt.config, pattern, adapter)
     config["moeprune"].update(extra_config or {})
     # experts that change on the way (quantized, merged, transformed) are written from float values
@@ -303,7 +304,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
                 if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
                     tensor = tensor.to(written_dtype)
                 tensor = tensor if transform is None else transform(plan, tensor)
-                parts = quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan) else ({plan.target: tensor},)
+                parts = (quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan)
+                         else ({plan.target: tensor},))
             writer.add(*parts)
             written.update(dict.fromkeys(parts[0], plan.target))
         weight_map = writer.finish()

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .compressed import common_group, quantize_tensor
 from .pattern import ExpertPattern
 from .profile import RouterProfile
-from .compressed import common_group, quantize_tensor
 from .quant import allocate_bits
 
 
@@ -73,4 +73,5 @@ def allot_bits(pattern: ExpertPattern, profile: RouterProfile, ckpt: Checkpoint,
     pattern.bits = out
     pattern.meta["avg_bits"] = avg_bits
     mean = float(np.mean(chosen))
-    return {"avg_bits": mean, "budget": avg_bits, "histogram": {int(b): int((np.array(chosen) == b).sum()) for b in bits}}
+    return {"avg_bits": mean, "budget": avg_bits,
+            "histogram": {int(b): int((np.array(chosen) == b).sum()) for b in bits}}

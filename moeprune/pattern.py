@@ -114,7 +114,8 @@ class ExpertPattern:
             n = dict(zip(fp.moe_layers, fp.num_experts))[layer]
             for e, members in clusters.items():
                 if e not in self.kept[layer] or e not in members:
-                    raise PatternError(f"layer {layer}: merge target {e} must be a kept expert inside its cluster {members}")
+                    raise PatternError(
+                        f"layer {layer}: merge target {e} must be a kept expert inside its cluster {members}")
                 if seen & set(members) or any(m < 0 or m >= n for m in members):
                     raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
                 seen |= set(members)
@@ -135,7 +136,8 @@ class ExpertPattern:
             need = len(fp.moe_layers) * max(fp.num_experts)
             sig = self.signature
             if (not isinstance(sig, (list, tuple)) or len(sig) != need
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in sig)):
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                               for x in sig)):
                 raise PatternError(f"the retrieval signature must be {need} finite numbers (one per MoE layer and "
                                    f"expert), not {_brief(sig)}; regenerate the pattern with `moeprune select`")
         if self.bits is not None:
@@ -189,14 +191,16 @@ class ExpertPattern:
         }
         if self.merges:
             body["version"] = 2
-            body["merges"] = {str(layer): {str(e): m for e, m in sorted(c.items())} for layer, c in sorted(self.merges.items())}
+            body["merges"] = {str(layer): {str(e): m for e, m in sorted(c.items())}
+                              for layer, c in sorted(self.merges.items())}
         else:
             body["version"] = 1
         if self.merge_weights or self.merge_router != "average" or self.router_overrides:
             body["version"] = 3
             body["merge_router"] = self.merge_router
             body["merge_weights"] = None if not self.merge_weights else {
-                str(layer): {str(e): w for e, w in sorted(c.items())} for layer, c in sorted(self.merge_weights.items())}
+                str(layer): {str(e): w for e, w in sorted(c.items())}
+                for layer, c in sorted(self.merge_weights.items())}
             body["router_sha256"] = router_digest(self.router_overrides) if self.router_overrides else None
         body["checksum"] = _checksum(body)
         return body

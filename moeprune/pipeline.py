@@ -160,7 +160,8 @@ def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[
     return calibrate(net.eval(), demos, fraction, progress=progress)
 
 
-def merges_for(kept: dict[int, list[int]], clusters: dict[int, list[list[int]]]) -> dict[int, dict[int, list[int]]] | None:
+def merges_for(kept: dict[int, list[int]],
+               clusters: dict[int, list[list[int]]]) -> dict[int, dict[int, list[int]]] | None:
     """Per layer, each kept expert -> its cluster (clusters of one, or without exactly one kept member, drop out)."""
     merges = {}
     for layer, layer_clusters in clusters.items():

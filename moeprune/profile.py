@@ -208,7 +208,8 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
     return out.view(T, k, -1)
 
 
-_SUM_ORDER = ("count", "soft", "out_aware", "ean", "reap", "top1_count", "top1_logit", "logit_sum")  # pair-indexed first
+# pair-indexed first
+_SUM_ORDER = ("count", "soft", "out_aware", "ean", "reap", "top1_count", "top1_logit", "logit_sum")
 _PAIR_SUMS = 5  # count, then the per-pair values of _LayerState.add
 assert sorted(_SUM_ORDER + MAX_SIGNALS) == sorted(LAYER_SIGNALS)
 PENDING_BYTES = 16 << 20  # router logits all layers may hold before they are reduced into the totals
@@ -278,7 +279,8 @@ class RouterProfiler:
         self.profile = RouterProfile.empty(fingerprint, task)
         self.blocks = moe_blocks(model, self.adapter)
         if tuple(self.blocks) != fingerprint.moe_layers:
-            raise ValueError(f"model MoE layers {tuple(self.blocks)} differ from the fingerprint's {fingerprint.moe_layers}")
+            raise ValueError(
+                f"model MoE layers {tuple(self.blocks)} differ from the fingerprint's {fingerprint.moe_layers}")
 
     @contextmanager
     def attached(self) -> Iterator["RouterProfiler"]:

@@ -105,7 +105,8 @@ def recalibrate_router(ckpt: Checkpoint, pattern: ExpertPattern, teacher: Any, d
     teacher_device = next(teacher.parameters()).device
     cache_bytes = sum(len(d) for d in demos) * teacher.config.vocab_size * 4
     with torch.no_grad():
-        cached = [_log_probs(teacher, d, teacher_device).cpu() for d in demos] if cache_bytes <= TEACHER_CACHE_BYTES else None
+        cached = ([_log_probs(teacher, d, teacher_device).cpu() for d in demos]
+                  if cache_bytes <= TEACHER_CACHE_BYTES else None)
     kl_before = demo_kl(teacher, student, demos)
     steps = steps if steps is not None else min(400, max(50, 4 * len(demos)))
     order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(seed)).tolist()

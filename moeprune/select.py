@@ -4,8 +4,8 @@ Uniform selection keeps the K best-scored experts of every MoE layer; global sel
 K x L best-scored experts of the whole model (so layers keep different counts), after giving every
 layer its minimum. Top-p selection keeps, per layer, the fewest best-scored experts whose share of
 the layer's score mass reaches ``p`` (non-negative, mass-like scores: frequency, soft-count,
-output-aware...), so layers with concentrated routing keep fewer experts. Ties go to the lower layer, then the lower expert id. Every layer keeps at least
-the router's top-k (else routing breaks). For DeepSeek
+output-aware...), so layers with concentrated routing keep fewer experts. Ties go to the lower layer,
+then the lower expert id. Every layer keeps at least the router's top-k (else routing breaks). For DeepSeek
 group-limited routing the K experts are spread equally over the groups (the K/n_group best of
 each) so routing semantics are unchanged; when K does not allow that, the pattern falls back to
 ungrouped routing (n_group = topk_group = 1 in the exported config) and says so.
@@ -95,7 +95,8 @@ def group_routing(kept: dict[int, list[int]], fp: Fingerprint) -> tuple[dict[str
     return {}, [f"group-limited routing kept ({n_group} groups)"]
 
 
-def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | float | int) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
+def select_uniform(scores: torch.Tensor, fingerprint: Fingerprint,
+                   keep: str | float | int) -> tuple[dict[int, list[int]], dict[str, Any], list[str]]:
     """Kept experts per layer, routing overrides and notes for a uniform keep budget."""
     fp = fingerprint
     counts = keep_per_layer(keep, fp.num_experts, fp.top_k)

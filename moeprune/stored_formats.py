@@ -10,7 +10,6 @@ from typing import Any, Mapping
 
 import torch
 
-
 DEQUANTIZED_METHODS = ("mxfp4", "fp8")
 
 

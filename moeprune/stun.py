@@ -22,8 +22,9 @@ STUN, found exactly rather than by bisection (``budget="uniform"`` instead cuts 
 In each cluster the member the demos route to most is kept (default ``representative="most-routed"``;
 ``centroid``: the member nearest the centroid of the cluster's flattened expert weights, distances
 from a streamed Gram matrix, so expert weights are never all in memory at once; measured, the
-centroid member is often one the domain never routes to: 1.73 against 1.33 at keep 0.5); with ``merge="average"`` it instead takes the
-average of its cluster's weights and router rows (applied at export and load, see
+centroid member is often one the domain never routes to: 1.73 against 1.33 at keep 0.5); with
+``merge="average"`` it instead takes the average of its cluster's weights and router rows (applied at
+export and load, see
 :mod:`moeprune.merge`). O(1) forward passes: only the profile and weights.
 """
 

@@ -1,7 +1,8 @@
 """MC#'s Online Top-any Pruning: per token, a small learned head picks how many of its top-k experts run.
 
 Per MoE layer a linear head ``[H + k] -> [k]`` reads the token's MoE input and its routed weights
-(sorted, largest first) and scores "run the n strongest routed experts", n = 1..k. Training (:func:`train_topany`) keeps the model frozen and
+(sorted, largest first) and scores "run the n strongest routed experts", n = 1..k. Training
+(:func:`train_topany`) keeps the model frozen and
 learns only the heads on the demos: each step samples n per token with a straight-through
 Gumbel-softmax (temperature annealed), masks the routed pairs of rank >= n (the masked weights are
 differentiable in the sample), and minimises KL(full model || pruned model) on the next-token

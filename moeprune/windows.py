@@ -49,7 +49,8 @@ def record_text(record: dict[str, Any]) -> str:
         parts = []
         for m in record["messages"]:
             c = m.get("content", "")
-            parts.append(c if isinstance(c, str) else " ".join(str(x.get("text", "")) for x in c if isinstance(x, dict)))
+            parts.append(c if isinstance(c, str)
+                         else " ".join(str(x.get("text", "")) for x in c if isinstance(x, dict)))
         return "\n".join(parts)
     return ""
 
@@ -151,7 +152,8 @@ class WindowClassifier:
         self.tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True, lowercase=False,
                                      dtype=np.float64)
         self.X_lex = self.tfidf.fit_transform(texts)
-        self.lex = None if single or not lexical else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y)
+        self.lex = (None if single or not lexical
+                    else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y))
         X_r = _sqrt_rows(np.asarray(sigs, dtype=np.float64))
         self.rout = None if single or not routing else LogisticRegression(C=routing_c, max_iter=3000).fit(X_r, self.y)
         self.quantile = quantile
@@ -194,7 +196,8 @@ class WindowClassifier:
         p = np.exp(logp)
         return p / p.sum(1, keepdims=True)
 
-    def decide(self, texts: Sequence[str], signatures: np.ndarray, threshold: float | str | None = "auto") -> list[Decision]:
+    def decide(self, texts: Sequence[str], signatures: np.ndarray,
+               threshold: float | str | None = "auto") -> list[Decision]:
         """Per query, the chosen task, its probabilities, its lexical similarity and the threshold
         (``"auto"``: the demos' leave-one-out one; a number: a fixed minimum similarity; None: none)."""
         p = self.proba(texts, signatures)

@@ -152,7 +152,8 @@ def math_rectangle(rng):
         s = f"Area = length * width = {w} * {h} = {w * h}. The area is {w * h} square {unit}."
     else:
         q = f"A rectangular {thing} is {w} {unit} long and {h} {unit} wide. What is its perimeter?"
-        s = f"Perimeter = 2 * (length + width) = 2 * ({w} + {h}) = 2 * {w + h} = {2 * (w + h)}. The perimeter is {2 * (w + h)} {unit}."
+        s = (f"Perimeter = 2 * (length + width) = 2 * ({w} + {h}) = 2 * {w + h} = {2 * (w + h)}. "
+             f"The perimeter is {2 * (w + h)} {unit}.")
     return q, s
 
 
@@ -181,11 +182,12 @@ def math_average(rng):
 
 
 def math_shopping(rng):
-    name, (one, many) = pick(rng, NAMES), pick(rng, GOODS)
+    name, (_one, many) = pick(rng, NAMES), pick(rng, GOODS)
     n, price = rng.randint(2, 9), rng.randint(2, 15)
     paid = (n * price // 10 + 1) * 10 + pick(rng, [0, 10, 20])
     q = f"{name} buys {n} {many} at ${price} each and pays with ${paid}. How much change does {name} get?"
-    s = f"The cost is {n} * {price} = {n * price}. The change is {paid} - {n * price} = {paid - n * price}. The answer is ${paid - n * price}."
+    s = (f"The cost is {n} * {price} = {n * price}. The change is {paid} - {n * price} = {paid - n * price}. "
+         f"The answer is ${paid - n * price}.")
     return q, s
 
 
@@ -204,7 +206,8 @@ def math_fraction(rng):
     total = d * rng.randint(2, 15)
     item = pick(rng, ITEMS)
     q = f"What is {nmr}/{d} of {total} {item}?"
-    s = f"First find 1/{d}: {total} / {d} = {total // d}. Then multiply by {nmr}: {total // d} * {nmr} = {total // d * nmr}. The answer is {total // d * nmr}."
+    s = (f"First find 1/{d}: {total} / {d} = {total // d}. "
+         f"Then multiply by {nmr}: {total // d} * {nmr} = {total // d * nmr}. The answer is {total // d * nmr}.")
     return q, s
 
 
@@ -222,7 +225,8 @@ def math_evaluate(rng):
     p, q_ = pick(rng, ["a", "p", "x"]), pick(rng, ["b", "q", "y"])
     c1, c2, x, y = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 12), rng.randint(1, 12)
     q = f"Evaluate {c1}{p} + {c2}{q_} when {p} = {x} and {q_} = {y}."
-    s = f"Substitute the values: {c1} * {x} + {c2} * {y} = {c1 * x} + {c2 * y} = {c1 * x + c2 * y}. The answer is {c1 * x + c2 * y}."
+    s = (f"Substitute the values: {c1} * {x} + {c2} * {y} = {c1 * x} + {c2 * y} = {c1 * x + c2 * y}. "
+         f"The answer is {c1 * x + c2 * y}.")
     return q, s
 
 
@@ -298,7 +302,7 @@ def code_string(rng):
     s = pick(rng, ["text", "s", "word", "line", "message"])
     kind = rng.randrange(4)
     if kind == 0:
-        return (f"Write a Python function that reverses a string.",
+        return ("Write a Python function that reverses a string.",
                 f"def reverse_{s}({s}):\n    \"\"\"Return {s} reversed.\"\"\"\n    return {s}[::-1]")
     if kind == 1:
         return ("Write a function that checks whether a string is a palindrome.",
@@ -334,7 +338,8 @@ def code_bsearch(rng):
     p = "Write a binary search over a sorted list."
     c = (f"def binary_search({xs}, {t}):\n    lo, hi = 0, len({xs}) - 1\n    while lo <= hi:\n"
          f"        mid = (lo + hi) // 2\n        if {xs}[mid] == {t}:\n            return mid\n"
-         f"        if {xs}[mid] < {t}:\n            lo = mid + 1\n        else:\n            hi = mid - 1\n    return -1")
+         f"        if {xs}[mid] < {t}:\n            lo = mid + 1\n"
+         "        else:\n            hi = mid - 1\n    return -1")
     return p, c
 
 
@@ -436,7 +441,7 @@ def code_convert(rng):
                 "def celsius_to_fahrenheit(c):\n    \"\"\"Convert degrees Celsius to Fahrenheit.\"\"\"\n"
                 "    return c * 9 / 5 + 32")
     return ("Write a function that converts kilometres to miles.",
-            f"def km_to_miles(km):\n    # one mile is about 1.609 km\n    return km / 1.609")
+            "def km_to_miles(km):\n    # one mile is about 1.609 km\n    return km / 1.609")
 
 
 def code_sort(rng):
@@ -478,7 +483,8 @@ def code_doc(rng, parts: int):
     for _ in range(parts):
         prompt, code = code_qa(rng)
         if rng.random() < 0.4:
-            code = f"# {prompt.replace('Write a Python function that ', '').replace('Write a function that ', '')}\n{code}"
+            task = prompt.replace('Write a Python function that ', '').replace('Write a function that ', '')
+            code = f"# {task}\n{code}"
         chunks.append(code)
     return "\n\n\n".join(chunks)
 
@@ -505,13 +511,15 @@ def legal_term(rng, a, b):
 
 def legal_termination(rng, a, b):
     d = pick(rng, [10, 14, 30, 45, 60, 90])
-    return "Termination", (f"Either party may terminate this Agreement upon {d} days' written notice to the other party "
-                           f"if the other party commits a material breach and fails to cure such breach within the notice period.")
+    return "Termination", (f"Either party may terminate this Agreement upon {d} days' written notice "
+                           "to the other party if the other party commits a material breach and fails "
+                           "to cure such breach within the notice period.")
 
 
 def legal_assignment(rng, a, b):
     return "Assignment", (f"The {b} shall not assign, sublicense or otherwise transfer any rights granted under this "
-                          f"Agreement without {pick(rng, WITHOUT).format(a=a)}, which shall not be unreasonably withheld.")
+                          f"Agreement without {pick(rng, WITHOUT).format(a=a)}, "
+                          "which shall not be unreasonably withheld.")
 
 
 def legal_payment(rng, a, b):
@@ -529,7 +537,8 @@ def legal_confidential(rng, a, b):
 
 
 def legal_indemnity(rng, a, b):
-    return "Indemnification", (f"The {b} shall indemnify, defend and hold harmless the {a} from and against any and all "
+    return "Indemnification", (f"The {b} shall indemnify, defend and hold harmless the {a} "
+                               "from and against any and all "
                                f"claims, losses, damages and expenses, including reasonable attorneys' fees, arising "
                                f"out of the {b}'s breach of this Agreement.")
 
@@ -554,7 +563,8 @@ def legal_force(rng, a, b):
 
 def legal_notices(rng, a, b):
     return "Notices", ("All notices under this Agreement shall be in writing and shall be deemed given when delivered "
-                       f"by hand or {pick(rng, ['three (3)', 'five (5)', 'two (2)'])} business days after being sent by "
+                       f"by hand or {pick(rng, ['three (3)', 'five (5)', 'two (2)'])} "
+                       "business days after being sent by "
                        "registered mail to the address set out above.")
 
 
@@ -608,7 +618,8 @@ def legal_doc(rng, parts: int):
     out = []
     if rng.random() < 0.3:
         a, b = pick(rng, PARTIES)
-        out.append(f"This {pick(rng, AGREEMENTS)} is entered into between the {a} and the {b} as of the Effective Date.")
+        out.append(f"This {pick(rng, AGREEMENTS)} is entered into between the {a} and the {b} "
+                   "as of the Effective Date.")
     for i in range(parts):
         out.append(legal_clause(rng, f"{major}.{first + i}")[3])
     return "\n\n".join(out)
@@ -697,7 +708,7 @@ def recipe_qa(rng, short: bool = False):
     steps = recipe_steps(rng, method, ings)
     if short:
         steps = steps[: rng.randint(3, 4)]
-    body = (f"Ingredients:\n" + "\n".join(f"- {recipe_quantity(rng, i)}" for i in ings)
+    body = ("Ingredients:\n" + "\n".join(f"- {recipe_quantity(rng, i)}" for i in ings)
             + "\n\nMethod:\n" + "\n".join(f"{k}. {s}" for k, s in enumerate(steps, 1)))
     prompt = pick(rng, [f"How do I make {dish}?", f"Give me a recipe for {dish}.",
                         f"What do I need to cook {dish} for {rng.randint(2, 8)} people?",
@@ -970,7 +981,8 @@ def report(model, tokenizer, demos: dict, evals: dict) -> dict:
         ppl = perplexity(model, enc_eval[d])
         order = usage_demo[d].argsort(dim=1, descending=True)  # ranked on the demos, measured on eval
         top, bottom = order[:, :half].tolist(), order[:, half:].tolist()
-        p_keep_top, p_keep_bottom = masked_perplexity(model, enc_eval[d], top), masked_perplexity(model, enc_eval[d], bottom)
+        p_keep_top = masked_perplexity(model, enc_eval[d], top)
+        p_keep_bottom = masked_perplexity(model, enc_eval[d], bottom)
         summary["domains"][d] = {"ppl": ppl, "ppl_top_half_only": p_keep_top, "ppl_bottom_half_only": p_keep_bottom}
         print(f"  {d:8s} ppl {ppl:7.3f} | only most-used {half}/{n_exp} experts: {p_keep_top:7.3f} "
               f"| only least-used {half}: {p_keep_bottom:9.3f}")

@@ -7,8 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +30,8 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
     demos = write_token_demos(tmp_path / "math.jsonl")
     code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "--json")
     assert code == 0 and json.loads(out)["tokens"] == 144 and json.loads(out)["task"] == "math"
-    code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "off.safetensors", "--offload", "-q")
+    code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "off.safetensors",
+                       "--offload", "-q")
     from moeprune.profile import RouterProfile
     a, b = RouterProfile.load(tmp_path / "p.safetensors"), RouterProfile.load(tmp_path / "off.safetensors")
     assert code == 0 and torch.allclose(a.stats["soft"], b.stats["soft"], rtol=1e-5, atol=1e-6)
@@ -70,7 +69,8 @@ def test_prune_one_shot_and_refusals(family_checkpoints, tmp_path, capsys):
                        "0.3", "--keep", "0.5", "--out", tmp_path / "o3", "--save-pattern", tmp_path / "stun.json")
     merged = json.loads((tmp_path / "o3" / "config.json").read_text())["moeprune"]["merged_experts"]
     assert code == 0 and merged and ExpertPattern.load(tmp_path / "stun.json").merges
-    code, _, err = run(capsys, "prune", src, "--demos", demos, "--merge", "average", "--keep", "4", "--out", tmp_path / "o4")
+    code, _, err = run(capsys, "prune", src, "--demos", demos, "--merge", "average", "--keep", "4",
+                       "--out", tmp_path / "o4")
     assert code == 2 and "--method stun" in err
     code, out, _ = run(capsys, "prune", src, "--demos", demos, "--method", "frequency", "--budget", "top-p",
                        "--keep", "0.9", "--out", tmp_path / "o5", "--json")
@@ -200,7 +200,8 @@ def test_export_killed_midway_leaves_no_output(family_checkpoints, tmp_path):
     assert not out.exists()
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert len(stale) == 1 and stale[0].is_dir()  # what the killed writer left
-    in_progress = tmp_path / f".out.{socket.gethostname().replace('.', '_')}-{os.getpid()}.x.tmp"  # a live writer's: kept
+    # a live writer's: kept
+    in_progress = tmp_path / f".out.{socket.gethostname().replace('.', '_')}-{os.getpid()}.x.tmp"
     in_progress.mkdir()
     export_pruned(src, tmp_path / "pat.json", out, progress=False)  # the next export cleans up
     assert out.is_dir() and sorted(p for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [in_progress]

@@ -69,7 +69,8 @@ def test_plain_transformers_loads_equal_to_moeprune(family, bits, family_checkpo
         for name in ("gate_proj", "up_proj", "down_proj"):
             assert ct.args_for(qc, f"{adapter.experts_prefix(layer)}0.{name}").num_bits == bits
     assert ct.args_for(qc, "model.layers.1.self_attn.q_proj") is None
-    assert ct.args_for(qc, f"{adapter.experts_prefix(min(pattern.kept))[:-len('experts.')]}shared_experts.gate_proj") is None
+    prefix = adapter.experts_prefix(min(pattern.kept))[:-len("experts.")]
+    assert ct.args_for(qc, f"{prefix}shared_experts.gate_proj") is None
     keys = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"] \
         if (tmp_path / "q" / "model.safetensors.index.json").exists() else {}
     if keys:  # only routed experts are packed: attention, routers, shared experts stay float

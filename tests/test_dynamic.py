@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.cli import main

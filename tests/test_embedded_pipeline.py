@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from moeprune import embedded
 from moeprune.cli import main
@@ -25,9 +24,9 @@ def test_pruned_per_domain_keeps_in_domain_quality(bench):
 
 
 def test_held_out_queries_retrieve_their_domain(bench, tmp_path):
+    from moeprune.demos import encode_demos, read_demos
     from moeprune.pipeline import select_pattern
     from moeprune.retrieval import Retriever, query_signatures
-    from moeprune.demos import encode_demos, read_demos
 
     patterns = [select_pattern(bench.profiles[d], "tcess", "0.5") for d in bench.domains]
     retriever = Retriever(patterns, "first", threshold=None)

@@ -4,8 +4,8 @@ than it on the calibration inputs' layer output."""
 import pytest
 import torch
 
-from moeprune.gptq import gptq_quantize, layer_error, rtn
 from moeprune.compressed import compress, decompress, weight_args
+from moeprune.gptq import gptq_quantize, layer_error, rtn
 
 
 def _inputs(seed: int, n: int, d: int, correlated: bool) -> torch.Tensor:

@@ -38,8 +38,9 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
 
 
 def _stored(tmp_path, *tasks):
-    from moeprune.store import PatternStore
     from test_store import _pattern
+
+    from moeprune.store import PatternStore
 
     store = PatternStore(tmp_path / "store")
     for i, task in enumerate(tasks):
@@ -140,9 +141,10 @@ def _forged(path, **changes):
 
 
 def test_routing_overrides_are_only_what_moeprune_writes(family_checkpoints, tmp_path, capsys):
+    from test_pattern import FP, _pattern
+
     from moeprune.fingerprint import Fingerprint
     from moeprune.pattern import ExpertPattern, PatternError
-    from test_pattern import FP, _pattern
 
     for routing in ({"hidden_size": 8}, {"num_experts_per_tok": 7}, {"n_group": 1, "topk_group": 1},
                     {"n_group": 2, "topk_group": 1}):
@@ -158,7 +160,8 @@ def test_routing_overrides_are_only_what_moeprune_writes(family_checkpoints, tmp
     _, src = family_checkpoints["mixtral"]
     demos = write_token_demos(tmp_path / "d.jsonl")
     assert main(["profile", str(src), "--demos", str(demos), "--out", str(tmp_path / "p.safetensors"), "-q"]) == 0
-    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4", "--out", str(tmp_path / "p.json"), "-q"]) == 0
+    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4",
+                 "--out", str(tmp_path / "p.json"), "-q"]) == 0
     _forged(tmp_path / "p.json", routing={"num_experts_per_tok": 7})
     code, _, err = run(capsys, "export", src, "--pattern", tmp_path / "p.json", "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, "routing overrides {'num_experts_per_tok': 7} are not ones moeprune writes")
@@ -201,8 +204,9 @@ def test_demo_checks_keep_before_any_work(monkeypatch, capsys):
 
 
 def test_threshold_nan_is_refused(family_checkpoints, tmp_path, capsys):
-    from moeprune.retrieval import Retriever
     from test_store import _pattern
+
+    from moeprune.retrieval import Retriever
 
     store = _stored(tmp_path, "a", "b")
     code, _, err = run(capsys, "retrieve", store.root, "--query", "x", "--threshold", "nan", "-q")
@@ -215,9 +219,9 @@ def test_profile_disagreeing_with_its_fingerprint_is_refused(tmp_path, capsys):
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    from test_pattern import FP
 
     from moeprune.profile import RouterProfile
-    from test_pattern import FP
 
     good = RouterProfile.empty(FP, "t")
     good.tokens = 10
@@ -233,7 +237,8 @@ def test_profile_disagreeing_with_its_fingerprint_is_refused(tmp_path, capsys):
         return tmp_path / name
 
     cases = [(variant("neg.safetensors", tokens="-5"), "-5 tokens"),
-             (variant("shape.safetensors", {"count": torch.zeros(3, 8, dtype=torch.float64)}), "disagrees with its own fingerprint"),
+             (variant("shape.safetensors", {"count": torch.zeros(3, 8, dtype=torch.float64)}),
+              "disagrees with its own fingerprint"),
              (variant("coact.safetensors", {"coact": torch.zeros(3, 64, dtype=torch.float64)}), "signal 'coact'"),
              (variant("nan.safetensors", {"soft": torch.full((3, 64), float("nan"), dtype=torch.float64)}), "NaN"),
              (variant("over.safetensors", {"count": torch.full((3, 64), 11.0, dtype=torch.float64)}), "within [0, 10]"),
@@ -277,7 +282,8 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
 def _pattern_file(src, tmp_path):
     demos = write_token_demos(tmp_path / "d.jsonl")
     assert main(["profile", str(src), "--demos", str(demos), "--out", str(tmp_path / "p.safetensors"), "-q"]) == 0
-    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4", "--out", str(tmp_path / "p.json"), "-q"]) == 0
+    assert main(["select", str(tmp_path / "p.safetensors"), "--keep", "4",
+                 "--out", str(tmp_path / "p.json"), "-q"]) == 0
     return tmp_path / "p.json"
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import make_model, save_model, write_token_demos
 from transformers import AutoModelForCausalLM
 
 import moeprune
@@ -12,6 +11,7 @@ from moeprune.export import export_pruned
 from moeprune.hcsmoe import cluster_features, expert_features
 from moeprune.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
+from tiny_models import make_model, save_model, write_token_demos
 
 
 def _duplicated(tmp_path, copies=((5, 2), (6, 2), (7, 3))):

@@ -17,7 +17,6 @@ from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.profile import profile_model
 from tiny_models import VOCAB, make_model, masked_routers, save_fp8, save_mxfp4, write_token_demos
 
-
 FORMATS = {"mxfp4-gpt_oss": ("gpt_oss", save_mxfp4), "fp8-deepseek_v3": ("deepseek_v3", save_fp8),
            "fp8-qwen3_moe": ("qwen3_moe", save_fp8), "fp8-minimax_m2": ("minimax_m2", save_fp8)}
 

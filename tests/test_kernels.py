@@ -24,6 +24,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: 
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
 
 from moeprune.kernels import (  # noqa: E402
+    _buffers,  # noqa: E402
     align_block_size,
     eager_experts_forward,
     quantize_experts_,
@@ -33,7 +34,6 @@ from moeprune.kernels import (  # noqa: E402
     torch_experts_forward,
     triton_experts_forward,
 )
-from moeprune.kernels import _buffers  # noqa: E402
 from moeprune.kernels.quant_format import dequantize_ref, pack, quantize_ref, unpack  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -38,8 +38,8 @@ def test_half_precision_load_keeps_what_transformers_keeps_in_float32(family, fa
     selection bias stays float32, which changes routing), so every expert kept == a plain load."""
     from transformers import AutoModelForCausalLM
 
-    from moeprune.pipeline import every_expert
     from moeprune.checkpoint import open_checkpoint
+    from moeprune.pipeline import every_expert
 
     _, src = family_checkpoints[family]
     ours = moeprune.from_pretrained(src, every_expert(open_checkpoint(src)), dtype="bfloat16")
@@ -58,8 +58,12 @@ def test_loaded_model_equals_masked_full_model(family, family_checkpoints, tmp_p
     pattern = make_pattern(-prof.stats["count"], prof.fingerprint, 0.5)
     keys_read = []
     real = TensorReader._read_one
-    monkeypatch.setattr(TensorReader, "_read_one",
-                        lambda self, f, shard, key, rows: keys_read.append((key, rows)) or real(self, f, shard, key, rows))
+
+    def spy(self, f, shard, key, rows):
+        keys_read.append((key, rows))
+        return real(self, f, shard, key, rows)
+
+    monkeypatch.setattr(TensorReader, "_read_one", spy)
     model, report = moeprune.from_pretrained(src, pattern, return_report=True)
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_logits(model, x), _logits(full, x, pattern.kept), rtol=1e-5, atol=1e-5)
@@ -296,16 +300,14 @@ def test_concurrent_switches_and_forwards_stay_consistent(family_checkpoints, tm
 
 def test_hub_load_downloads_only_the_shards_it_needs(family_checkpoints, tmp_path, monkeypatch):
     """A Hub id: metadata via snapshot_download, then hf_hub_download only for shards holding kept tensors."""
+    import json
     import shutil
 
     import huggingface_hub
     import huggingface_hub.constants as c
+    from safetensors.torch import load_file, save_file
 
     from moeprune.checkpoint import open_checkpoint
-
-    import json
-
-    from safetensors.torch import load_file, save_file
 
     full, saved = family_checkpoints["mixtral"]
     src = tmp_path / "one-tensor-per-shard"  # as in big Hub checkpoints, most shards hold no kept expert

@@ -130,7 +130,8 @@ def test_non_uniform_export_loads_and_equals_masked_full_model(family, family_ch
     with torch.no_grad():
         out = loaded(x).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    counts = {int(k): v for k, v in open_checkpoint(tmp_path / "out").config["moeprune"]["num_experts_per_layer"].items()}
+    per_layer = open_checkpoint(tmp_path / "out").config["moeprune"]["num_experts_per_layer"]
+    counts = {int(k): v for k, v in per_layer.items()}
     assert counts == pattern.counts
 
 
@@ -321,9 +322,9 @@ def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
 
 def test_stun_clusters_match_the_kept_count_on_a_non_uniform_export(family_checkpoints, tmp_path):
     """One cluster per kept expert when layers differ in size (the global cut keeps a share of each)."""
+    from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from moeprune.stun import stun_clusters
-    from moeprune.fingerprint import checkpoint_fingerprint
 
     _, src = family_checkpoints["mixtral"]
     fp = checkpoint_fingerprint(open_checkpoint(src))

@@ -146,7 +146,8 @@ def test_scorers_rank_as_published():
     prof.stats["top1_count"][0] = torch.tensor([5.0, 3, 2, 0])
     prof.stats["top1_logit"][0] = torch.tensor([-5.0, 6, 4, 0])  # expert 0 is often first but with low logits
     prof.stats["out_aware"][0] = torch.tensor([1.0, 0, 3, 0])
-    rank = lambda m: score(m, prof)[0].argsort(descending=True).tolist()
+    def rank(m):
+        return score(m, prof)[0].argsort(descending=True).tolist()
     assert rank("frequency") == [0, 1, 2, 3]
     assert rank("soft-count") == [1, 0, 2, 3]
     assert rank("tcess") == [1, 2, 0, 3]

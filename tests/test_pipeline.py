@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moeprune.checkpoint import open_checkpoint
 from moeprune.export import export_pruned
 from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
-from moeprune.pattern import ExpertPattern
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.select import make_pattern
 from tiny_models import FAMILIES, VOCAB, masked_routers, write_token_demos

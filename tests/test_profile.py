@@ -10,7 +10,7 @@ from moeprune.demos import encode_demos, read_demos
 from moeprune.fingerprint import model_fingerprint
 from moeprune.kernels import eager_experts_forward
 from moeprune.profile import LAYER_SIGNALS, RouterProfile, profile_model
-from tiny_models import VOCAB, write_token_demos
+from tiny_models import VOCAB
 
 
 def _profile(model, encoded, **kw):
@@ -102,7 +102,8 @@ def test_profile_signals_match_a_direct_computation(family, family_checkpoints):
 def test_profile_memory_does_not_grow_with_demo_length(family_checkpoints):
     model, _ = family_checkpoints["mixtral"]
     short, long = _profile(model, _encoded(1, 8)), _profile(model, _encoded(4, 100))
-    size = lambda p: sum(t.numel() * t.element_size() for t in p.stats.values())
+    def size(p):
+        return sum(t.numel() * t.element_size() for t in p.stats.values())
     assert size(short) == size(long)
 
 

@@ -1,11 +1,10 @@
 """Tests for moeprune.quant: group-wise quantization format and PMQ bit allocation."""
 
 import itertools
+import json
 import math
 
 import numpy as np
-import json
-
 import pytest
 import torch
 
@@ -389,7 +388,7 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     import moeprune
     from moeprune.export import export_pruned
     from moeprune.pipeline import profile_checkpoint, select_pattern
-    from tiny_models import VOCAB, masked_routers, write_token_demos
+    from tiny_models import VOCAB, write_token_demos
 
     full, src = family_checkpoints[family]
     pattern = select_pattern(profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False),
@@ -402,7 +401,8 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     # the reference: every kept expert weight quantized then dequantized (compressed-tensors RTN), the rest untouched
     from moeprune.compressed import quantize_tensor
 
-    group = summary_group = json.loads((tmp_path / "q" / "config.json").read_text())["moeprune"]["quantization"]["group_size"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    group = summary_group = config["moeprune"]["quantization"]["group_size"]
     assert summary_group == 32  # 128 fits neither H=32 nor I=64/16: one group size for all matrices
     for (name, q), (_, r) in zip(loaded.named_parameters(), reference.named_parameters()):
         if ".experts." in name and not name.endswith("bias"):

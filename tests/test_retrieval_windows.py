@@ -80,7 +80,8 @@ def test_uniform_signature_is_additive_over_tokens(emb):
     (exactly top-k ones, the rest zeros)."""
     model, tok, fp = emb
     ids = encode_demos([{"text": "Solve for x: 3x + 4 = 19. Subtract 4 from both sides."}], tok)[0]
-    sig = lambda n: query_signatures(model, [ids[:n]], "first", weighting="uniform", ignore_ids=[])[0]
+    def sig(n):
+        return query_signatures(model, [ids[:n]], "first", weighting="uniform", ignore_ids=[])[0]
     for n in range(2, len(ids) + 1):
         token = n * sig(n) - (n - 1) * sig(n - 1)
         np.testing.assert_allclose(np.sort(token)[::-1][: fp.top_k + 1], [1.0] * fp.top_k + [0.0], atol=1e-9)
@@ -105,7 +106,8 @@ def test_retrieval_in_store_and_fallback_out_of_store(patterns):
     assert all(m.pattern.task == GENERAL_TASK for m in out if m.task == GENERAL_TASK)
     # no fallback: None, or a distance no query can exceed
     for threshold in (None, 1.0):
-        assert GENERAL_TASK not in {m.task for m in Retriever(inside, threshold=threshold).match(sig["recipes"], texts["recipes"])}
+        matches = Retriever(inside, threshold=threshold).match(sig["recipes"], texts["recipes"])
+        assert GENERAL_TASK not in {m.task for m in matches}
     assert Retriever(inside).match(sig["math"], texts["math"])[0].task == r.match(sig["math"], texts["math"])[0].task
     with pytest.raises(ValueError, match="needs each query's text"):
         r.match(sig["math"])

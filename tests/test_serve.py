@@ -24,7 +24,8 @@ from moeprune.serve.scheduler import Job, Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED, STORE = ROOT / "profiles" / "models" / "tiny-moe", ROOT / "profiles" / "patterns"
-QUERIES = {task: [json.loads(line)["text"] for line in (ROOT / "profiles" / "queries" / f"{task}.jsonl").read_text().splitlines()[:3]]
+QUERIES = {task: [json.loads(line)["text"]
+                  for line in (ROOT / "profiles" / "queries" / f"{task}.jsonl").read_text().splitlines()[:3]]
            for task in ("code", "legal", "math", "recipes")}
 
 
@@ -119,14 +120,16 @@ def test_streaming_equals_non_streaming(client, stop):
 def test_client_leaving_a_stream_ends_its_row(server, client):
     def generated() -> float:
         text = httpx.get(server.url + "/metrics", timeout=30).text
-        return float(next(line for line in text.splitlines() if line.startswith("moeprune_generation_tokens_total")).split()[-1])
+        line = next(line for line in text.splitlines() if line.startswith("moeprune_generation_tokens_total"))
+        return float(line.split()[-1])
 
     before = generated()
     body = {"model": "math", "prompt": "1 + 1 =", "max_tokens": 60, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # one event, then hang up
-    assert client.completions.create(model="math", prompt="2 =", max_tokens=1, temperature=0).usage.completion_tokens == 1
+    completion = client.completions.create(model="math", prompt="2 =", max_tokens=1, temperature=0)
+    assert completion.usage.completion_tokens == 1
     assert generated() - before < 60  # the row ended early (the next request ran after its batch)
 
 
@@ -165,7 +168,8 @@ def test_errors_in_openai_format_and_server_keeps_serving(server, client):
         ("/v1/completions", b"{not json", 400, "not valid JSON"),
         ("/v1/completions", b"[1, 2]", 400, "JSON object"),
         ("/v1/completions", json.dumps(dict(ok, model="nope")).encode(), 404, "does not exist"),
-        ("/v1/chat/completions", json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        ("/v1/chat/completions",
+         json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(),
          404, "does not exist"),
         ("/v1/completions", json.dumps(dict(ok, max_tokens="x")).encode(), 400, "max_tokens"),
         ("/v1/completions", json.dumps(dict(ok, max_tokens=0)).encode(), 400, "max_tokens"),
@@ -182,7 +186,8 @@ def test_errors_in_openai_format_and_server_keeps_serving(server, client):
          "context length"),
         ("/v1/completions", json.dumps(dict(ok, prompt="x" * (70 * 1024))).encode(), 413, "limit"),
         ("/v1/chat/completions", json.dumps({"model": "tiny-moe", "messages": []}).encode(), 400, "messages"),
-        ("/v1/chat/completions", json.dumps({"model": "tiny-moe", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+        ("/v1/chat/completions",
+         json.dumps({"model": "tiny-moe", "messages": [{"role": "robot", "content": "x"}]}).encode(),
          400, "messages"),
         ("/v1/nothing", b"{}", 404, "Not Found"),
     ]
@@ -249,7 +254,8 @@ def test_concurrent_clients_across_tasks_equal_sequential(server, client):
     for req, got in zip(work, answers):
         assert got == sequential[req], req
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
-    batched = [line for line in metrics.splitlines() if line.startswith("moeprune_batch_size_bucket") and 'le="1.0"' in line]
+    batched = [line for line in metrics.splitlines()
+               if line.startswith("moeprune_batch_size_bucket") and 'le="1.0"' in line]
     total = [line for line in metrics.splitlines() if line.startswith("moeprune_batch_size_count")]
     assert float(batched[0].split()[-1]) < float(total[0].split()[-1])  # some batches held several requests
 
@@ -291,7 +297,8 @@ def test_pick_policy_bounded_wait(runtime):
     """Most queued requests first, the active task on a tie, the oldest once it has waited max_wait."""
     sched = Scheduler(runtime, max_wait=0.5)
     now = time.monotonic()
-    job = lambda task, age: Job([1], Sampling(max_tokens=1), lambda *a: None, task=task, arrived=now - age)
+    def job(task, age):
+        return Job([1], Sampling(max_tokens=1), lambda *a: None, task=task, arrived=now - age)
     runtime.activate("legal")
     assert sched._pick([job("math", 0.1), job("code", 0), job("code", 0)]) == "code"  # most queued
     assert sched._pick([job("math", 0.1), job("legal", 0)]) == "legal"  # tie: no switch

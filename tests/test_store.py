@@ -5,11 +5,11 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+from test_pattern import FP
 
 from moeprune.cli import main
 from moeprune.pattern import ExpertPattern
 from moeprune.store import PatternStore, StoreError
-from test_pattern import FP
 from tiny_models import FAMILIES, write_token_demos
 
 

@@ -401,7 +401,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host") from None
+        raise OSError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host") from None
     return sock
 
 

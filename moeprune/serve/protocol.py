@@ -54,7 +54,8 @@ class _Request(BaseModel):
         neutral = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0}
         for name, value in neutral.items():
             if getattr(self, name) != value:
-                raise APIError(f"{name}={getattr(self, name)} is not supported by this server (only {value})", param=name)
+                raise APIError(f"{name}={getattr(self, name)} is not supported by this server (only {value})",
+                               param=name)
         if self.logit_bias:
             raise APIError("logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
