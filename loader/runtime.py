@@ -27,8 +27,8 @@ import torch
 from moeprune.arch import moe_blocks
 from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
-from moeprune.pattern import ExpertPattern
 from moeprune.modeling import load_tokenizer, parse_dtype
+from moeprune.pattern import ExpertPattern
 from moeprune.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
 
 from .reader import TensorReader

@@ -9,8 +9,8 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .fingerprint import checkpoint_fingerprint
-from .pattern import ExpertPattern
 from .modeling import parse_dtype
+from .pattern import ExpertPattern
 
 
 def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | None = None) -> ExpertPattern:

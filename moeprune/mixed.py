@@ -28,8 +28,7 @@ def _relative_error(m, bits: int, group: int) -> float:
 
 def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int], group_size: int) -> np.ndarray:
     """``eps[N, B]`` for the kept experts in pattern order (layer by layer), streamed one expert at a time."""
-    from .loader.reader import TensorReader
-    from .loader.reader import read_layer_experts
+    from .loader.reader import TensorReader, read_layer_experts
 
     reader = TensorReader(ckpt)
     adapter = ckpt.adapter

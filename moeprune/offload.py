@@ -21,15 +21,13 @@ from .fingerprint import Fingerprint
 from .profile import RouterProfile, RouterProfiler
 
 
-
 class _Stop(Exception):
     pass
 
 
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
     from .arch import moe_blocks
-    from .loader.reader import TensorReader
-    from .loader.reader import read_layer_experts
+    from .loader.reader import TensorReader, read_layer_experts
     from .loader.selective import resize_block, set_tensor
     from .stored_formats import logical_key
 

@@ -13,12 +13,12 @@ from .demos import demo_hash, encode_demos, read_demos
 from .export import export_pruned
 from .fingerprint import Fingerprint, checkpoint_fingerprint
 from .io import check_dir_target
-from .modeling import (DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context,  # noqa: F401
-                       parse_dtype)
+from .modeling import DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context, parse_dtype  # noqa: F401
 from .pattern import ExpertPattern
 from .profile import RouterProfile, profile_model
 from .scoring import default_budget, needs_checkpoint, score_merging
 from .select import make_pattern
+
 
 @dataclass
 class Workspace:

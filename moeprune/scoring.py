@@ -13,8 +13,19 @@ import torch
 
 from . import diep, drift, exact, hcsmoe, stun, uncurl  # noqa: F401  (they register themselves)
 from .profile import RouterProfile
-from .registry import (SCORERS, MergingScores, Scorer, default_budget, needs_checkpoint, register_scorer,  # noqa: F401
-                       runs_model, score, score_merging, score_with_clusters, scores_mass)
+from .registry import (  # noqa: F401
+    SCORERS,
+    MergingScores,
+    Scorer,
+    default_budget,
+    needs_checkpoint,
+    register_scorer,
+    runs_model,
+    score,
+    score_merging,
+    score_with_clusters,
+    scores_mass,
+)
 
 
 @register_scorer("random")
