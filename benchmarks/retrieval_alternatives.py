@@ -24,7 +24,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
-from benchmarks.retrieval import OPENINGS  # noqa: E402
 from moeprune import embedded  # noqa: E402
 from moeprune.arch import get_adapter, moe_blocks  # noqa: E402
 from moeprune.checkpoint import open_checkpoint  # noqa: E402
@@ -32,7 +31,8 @@ from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
 
 # the generic openings some queries start with: used only to break the accuracy down, never by a method
-PREAMBLES = OPENINGS
+# the instruction openings of the embedded model's held-out queries (profiles/queries)
+PREAMBLES = ("Please help: ", "Quick question. ", "Can you help me? ")
 
 
 @torch.inference_mode()
