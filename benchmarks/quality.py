@@ -56,6 +56,10 @@ def main() -> None:
     ap.add_argument("--no-cross", action="store_true", help="skip the cross-domain evaluation (4x faster)")
     ap.add_argument("--no-quant", action="store_true", help="skip the quantized-experts rows")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="add a '+ recal' column: the same selection with its kept router rows re-calibrated")
+    ap.add_argument("--section", default=None, help="the BENCHMARKS.md section to write (default from --profiles)")
+    ap.add_argument("--domains", nargs="+", default=None, help="only these domains (timing a subset)")
     args = ap.parse_args()
     args.methods = [m for m in (args.methods or all_methods()) if m not in args.exclude]
     section = "Quality"
@@ -68,9 +72,10 @@ def main() -> None:
                 raise SystemExit(f"{profiles}/models holds {len(models)} models; name one with --model")
             args.model = str(models[0])
         section = f"Quality: {profiles.name}"
+    section = args.section or section
 
     t0 = time.perf_counter()
-    bench = EmbeddedBench(args.model)
+    bench = EmbeddedBench(args.model, domains=args.domains)
     profile_s = time.perf_counter() - t0
     rows, per_domain = [], []
     results = {}
@@ -79,7 +84,8 @@ def main() -> None:
             t = time.perf_counter()
             scorer, params = VARIANTS.get(method, (method, {}))
             try:
-                res = [bench.run(d, scorer, keep, cross=not args.no_cross, **params) for d in bench.domains]
+                res = [bench.run(d, scorer, keep, cross=not args.no_cross, recalibrate=args.recalibrate, **params)
+                       for d in bench.domains]
             except ValueError as exc:  # e.g. enumerate refusing an exploding subset count
                 print(f"{method} keep {keep}: {exc}", flush=True)
                 rows.append((keep, method, "refused", "", "", ""))
@@ -90,8 +96,13 @@ def main() -> None:
             cross = "" if args.no_cross else \
                 f"{statistics.geometric_mean([v for r in res for v in r.cross.values()]):.3f}"
             results[(method, keep)] = in_dom
-            rows.append((keep, method, f"{in_dom:.3f}", cross, f"{passes:.0f}", f"{sec:.2f}"))
-            per_domain.append((keep, method, *[f"{r.ratio:.3f}" for r in res]))
+            recal = ()
+            if args.recalibrate:
+                results[(method + " + recal", keep)] = statistics.geometric_mean([r.recal_ratio for r in res])
+                recal = (f"{results[(method + ' + recal', keep)]:.3f}",)
+            rows.append((keep, method, f"{in_dom:.3f}", *recal, cross, f"{passes:.0f}", f"{sec:.2f}"))
+            per_domain.append((keep, method, *[f"{r.ratio:.3f}" + (f" ({r.recal_ratio:.3f})" if args.recalibrate
+                                                                   else "") for r in res]))
             print(rows[-1], flush=True)
     qrows = []
     for label, kw in () if args.no_quant else (("int8 rtn", {"bits": 8}), ("int4 rtn", {"bits": 4}),
@@ -103,7 +114,11 @@ def main() -> None:
     full = ", ".join(f"{d} {p:.2f}" for d, p in bench.full_ppl.items())
     plot = BENCHMARKS_MD.parent / "benchmarks" / ("quality.png" if not args.profiles else
                                                   f"quality-{Path(args.profiles).resolve().name}.png")
-    _plot(results, args.methods, args.keeps, plot)
+    if args.section:
+        plot = plot.with_name(f"quality-{args.section.split(':')[-1].strip().lower().replace(' ', '-')}"
+                              f"{'-' + Path(args.profiles).resolve().name if args.profiles else ''}.png")
+    plotted = [m + s for m in args.methods for s in ("", " + recal")] if args.recalibrate else args.methods
+    _plot(results, plotted, args.keeps, plot)
     body = (f"Machine: {machine()}. Model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
             f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
             "pass per demo).\n\n"
@@ -117,12 +132,16 @@ def main() -> None:
             "+protect: with --protect-super-experts. Left out: "
             + (", ".join(f"{m} ({why})" for m, why in NEEDS_MORE.items()) + "; "
                + (", ".join(args.exclude) + " (--exclude)" if args.exclude else "nothing else")) + ".\n\n"
-            + table(rows, ["keep", "method", "in-domain ppl ratio", "cross-domain ppl ratio", "passes", "s/domain"])
+            + ("+ recal: the same selection with its kept router rows (and selection bias) re-calibrated on "
+               "the domain's demos to match the full model's next-token distribution (KL; "
+               "`moeprune.recalibrate`); s/domain includes it.\n\n" if args.recalibrate else "")
+            + table(rows, ["keep", "method", "in-domain ppl ratio", *(["+ recal"] if args.recalibrate else []),
+                           "cross-domain ppl ratio", "passes", "s/domain"])
             + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, "
                "symmetric, group 128; mixed = MC-MoE "
             "allotment over 2/4/8 bits by the exact integer program):\n\n"
             + table(qrows, ["expert weights", "in-domain ppl ratio"]))
-            + "\n\nPer domain (in-domain ratio):\n\n"
+            + "\n\nPer domain (in-domain ratio" + (", + recal in brackets" if args.recalibrate else "") + "):\n\n"
             + table(per_domain, ["keep", "method", *bench.domains])
             + f"\n\n![quality]({plot.relative_to(BENCHMARKS_MD.parent)})\n")
     print(body)
@@ -139,10 +158,14 @@ def _plot(results, methods, keeps, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [float(k) for k in keeps]
     colors = plt.get_cmap("tab20").colors
-    for i, m in enumerate(methods):
+    base = [m for m in methods if not m.endswith(" + recal")]  # "+ recal": dashed, in its method's colour
+    for m in methods:
+        recal = m.endswith(" + recal")
+        i = base.index(m.removesuffix(" + recal")) if m.removesuffix(" + recal") in base else len(base)
         pts = [(x, results[(m, k)]) for x, k in zip(xs, keeps) if (m, k) in results]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>"[i % 7], color=colors[i % 20],
-                linestyle="-" if i < 10 else "--", label=m)
+                linestyle="--" if recal or (i >= 10 and not any(x.endswith(" + recal") for x in methods)) else "-",
+                label=m)
     ax.set_xlabel("fraction of experts kept")
     ax.set_ylabel("in-domain perplexity ratio (pruned / full)")
     ax.set_yscale("log")

@@ -29,10 +29,15 @@ class DomainResult:
     kept: dict[int, list[int]]
     cross: dict[str, float] | None = None  # other domain -> ppl of this domain's pruned model there
     method_passes: int = 0  # model forward calls the method made beyond the shared profile
+    ppl_recal: float | None = None  # with the kept router rows re-calibrated (``run(recalibrate=True)``)
 
     @property
     def ratio(self) -> float:
         return self.ppl_pruned / self.ppl_full
+
+    @property
+    def recal_ratio(self) -> float | None:
+        return None if self.ppl_recal is None else self.ppl_recal / self.ppl_full
 
     def to_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "method": self.method, "keep": self.keep, "ppl_full": self.ppl_full,
@@ -72,7 +77,9 @@ class EmbeddedBench:
             return from_pretrained(Path(tmp) / "pruned", device=self.device, dtype=self.dtype)
 
     def run(self, domain: str, method: str, keep: str, cross: bool = False, bits: int | None = None,
-            avg_bits: float | None = None, **params: Any) -> DomainResult:
+            avg_bits: float | None = None, recalibrate: bool = False, **params: Any) -> DomainResult:
+        """Prune ``domain`` with ``method`` at ``keep`` and evaluate; ``recalibrate`` also evaluates the
+        same selection with its kept router rows re-calibrated on the domain's demos (``ppl_recal``)."""
         calls = [0]
         counter = self.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         try:
@@ -88,8 +95,14 @@ class EmbeddedBench:
         others = None
         if cross:
             others = {d: perplexity(pruned, self.evals[d]) / self.full_ppl[d] for d in self.domains if d != domain}
-        return DomainResult(domain, method, str(keep), self.full_ppl[domain], perplexity(pruned, self.evals[domain]),
-                            pattern.kept, others, calls[0])
+        ppl_pruned, ppl_recal = perplexity(pruned, self.evals[domain]), None
+        if recalibrate:
+            from .recalibrate import recalibrate_pattern
+
+            recalibrate_pattern(self.ckpt, pattern, self.model, self.demos[domain], progress=False)
+            ppl_recal = perplexity(self.pruned_model(pattern, bits), self.evals[domain])
+        return DomainResult(domain, method, str(keep), self.full_ppl[domain], ppl_pruned, pattern.kept, others,
+                            calls[0], ppl_recal)
 
 
 def run_demo(method: str = "tcess", keep: str = "0.5", model: str | Path | None = None,

@@ -55,3 +55,14 @@ def test_store_retrieve_and_generate_through_the_runtime(tmp_path, capsys):
     rt = TaskAdaptiveModel(model, store=store)
     text = rt.generate(query, max_new_tokens=8, do_sample=False)
     assert isinstance(text, str) and rt.active.task == first
+
+
+def test_run_recalibrate_evaluates_the_same_selection_refitted(bench):
+    """``run(recalibrate=True)`` keeps the plain result and adds the re-calibrated one, which helps
+    where the selection is poor (random at keep 0.25)."""
+    domain = bench.domains[0]
+    plain = bench.run(domain, "random", "0.25")
+    both = bench.run(domain, "random", "0.25", recalibrate=True)
+    assert plain.ppl_recal is None and plain.recal_ratio is None
+    assert both.kept == plain.kept and both.ppl_pruned == pytest.approx(plain.ppl_pruned, rel=1e-6)
+    assert both.ppl_recal < both.ppl_pruned, (both.ppl_recal, both.ppl_pruned)
