@@ -40,13 +40,10 @@ from .arch import moe_blocks
 from .checkpoint import Checkpoint
 from .compressed import common_group
 from .gptq import GPTQResult, gptq_quantize, grid_params, rtn
+from .layerwise import LayerReplay
 from .pattern import ExpertPattern
 
 QUANT_METHODS = ("rtn", "gptq")
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -138,15 +135,11 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
     out = GPTQCodes()
     if method == "rtn":
         min_tokens = float("inf")
-    cached: list[Any] = [None] * len(demos)
-    current = {"demo": 0}
+    replay = LayerReplay(model, demos, device)
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def run(l: int, capture: bool) -> None:
-        """Every demo through layer ``l`` (layers before it replay ``cached``); keep its outputs."""
-        for i in range(l):
-            layers[i].forward = (lambda *a, **k: cached[current["demo"]]) if i == 0 else \
-                (lambda *a, **k: a[0] if a else k["hidden_states"])
+        """Every demo through layer ``l`` (:class:`LayerReplay`); ``capture``: keep its MoE block's inputs."""
         block = blocks.get(l)
         if capture and block is not None:
             experts = block.experts
@@ -156,23 +149,9 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
                 return type(_experts).forward(_experts, hidden_states, top_k_index, top_k_weights)
 
             experts.forward = forward
-
-        def stop(module, args, kwargs, output):
-            cached[current["demo"]] = output.detach() if isinstance(output, torch.Tensor) else output
-            raise _Stop
-
-        handle = layers[l].register_forward_hook(stop, with_kwargs=True)
         try:
-            for d, ids in enumerate(demos):
-                current["demo"] = d
-                try:
-                    model(torch.tensor([list(ids)], device=device), use_cache=False)
-                except _Stop:
-                    pass
+            replay.run(l)
         finally:
-            handle.remove()
-            for i in range(l):
-                del layers[i].forward
             if capture and block is not None:
                 del block.experts.forward
 
@@ -180,7 +159,7 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
         if l not in widths:
             run(l, capture=False)
             continue
-        saved = list(cached)
+        saved = list(replay.cached)
         captured.clear()
         run(l, capture=True)  # MoE inputs of layer l (outputs are recomputed once its experts are quantized)
         x = torch.cat([c[0] for c in captured])
@@ -217,7 +196,7 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
                 out.fallback += fb1 + fb2
                 out.codes[(l, i)] = {"gate_up_proj": q_gu, "down_proj": q_d}
         out.tokens[str(l)] = counts
-        cached = saved
+        replay.cached = saved
         run(l, capture=False)  # this layer's outputs with its experts quantized, for the next layer
         del x, idx, gw
     return out

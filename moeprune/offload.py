@@ -18,11 +18,8 @@ from tqdm.auto import tqdm
 from .arch import layer_of
 from .checkpoint import Checkpoint
 from .fingerprint import Fingerprint
+from .layerwise import LayerReplay
 from .profile import RouterProfile, RouterProfiler
-
-
-class _Stop(Exception):
-    pass
 
 
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
@@ -73,37 +70,13 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
     _load_tensors(model, ckpt, outer, device, dtype)
 
     profiler = RouterProfiler(model, fingerprint, task)
-    cached: list[Any] = [None] * len(encoded)  # input of the current layer, per demo
-    current = {"demo": 0}
-
-    def replay_first(module, args, kwargs):  # layer 0 when l > 0: hand over the cached input instead
-        return cached[current["demo"]]
-
-    def passthrough(module, args, kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    def capture_and_stop(module, args, kwargs, output):
-        cached[current["demo"]] = output.detach() if isinstance(output, torch.Tensor) else output
-        raise _Stop
-
+    replay = LayerReplay(model, encoded, device)
     with torch.inference_mode(), profiler.attached():
         for l in tqdm(range(len(layers)), desc="profiling layer by layer", disable=not progress):
             _load_tensors(model, ckpt, by_layer.get(l, []), device, dtype)
-            for i in range(l):
-                layers[i].forward = (lambda *a, **k: replay_first(None, a, k)) if i == 0 else \
-                    (lambda *a, **k: passthrough(None, a, k))
-            handle = layers[l].register_forward_hook(capture_and_stop, with_kwargs=True)
             try:
-                for d, ids in enumerate(encoded):
-                    current["demo"] = d
-                    try:
-                        model(torch.tensor([list(ids)], device=device), use_cache=False)
-                    except _Stop:
-                        pass
+                replay.run(l)
             finally:
-                handle.remove()
-                for i in range(l):
-                    del layers[i].forward
                 layers[l].to("meta")
     prof = profiler.profile
     prof.tokens = sum(len(ids) for ids in encoded)
