@@ -24,6 +24,13 @@ CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hi
               max_position_embeddings=2048, tie_word_embeddings=False)
 
 
+def ensure_built(path: Path) -> None:
+    """The generated checkpoint at ``path``, written (:func:`build`) if it is not there yet."""
+    if not (path / "model.safetensors.index.json").exists():
+        print(f"writing a {CONFIG['num_local_experts']}-expert Mixtral checkpoint to {path} ...", flush=True)
+        build(path)
+
+
 def build(path: Path) -> None:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -100,9 +107,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     path = Path(args.dir)
-    if not (path / "model.safetensors.index.json").exists():
-        print(f"writing a {CONFIG['num_local_experts']}-expert Mixtral checkpoint to {path} ...", flush=True)
-        build(path)
+    ensure_built(path)
     from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.pattern import ExpertPattern

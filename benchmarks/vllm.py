@@ -19,7 +19,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.loader import CONFIG, build, drop_cached_shards  # noqa: E402
+from benchmarks.loader import drop_cached_shards, ensure_built  # noqa: E402
 from benchmarks.report import machine, table, write_section  # noqa: E402
 
 CHILD = r"""
@@ -68,9 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     py = vllm_python()
     path = Path(args.dir)
-    if not (path / "model.safetensors.index.json").exists():
-        print(f"writing a {CONFIG['num_local_experts']}-expert Mixtral checkpoint to {path} ...", flush=True)
-        build(path)
+    ensure_built(path)
     from moeprune.checkpoint import open_checkpoint
     from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
