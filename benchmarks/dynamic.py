@@ -19,10 +19,10 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.report import interleaved, machine, table, write_section  # noqa: E402
-from moeprune.demo import EmbeddedBench  # noqa: E402
-from moeprune.dynamic import DynamicPrune, DynamicPruner, calibrate  # noqa: E402
 from moeprune.evaluate import evaluate  # noqa: E402
-from moeprune.topany import train_topany  # noqa: E402
+from moeprune.methods.dynamic import DynamicPrune, DynamicPruner, calibrate  # noqa: E402
+from moeprune.methods.topany import train_topany  # noqa: E402
+from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 
 def geo(xs):

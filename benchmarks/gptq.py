@@ -2,7 +2,7 @@
 
 Per domain: the pattern is selected on the domain's demos, the pruned model is loaded and its kept
 experts quantized in memory on the export's grid (compressed-tensors, group 128, symmetric as the
-export's default; ``--asym`` for zero points) by ``moeprune.gptq_experts.calibrate_model``, ``rtn`` or
+export's default; ``--asym`` for zero points) by ``moeprune.quantization.gptq_experts.calibrate_model``, ``rtn`` or
 ``gptq`` (same code path, same grid; the exports pack exactly these values). Two perplexity ratios
 (quantized pruned / full): on the held-out eval texts, and on held-out *demos* (the last quarter of
 each domain's demos, never used for calibration: the numbers settings are chosen on, so the eval
@@ -22,11 +22,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 from benchmarks.report import machine, table, write_section  # noqa: E402
-from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
-from moeprune.gptq_experts import calibrate_model  # noqa: E402
 from moeprune.loader.selective import load_with_pattern  # noqa: E402
 from moeprune.pipeline import select_pattern  # noqa: E402
+from moeprune.quantization.gptq_experts import calibrate_model  # noqa: E402
+from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def drop_cached_shards(path: Path) -> bool:
 CHILD = r"""
 import json, resource, sys, time
 import torch, transformers, moeprune
-from moeprune.pattern import ExpertPattern
+from moeprune.patterns.pattern import ExpertPattern
 mode, path = sys.argv[1], sys.argv[2]
 import transformers.models.mixtral.modeling_mixtral, moeprune.loader.selective  # imports are not the load being timed
 transformers.AutoConfig.from_pretrained(path)
@@ -72,7 +72,7 @@ if mode == "plain":
     m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 elif mode == "export":
     import tempfile
-    from moeprune.export import export_pruned
+    from moeprune.io.export import export_pruned
     with tempfile.TemporaryDirectory(dir=sys.argv[6]) as tmp:
         out.update(export_pruned(path, sys.argv[3], tmp + "/out", max_shard_size="500MB", progress=False))
 else:
@@ -108,9 +108,9 @@ def main() -> None:
     args = ap.parse_args()
     path = Path(args.dir)
     ensure_built(path)
-    from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.pattern import ExpertPattern
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.patterns.pattern import ExpertPattern
 
     ckpt = open_checkpoint(path)
     fp = checkpoint_fingerprint(ckpt)

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from moeprune.demo import EmbeddedBench
 from moeprune.evaluate import perplexity
+from moeprune.methods.recalibrate import recalibrate_pattern
 from moeprune.pipeline import select_pattern
-from moeprune.recalibrate import recalibrate_pattern
+from moeprune.showcase import EmbeddedBench
 
 
 def geo(values: list[float]) -> float:

@@ -16,11 +16,11 @@ if __package__ in (None, ""):  # run as a file: import from the repo root, not t
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # would shadow the standard library's profile)
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from moeprune import embedded  # noqa: E402
-from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.fingerprint import checkpoint_fingerprint  # noqa: E402
+from moeprune.io.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
-from moeprune.profile import RouterProfiler, profile_model  # noqa: E402
+from moeprune.profiling.profile import RouterProfiler, profile_model  # noqa: E402
 
 
 def main() -> None:

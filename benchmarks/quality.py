@@ -1,7 +1,7 @@
 """Pruning quality on the embedded model: per method x keep x domain, the in-domain perplexity
 ratio pruned/full, the cross-domain ratio (experts picked for another domain), and the cost.
 
-Every registered method runs (``moeprune.registry.SCORERS``: a new scorer joins by registering), plus
+Every registered method runs (``moeprune.methods.registry.SCORERS``: a new scorer joins by registering), plus
 the variants below, at keep 0.75 / 0.5 / 0.25.
 
 Run: ``python benchmarks/quality.py`` (writes the "Quality" section of BENCHMARKS.md and a PNG);
@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a file: import from the repo root, not t
 import os  # noqa: E402
 
 from benchmarks.report import BENCHMARKS_MD, machine, table, write_section  # noqa: E402
-from moeprune import registry, scoring  # noqa: E402,F401  (scoring registers the built-ins)
-from moeprune.demo import EmbeddedBench  # noqa: E402
+from moeprune.methods import registry, scoring  # noqa: E402,F401  (scoring registers the built-ins)
+from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 DEFAULT_METHODS = ["random", "frequency", "soft-count", "tcess", "output-aware", "reap", "ean", "weighted-ean"]
 VARIANTS = {  # name -> (scorer, parameters)
@@ -134,7 +134,7 @@ def main() -> None:
                + (", ".join(args.exclude) + " (--exclude)" if args.exclude else "nothing else")) + ".\n\n"
             + ("+ recal: the same selection with its kept router rows (and selection bias) re-calibrated on "
                "the domain's demos to match the full model's next-token distribution (KL; "
-               "`moeprune.recalibrate`); s/domain includes it.\n\n" if args.recalibrate else "")
+               "`moeprune.methods.recalibrate`); s/domain includes it.\n\n" if args.recalibrate else "")
             + table(rows, ["keep", "method", "in-domain ppl ratio", *(["+ recal"] if args.recalibrate else []),
                            "cross-domain ppl ratio", "passes", "s/domain"])
             + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, "

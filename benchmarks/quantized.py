@@ -19,10 +19,10 @@ if __package__ in (None, ""):  # run as a file: import from the repo root
 import torch  # noqa: E402
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
-from moeprune.demo import EmbeddedBench  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
-from moeprune.export import export_pruned  # noqa: E402
+from moeprune.io.export import export_pruned  # noqa: E402
 from moeprune.pipeline import select_pattern  # noqa: E402
+from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 WIDTHS = [None, 8, 4, 3, 2]
 

@@ -2,7 +2,7 @@
 
 Models: the embedded one (Mixtral layout, 4 template domains) and the fine-grained benchmark model
 (Qwen2-MoE layout, 64 experts top-6, six domains of real text; ``profiles/finegrained``). Per domain, a
-tcess keep-0.5 pattern with the demo windows of its demos (``moeprune.windows``).
+tcess keep-0.5 pattern with the demo windows of its demos (``moeprune.patterns.windows``).
 
 Queries, all from held-out documents (never trained on or profiled): document openings and inner
 windows (from a random line start) of 30/100/200/400 characters, instruction-wrapped windows, the
@@ -35,16 +35,16 @@ import torch
 from benchmarks.report import interleaved, machine, table, write_section
 from moeprune import embedded
 from moeprune.arch import get_adapter, moe_blocks
-from moeprune.checkpoint import open_checkpoint
 from moeprune.demos import encode_demos, read_demos
 from moeprune.fingerprint import checkpoint_fingerprint
-from moeprune.pipeline import load_model
-from moeprune.profile import profile_model
-from moeprune.retrieval import (
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.patterns.retrieval import (
     load_signature_model,
     query_signatures,
 )
-from moeprune.windows import WINDOW_CHARS, WindowClassifier, demo_windows, record_text
+from moeprune.patterns.windows import WINDOW_CHARS, WindowClassifier, demo_windows, record_text
+from moeprune.pipeline import load_model
+from moeprune.profiling.profile import profile_model
 
 HERE = Path(__file__).resolve().parent
 WRAPPERS = [  # instruction wrappers of the protocol (none of them in any demo or training text)
@@ -110,7 +110,7 @@ class Bench:
     @torch.inference_mode()
     def hidden(self, texts: list[str]) -> np.ndarray:
         """Mean (context-weighted, BOS skipped) hidden state entering the first MoE layer's router."""
-        from moeprune.retrieval import content_positions, token_weights
+        from moeprune.patterns.retrieval import content_positions, token_weights
 
         adapter = get_adapter(self.model.config)
         router = getattr(list(moe_blocks(self.model, adapter).values())[0], adapter.router)

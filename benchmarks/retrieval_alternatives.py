@@ -1,6 +1,6 @@
 """Query -> task retrieval: the alternatives to the shipped signature, measured on the embedded model.
 
-The shipped retrieval (``moeprune.retrieval``) embeds a text by the share of its tokens routed to
+The shipped retrieval (``moeprune.patterns.retrieval``) embeds a text by the share of its tokens routed to
 each expert (top-k) at the first MoE layer, the t-th token weighted by t (the context it has seen),
 and takes the nearest task signature by centred cosine.
 This script measures, on the same held-out queries, every alternative tried so far, so the
@@ -26,8 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from moeprune import embedded  # noqa: E402
 from moeprune.arch import get_adapter, moe_blocks  # noqa: E402
-from moeprune.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
+from moeprune.io.checkpoint import open_checkpoint  # noqa: E402
 from moeprune.pipeline import load_model  # noqa: E402
 
 # the generic openings some queries start with: used only to break the accuracy down, never by a method

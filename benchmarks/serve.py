@@ -173,9 +173,9 @@ def _expert_bytes(rt) -> int:
 
 
 def big_patterns(path: Path):
-    from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.pattern import ExpertPattern
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.patterns.pattern import ExpertPattern
 
     fp = checkpoint_fingerprint(open_checkpoint(path))
     E = max(fp.num_experts)
@@ -233,7 +233,7 @@ def main() -> None:
         rows.append(("embedded (17 MB)", "cold" if cold else "warm", f"{t:.2f}"))
         print(rows[-1], flush=True)
     from moeprune.loader.runtime import TaskAdaptiveModel
-    from moeprune.store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     emb = TaskAdaptiveModel(EMBEDDED, store=STORE)
     pats = [emb.patterns["math"], emb.patterns["code"]]

@@ -23,9 +23,9 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 from functools import partial  # noqa: E402
 
-import moeprune.stun as stun  # noqa: E402
+import moeprune.methods.stun as stun  # noqa: E402
 from benchmarks.report import machine, table, write_section  # noqa: E402
-from moeprune.demo import EmbeddedBench  # noqa: E402
+from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 
 def main() -> None:

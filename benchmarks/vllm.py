@@ -69,10 +69,10 @@ def main() -> None:
     py = vllm_python()
     path = Path(args.dir)
     ensure_built(path)
-    from moeprune.checkpoint import open_checkpoint
-    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.pattern import ExpertPattern
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.io.export import export_pruned
+    from moeprune.patterns.pattern import ExpertPattern
 
     ckpt = open_checkpoint(path)
     fp = checkpoint_fingerprint(ckpt)

@@ -6,10 +6,10 @@ Importing this package never imports triton (only :mod:`moeprune.kernels.triton_
     register()  # then experts_implementation="moeprune" in from_pretrained / from_config
 """
 
-from .quant_format import QuantizedExpertWeight, dequantize_ref, quantize_experts_, quantize_ref
-from .registry import moe_experts_forward, register, select_backend, triton_available
-from .routing import align_block_size, sort_by_expert
-from .torch_experts import eager_experts_forward, torch_experts_forward
+from moeprune.kernels.quant_format import QuantizedExpertWeight, dequantize_ref, quantize_experts_, quantize_ref
+from moeprune.kernels.registry import moe_experts_forward, register, select_backend, triton_available
+from moeprune.kernels.routing import align_block_size, sort_by_expert
+from moeprune.kernels.torch_experts import eager_experts_forward, torch_experts_forward
 
 __all__ = [
     "moe_experts_forward",
@@ -30,6 +30,6 @@ __all__ = [
 
 def triton_experts_forward(module, hidden_states, top_k_index, top_k_weights, **kwargs):
     """Lazy wrapper for :func:`moeprune.kernels.triton_moe.triton_experts_forward` (imports triton)."""
-    from .triton_moe import triton_experts_forward as fwd
+    from moeprune.kernels.triton_moe import triton_experts_forward as fwd
 
     return fwd(module, hidden_states, top_k_index, top_k_weights, **kwargs)

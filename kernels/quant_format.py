@@ -1,6 +1,6 @@
 """Group-wise asymmetric int8/int4/int2 weight format read by the expert kernels (torch only).
 
-FORMAT (shared with ``moeprune.quant``; keep in sync).  For a weight ``W [..., out, in]``
+FORMAT (shared with ``moeprune.quantization.quant``; keep in sync).  For a weight ``W [..., out, in]``
 (an expert stack is ``[E, out, in]``), group size ``G`` along ``in`` (``G`` divides ``in``),
 ``b`` bits, ``L = 2**b - 1``:
 
@@ -12,7 +12,7 @@ FORMAT (shared with ``moeprune.quant``; keep in sync).  For a weight ``W [..., o
   bits ``[j*b, (j+1)*b)`` (first value lowest), packed shape ``[..., out, in * b // 8]``.
 
 Kernels only read the stored tensors; how ``scale``/``zero`` were chosen does not matter to them
-(``moeprune.quant`` also widens ``[min, max]`` to contain 0 and rounds the scale up to fp16).
+(``moeprune.quantization.quant`` also widens ``[min, max]`` to contain 0 and rounds the scale up to fp16).
 
 Quantized experts on a module: an expert weight attribute (``gate_up_proj``, ``up_proj``,
 ``down_proj``) may be a :class:`QuantizedExpertWeight` submodule (buffers ``qweight``, ``scales``,
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune import quant as _quant
-from moeprune.widths import CONTAINER_BITS
+from moeprune.quantization import quant as _quant
+from moeprune.quantization.widths import CONTAINER_BITS
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -46,7 +46,7 @@ __all__ = [
     "expert_weight",
 ]
 
-SUPPORTED_BITS = tuple(sorted(CONTAINER_BITS, reverse=True))  # moeprune.widths: the one definition
+SUPPORTED_BITS = tuple(sorted(CONTAINER_BITS, reverse=True))  # moeprune.quantization.widths: the one definition
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 
 
@@ -57,7 +57,7 @@ def _check_bits(bits: int) -> int:
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integers in ``[0, 2**bits)`` along the last dim (``moeprune.quant.pack``)."""
+    """Pack integers in ``[0, 2**bits)`` along the last dim (``moeprune.quantization.quant.pack``)."""
     return _quant.pack(q, _check_bits(bits))
 
 
@@ -67,7 +67,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_ref(w: torch.Tensor, bits: int, group_size: int = 128):
-    """Quantize ``w [..., out, in]`` -> ``(packed uint8, scales fp16, zeros fp16)`` with ``moeprune.quant``."""
+    """Quantize ``w [..., out, in]`` -> ``(packed uint8, scales fp16, zeros fp16)``."""
     qt = _quant.quantize(w, _check_bits(bits), group_size)
     return qt.packed, qt.scales, qt.zeros
 

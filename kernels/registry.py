@@ -9,8 +9,8 @@ import warnings
 
 import torch
 
-from .quant_format import mixed_weights, width_groups
-from .torch_experts import torch_experts_forward
+from moeprune.kernels.quant_format import mixed_weights, width_groups
+from moeprune.kernels.torch_experts import torch_experts_forward
 
 __all__ = ["NAME", "moe_experts_forward", "select_backend", "triton_available", "register"]
 
@@ -61,7 +61,7 @@ def moe_experts_forward(module, hidden_states, top_k_index, top_k_weights):
             out = y if out is None else out + y
         return out
     if select_backend(module, hidden_states) == "triton":
-        from .triton_moe import triton_experts_forward  # imports triton
+        from moeprune.kernels.triton_moe import triton_experts_forward  # imports triton
 
         return triton_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     return torch_experts_forward(module, hidden_states, top_k_index, top_k_weights)

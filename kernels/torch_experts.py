@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _buffers, counters
-from .quant_format import dequantize_ref, expert_weight, get_quantized, qparts
-from .routing import sort_by_expert
+from moeprune.kernels import _buffers, counters
+from moeprune.kernels.quant_format import dequantize_ref, expert_weight, get_quantized, qparts
+from moeprune.kernels.routing import sort_by_expert
 
 __all__ = ["torch_experts_forward", "eager_experts_forward"]
 

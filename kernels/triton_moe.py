@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from . import _buffers, counters
-from .configs import get_config
-from .quant_format import get_quantized, qparts
-from .routing import align_block_size
+from moeprune.kernels import _buffers, counters
+from moeprune.kernels.configs import get_config
+from moeprune.kernels.quant_format import get_quantized, qparts
+from moeprune.kernels.routing import align_block_size
 
 __all__ = ["triton_experts_forward", "gate_mode", "moe_gemm"]
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
-from moeprune.checkpoint import Checkpoint
+from moeprune.io.checkpoint import Checkpoint
 
 Range = tuple[Path, int, int]  # file, first byte, end byte
 

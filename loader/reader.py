@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from moeprune.arch import MoEAdapter
-from moeprune.checkpoint import Checkpoint, CheckpointError
+from moeprune.io.checkpoint import Checkpoint, CheckpointError
 
 Request = tuple[str, tuple[int, ...] | None]  # (checkpoint key, expert-axis rows or None for the whole tensor)
 
@@ -106,7 +106,7 @@ class TensorReader:
         if scaled:
             return self._read_scaled(f, shard, key, rows, *scaled)
         if self._stored_key(key) != key:
-            from moeprune.quantize_experts import read_stored
+            from moeprune.quantization.experts import read_stored
 
             stored = read_stored(f, key, self.ckpt.config, self.ckpt.adapter.experts_transposed, rows)
             self.stats.tensors += len(stored.parts)
@@ -118,7 +118,7 @@ class TensorReader:
     def _read_scaled(self, f, shard: str, key: str, rows: tuple[int, ...] | None, fmt: str, data_key: str,
                      scale_key: str) -> torch.Tensor:
         """Read the data and scale parts (rows of both) and dequantize to float32."""
-        from moeprune.stored_formats import dequantize
+        from moeprune.quantization.stored_formats import dequantize
 
         data = self._read_stored(f, shard, data_key, rows)
         scale_shard = self.ckpt.weight_map[scale_key]

@@ -25,14 +25,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from moeprune.arch import moe_blocks
-from moeprune.checkpoint import open_checkpoint
 from moeprune.fingerprint import checkpoint_fingerprint
-from moeprune.modeling import load_tokenizer, parse_dtype
-from moeprune.pattern import ExpertPattern
-from moeprune.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
-
-from .reader import TensorReader
-from .selective import (
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.loader.reader import TensorReader
+from moeprune.loader.selective import (
     assemble_expert,
     attach_full_routers,
     expert_requests,
@@ -41,6 +37,9 @@ from .selective import (
     resize_block,
     set_tensor,
 )
+from moeprune.modeling import load_tokenizer, parse_dtype
+from moeprune.patterns.pattern import ExpertPattern
+from moeprune.patterns.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
 
 ExpertKey = tuple[int, int]  # (layer, original expert id)
 
@@ -99,7 +98,7 @@ class TaskAdaptiveModel:
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
         if patterns is None:
-            from moeprune.store import PatternStore
+            from moeprune.patterns.store import PatternStore
 
             patterns = PatternStore(store).patterns(self.fingerprint)
         patterns = list(patterns)
@@ -137,7 +136,7 @@ class TaskAdaptiveModel:
         self.tokenizer = load_tokenizer(self.ckpt)
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = context if isinstance(context, int) else None
-        # fewer active experts per token (moeprune.dynamic): a rule, or a fraction calibrated on ``demos``
+        # fewer active experts per token (moeprune.methods.dynamic): a rule, or a fraction calibrated on ``demos``
         from moeprune.api import apply_dynamic
 
         self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
@@ -316,7 +315,7 @@ class TaskAdaptiveModel:
         """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
         if self.bits is None or self.packed_source:  # float, or already packed as stored
             return slices
-        from moeprune.compressed import common_group, quantize_tensor
+        from moeprune.quantization.compressed import common_group, quantize_tensor
 
         out = {}
         mats = {n: t.to(self.dtype) for n, t in slices.items() if not n.endswith("_bias")}
@@ -336,8 +335,8 @@ class TaskAdaptiveModel:
         floats = [{n: t for n, t in e.items() if "." not in n} for e in experts]
         if floats[0]:
             fill_experts(self.model, self.adapter, layer, floats, self.device, self.dtype)
-        from moeprune.compressed import container_bits
         from moeprune.kernels.quant_format import QuantizedExpertWeight
+        from moeprune.quantization.compressed import container_bits
 
         for name in sorted({n.rsplit(".", 1)[0] for n in experts[0] if n.endswith(".qweight")}):
             q, sc, z = (torch.stack([e[f"{name}.{part}"] for e in experts]) for part in ("qweight", "scales", "zeros"))

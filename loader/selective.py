@@ -17,13 +17,12 @@ import torch
 from accelerate import init_empty_weights
 
 from moeprune.arch import MoEAdapter, get_path, layer_of, moe_blocks
-from moeprune.checkpoint import Checkpoint, CheckpointError
-from moeprune.export import plan_tensors, pruned_config
-from moeprune.merge import merge_transform, merged_expert
-from moeprune.pattern import ExpertPattern
-from moeprune.stored_formats import drop_dequantized_config, float_dtype
-
-from .reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
+from moeprune.io.checkpoint import Checkpoint, CheckpointError
+from moeprune.io.export import plan_tensors, pruned_config
+from moeprune.loader.reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
+from moeprune.methods.merge import merge_transform, merged_expert
+from moeprune.patterns.pattern import ExpertPattern
+from moeprune.quantization.stored_formats import drop_dequantized_config, float_dtype
 
 # config fields a pattern may override -> the router attribute transformers reads them from
 ROUTER_ATTRS = {"n_group": "num_group", "topk_group": "topk_group"}
@@ -68,7 +67,7 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
                               reader: TensorReader) -> dict[str, Any] | None:
     """The layer's expert weights kept packed (``QuantizedExpertWeight``, or one per width for mixed
     widths) and biases as tensors, or None when its experts are not stored quantized."""
-    from moeprune.quantize_experts import stack_quantized
+    from moeprune.quantization.experts import stack_quantized
 
     weights = [p for p, _ in adapter.expert_params if not p.endswith("_bias")]
     sources = {e: adapter.expert_sources(layer, e) for e in experts}
@@ -101,9 +100,9 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
     and dequantized in place, so the numerics match a quantized export either way (which quantizes the
     values in the checkpoint's float dtype ``source_dtype``, scales in that dtype).
     """
-    from moeprune.compressed import common_group, quantize_tensor
     from moeprune.kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
-    from moeprune.quant import dequantize
+    from moeprune.quantization.compressed import common_group, quantize_tensor
+    from moeprune.quantization.quant import dequantize
 
     out: dict[str, Any] = dict(values)
     weights = {p: (s.transpose(-1, -2) if adapter.experts_transposed else s)  # [E, out, in]

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import open_checkpoint
-from .fingerprint import checkpoint_fingerprint
-from .modeling import parse_dtype
-from .pattern import ExpertPattern
+from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.modeling import parse_dtype
+from moeprune.patterns.pattern import ExpertPattern
 
 
 def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | None = None) -> ExpertPattern:
@@ -20,7 +20,7 @@ def resolve_pattern(pattern: ExpertPattern | str | Path, store: str | Path | Non
     path = Path(pattern)
     if path.suffix == ".json" or path.exists():
         return ExpertPattern.load(path)
-    from .store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     return PatternStore(store).get(str(pattern))
 
@@ -41,23 +41,23 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     dequantized on load.
     ``bits`` (8, 4, 3 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
     quantizes a float checkpoint's kept experts while loading, exactly as an export would.
-    ``dynamic_prune`` skips routed token-expert pairs at run time (:mod:`moeprune.dynamic`): a
-    :class:`~moeprune.dynamic.DynamicPrune` (or its dict), or a fraction F to calibrate MC-MoE's ODP on
+    ``dynamic_prune`` skips routed token-expert pairs at run time (:mod:`moeprune.methods.dynamic`): a
+    :class:`~moeprune.methods.dynamic.DynamicPrune` (or its dict), or a fraction F to calibrate MC-MoE's ODP on
     ``demos`` (a demo file); an export carrying a ``dynamic_prune`` config entry applies it unless
     ``dynamic_prune=False``.
     """
-    from .loader.selective import load_with_pattern
+    from moeprune.loader.selective import load_with_pattern
 
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
     if pattern is None and bits is None:
-        from .modeling import load_as_is
+        from moeprune.modeling import load_as_is
 
         net, report = load_as_is(ckpt, device, torch_dtype or "auto", keep_quantized=keep_quantized)
         apply_dynamic(net, ckpt, dynamic_prune, demos)
         return (net, report) if return_report else net
     if pattern is None:
-        from .modeling import every_expert
+        from moeprune.modeling import every_expert
 
         pattern = every_expert(ckpt)
     pat = resolve_pattern(pattern, store)
@@ -71,10 +71,10 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
 
 def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None,
                     max_tokens: int | None = None, progress: bool = False) -> Any:
-    """The :class:`~moeprune.dynamic.DynamicPrune` to apply to a loaded model (None for none):
+    """The :class:`~moeprune.methods.dynamic.DynamicPrune` to apply to a loaded model (None for none):
     ``dynamic_prune`` given as a spec, a dict, or a fraction calibrated (ODP) on ``demos``; by default
     (None) the one stored in the checkpoint's ``moeprune`` config section; False: none."""
-    from .dynamic import DynamicPrune, calibrate
+    from moeprune.methods.dynamic import DynamicPrune, calibrate
 
     if dynamic_prune is False:
         return None
@@ -89,8 +89,8 @@ def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path |
     if demos is None:
         raise ValueError(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos: "
                          "give them (--demos FILE / demos=...)")
-    from .demos import encode_demos, read_demos
-    from .modeling import load_tokenizer, max_context
+    from moeprune.demos import encode_demos, read_demos
+    from moeprune.modeling import load_tokenizer, max_context
 
     encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), max_length=max_context(net),
                            max_tokens=max_tokens, vocab_size=getattr(net.config, "vocab_size", None))
@@ -98,7 +98,7 @@ def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path |
 
 
 def apply_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None) -> Any:
-    from .dynamic import attach
+    from moeprune.methods.dynamic import attach
 
     spec = resolve_dynamic(net, ckpt, dynamic_prune, demos)
     return attach(net, spec) if spec is not None and spec.active else None
@@ -115,10 +115,10 @@ def evaluate_checkpoint(model: str | Path, texts: str | Path, pattern: ExpertPat
     rule applies by default). ``max_tokens`` caps the texts' tokens. Returns the :class:`EvalResult`
     fields plus ``dynamic_prune`` (the rule applied, or None).
     """
-    from .demos import encode_demos, read_demos
-    from .dynamic import attach
-    from .evaluate import evaluate
-    from .modeling import load_tokenizer, max_context
+    from moeprune.demos import encode_demos, read_demos
+    from moeprune.evaluate import evaluate
+    from moeprune.methods.dynamic import attach
+    from moeprune.modeling import load_tokenizer, max_context
 
     records = read_demos(texts)  # a bad file is refused before the model loads
     ckpt = open_checkpoint(model)

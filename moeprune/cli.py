@@ -45,8 +45,8 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
 # --- commands ------------------------------------------------------------------------------
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .io import check_file_target
-    from .pipeline import profile_checkpoint
+    from moeprune.io.atomic import check_file_target
+    from moeprune.pipeline import profile_checkpoint
 
     check_file_target(args.out)  # before the work, not after
 
@@ -87,10 +87,10 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .io import check_file_target
-    from .pipeline import check_budget, select_pattern
-    from .profile import RouterProfile
-    from .scoring import runs_model
+    from moeprune.io.atomic import check_file_target
+    from moeprune.methods.scoring import runs_model
+    from moeprune.pipeline import check_budget, select_pattern
+    from moeprune.profiling.profile import RouterProfile
 
     check_file_target(args.out)
 
@@ -105,12 +105,12 @@ def cmd_select(args: argparse.Namespace) -> None:
         raise ValueError("--recalibrate-router fits the router on the demos: give --demos FILE")
     run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
     if args.model or (run and prof.model):
-        from .checkpoint import open_checkpoint
+        from moeprune.io.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(args.model or prof.model)
     if run:
-        from .demos import encode_demos, read_demos
-        from .pipeline import load_model
+        from moeprune.demos import encode_demos, read_demos
+        from moeprune.pipeline import load_model
 
         if ckpt is None:
             raise ValueError("the profile names no model: give the checkpoint (--model)")
@@ -120,7 +120,7 @@ def cmd_select(args: argparse.Namespace) -> None:
                              min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
                              progress=_progress(args), **params)
     if args.recalibrate_router:
-        from .recalibrate import recalibrate_pattern
+        from moeprune.methods.recalibrate import recalibrate_pattern
 
         recalibrate_pattern(ckpt, pattern, net, demos, steps=args.recalibrate_steps, device=args.device,
                             seed=args.seed or 0, progress=_progress(args))
@@ -149,20 +149,20 @@ def _calibration_human(calib: dict[str, Any] | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_pruned
-    from .pattern import ExpertPattern
+    from moeprune.io.export import export_pruned
+    from moeprune.patterns.pattern import ExpertPattern
 
     pattern = ExpertPattern.load(args.pattern)
     if args.target == "vllm":  # from the pattern and the config alone, before reading any weight
-        from .checkpoint import open_checkpoint
-        from .engines import check_vllm_target
+        from moeprune.io.checkpoint import open_checkpoint
+        from moeprune.io.engines import check_vllm_target
 
         check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform,
                           open_checkpoint(args.model).adapter.family)
     if args.avg_bits is not None:
-        from .checkpoint import open_checkpoint
-        from .mixed import allot_bits
-        from .profile import RouterProfile
+        from moeprune.io.checkpoint import open_checkpoint
+        from moeprune.profiling.profile import RouterProfile
+        from moeprune.quantization.mixed import allot_bits
 
         if not args.profile:
             raise ValueError("--avg-bits weighs experts by their use: give the profile the pattern came from "
@@ -180,17 +180,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
     """``export --quant-method gptq``: GPTQ codes calibrated on ``--demos`` (None for rtn)."""
-    from .pipeline import check_quant_method
+    from moeprune.pipeline import check_quant_method
 
     check_quant_method(args.quant_method, args.bits, args.avg_bits)
     if args.quant_method != "gptq":
         return None
     if not args.demos:
         raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
-    from .checkpoint import open_checkpoint
-    from .demos import encode_demos, read_demos
-    from .gptq_experts import calibrate
-    from .pipeline import load_tokenizer
+    from moeprune.demos import encode_demos, read_demos
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.pipeline import load_tokenizer
+    from moeprune.quantization.gptq_experts import calibrate
 
     ckpt = open_checkpoint(args.model)
     encoded = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
@@ -200,7 +200,7 @@ def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .pipeline import prune
+    from moeprune.pipeline import prune
 
     params = _method_params(args)
     pattern, summary = prune(args.model, args.demos, args.method, args.keep, args.out, task=args.task or "",
@@ -220,8 +220,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .pattern import ExpertPattern
-    from .profile import RouterProfile
+    from moeprune.patterns.pattern import ExpertPattern
+    from moeprune.profiling.profile import RouterProfile
 
     path = Path(args.file)
     if path.suffix == ".json":
@@ -275,7 +275,7 @@ def _heatmap(matrix, layers: list[int], title: str, out: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from moeprune.showcase import run_demo
 
     results = run_demo(method=args.method, keep=args.keep, model=args.model, progress=_progress(args),
                        device=args.device, dtype=args.dtype)
@@ -289,7 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .api import evaluate_checkpoint
+    from moeprune.api import evaluate_checkpoint
 
     if args.dynamic_prune is not None and not args.demos:
         raise ValueError("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
@@ -306,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_store(args: argparse.Namespace) -> None:
-    from .store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     store = PatternStore(args.store)
     if args.action == "add":
@@ -334,16 +334,16 @@ def _need_task(args: argparse.Namespace) -> str:
 
 
 def _store_add(args: argparse.Namespace, store) -> None:
-    from .pattern import ExpertPattern
+    from moeprune.patterns.pattern import ExpertPattern
 
     if args.pattern:
         if args.protect_super_experts:
             raise ValueError("--protect-super-experts applies when store add profiles demos, not to --pattern")
         pattern = ExpertPattern.load(args.pattern)
     else:
-        from .checkpoint import open_checkpoint
-        from .fingerprint import checkpoint_fingerprint
-        from .pipeline import check_budget, open_workspace, profile_and_select
+        from moeprune.fingerprint import checkpoint_fingerprint
+        from moeprune.io.checkpoint import open_checkpoint
+        from moeprune.pipeline import check_budget, open_workspace, profile_and_select
 
         if not (args.target and args.demos and args.task):
             raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
@@ -356,7 +356,7 @@ def _store_add(args: argparse.Namespace, store) -> None:
                                         protect_super_experts=args.protect_super_experts)
         _attach_windows(pattern, ws.model, ws.tokenizer, args.demos)
     if args.pattern and args.demos:  # a pattern made elsewhere: its retrieval windows from these demos
-        from .retrieval import load_signature_model
+        from moeprune.patterns.retrieval import load_signature_model
 
         net, tokenizer, fp = load_signature_model(args.target or pattern.meta.get("model"), args.device)
         pattern.fingerprint.check_compatible(fp)
@@ -367,8 +367,8 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
 
 def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
-    from .demos import read_demos
-    from .retrieval import attach_windows
+    from moeprune.demos import read_demos
+    from moeprune.patterns.retrieval import attach_windows
 
     attach_windows(pattern, model, tokenizer, read_demos(demos))
 
@@ -387,10 +387,10 @@ def _threshold(value: str) -> float | str | None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from .demos import encode_demos, read_demos
-    from .retrieval import Retriever, check_query_length, load_signature_model, query_signatures
-    from .store import PatternStore
-    from .windows import record_text
+    from moeprune.demos import encode_demos, read_demos
+    from moeprune.patterns.retrieval import Retriever, check_query_length, load_signature_model, query_signatures
+    from moeprune.patterns.store import PatternStore
+    from moeprune.patterns.windows import record_text
 
     threshold = _threshold(args.threshold)  # a bad threshold is refused before anything loads
     store = PatternStore(args.store)
@@ -421,9 +421,9 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     if args.layers == "first":
         net, tokenizer, fp = load_signature_model(model, args.device)
     else:
-        from .checkpoint import open_checkpoint
-        from .fingerprint import checkpoint_fingerprint
-        from .pipeline import load_model
+        from moeprune.fingerprint import checkpoint_fingerprint
+        from moeprune.io.checkpoint import open_checkpoint
+        from moeprune.pipeline import load_model
 
         ckpt = open_checkpoint(model)
         fp = checkpoint_fingerprint(ckpt)
@@ -446,8 +446,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import math
 
-    from .loader.runtime import TaskAdaptiveModel
-    from .serve.app import bind, create_app, run
+    from moeprune.loader.runtime import TaskAdaptiveModel
+    from moeprune.serve.app import bind, create_app, run
 
     if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
             or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
@@ -485,7 +485,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .scoring import SCORERS  # imports torch: after main() can handle Ctrl-C
+    from moeprune.methods.scoring import SCORERS  # imports torch: after main() can handle Ctrl-C
 
     methods = sorted(SCORERS)
     p = argparse.ArgumentParser(prog="moeprune", description="Task-adaptive expert pruning for MoE language models.")
@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     command = "moeprune"
     try:
-        from .checkpoint import (
+        from moeprune.io.checkpoint import (
             CheckpointError,  # torch and transformers load here: Ctrl-C is handled
         )
 

@@ -33,7 +33,7 @@ class EvalResult:
 def evaluate(model: Any, encoded: Sequence[Sequence[int]], progress: bool = False) -> EvalResult:
     """Perplexity of ``model`` on ``encoded`` (one forward per text, no padding) and its active expert
     fraction (1.0 for a model without MoE pruning at run time)."""
-    from .dynamic import count_pairs
+    from moeprune.methods.dynamic import count_pairs
 
     device = next(model.parameters()).device
     nll, count, texts = 0.0, 0, 0

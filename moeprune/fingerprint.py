@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .arch import get_adapter, moe_blocks, routing_groups, top_k_of
-from .checkpoint import Checkpoint
+from moeprune.arch import get_adapter, moe_blocks, routing_groups, top_k_of
+from moeprune.io.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, local_model_dir
-from .fingerprint import checkpoint_fingerprint
-from .pattern import ExpertPattern
+from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.io.checkpoint import Checkpoint, CheckpointError, local_model_dir
+from moeprune.patterns.pattern import ExpertPattern
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -45,7 +45,7 @@ def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str 
             if type(exc) is RuntimeError:  # e.g. a size mismatch: one line naming the checkpoint
                 raise CheckpointError(f"transformers cannot load {ckpt.path}: {exc}") from exc
             raise
-    from .loader.selective import load_with_pattern
+    from moeprune.loader.selective import load_with_pattern
 
     torch_dtype = parse_dtype(dtype)
     model, report = load_with_pattern(ckpt, every_expert(ckpt), device=device,

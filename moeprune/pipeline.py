@@ -8,16 +8,16 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .demos import demo_hash, encode_demos, read_demos
-from .export import export_pruned
-from .fingerprint import Fingerprint, checkpoint_fingerprint
-from .io import check_dir_target
-from .modeling import DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context, parse_dtype  # noqa: F401
-from .pattern import ExpertPattern
-from .profile import RouterProfile, profile_model
-from .scoring import default_budget, needs_checkpoint, score_merging
-from .select import make_pattern
+from moeprune.demos import demo_hash, encode_demos, read_demos
+from moeprune.fingerprint import Fingerprint, checkpoint_fingerprint
+from moeprune.io.atomic import check_dir_target
+from moeprune.io.checkpoint import Checkpoint, open_checkpoint
+from moeprune.io.export import export_pruned
+from moeprune.methods.scoring import default_budget, needs_checkpoint, score_merging
+from moeprune.methods.select import make_pattern
+from moeprune.modeling import DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context, parse_dtype  # noqa: F401
+from moeprune.patterns.pattern import ExpertPattern
+from moeprune.profiling.profile import RouterProfile, profile_model
 
 
 @dataclass
@@ -61,7 +61,7 @@ def profile_checkpoint(model: str | Path, demos: str | Path, task: str = "", max
     """
     if not offload:
         return profile_workspace(open_workspace(model, demos, max_tokens, device, dtype), task, progress)
-    from .offload import profile_offloaded
+    from moeprune.profiling.offload import profile_offloaded
 
     ckpt = open_checkpoint(model)
     encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
@@ -78,8 +78,8 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float, budge
                  min_per_layer: int | None = None) -> str:
     """Refuse a method/keep/budget combination that cannot be selected, before any work; returns the
     budget (default: the method's own)."""
-    from .scoring import SCORERS, scores_mass
-    from .select import SelectionError, check_keep
+    from moeprune.methods.scoring import SCORERS, scores_mass
+    from moeprune.methods.select import SelectionError, check_keep
 
     if method not in SCORERS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
@@ -99,7 +99,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float, task:
                    progress: bool = False, protect_super_experts: bool = False, **params: Any) -> ExpertPattern:
     """Score a profile with ``method`` and keep ``keep`` experts per layer (on average for a global budget).
 
-    ``protect_super_experts`` never prunes REAP's super experts (:func:`moeprune.select.super_experts`, from
+    ``protect_super_experts`` never prunes REAP's super experts (:func:`moeprune.methods.select.super_experts`, from
     the profile's per-expert largest activation); the pattern's ``meta["protected"]`` lists them.
 
     ``budget`` is ``uniform`` or ``global`` (default: the method's own). Scorers that read weights
@@ -119,7 +119,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float, task:
     signature = (profile.stats["count"] / max(profile.tokens, 1)).flatten().tolist()  # routing shares
     protect, threshold = None, None
     if protect_super_experts:
-        from .select import super_experts
+        from moeprune.methods.select import super_experts
 
         protect, threshold = super_experts(profile.signal("max_act", "--protect-super-experts"), profile.fingerprint)
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
@@ -152,8 +152,8 @@ def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[
                       device: str = "cpu", dtype: str | torch.dtype | None = "auto", progress: bool = False):
     """MC-MoE's online dynamic pruning calibrated on ``demos`` for ``ckpt`` pruned to ``pattern`` (loaded
     with only the kept experts, as the export will run)."""
-    from .dynamic import calibrate
-    from .loader.selective import load_with_pattern
+    from moeprune.loader.selective import load_with_pattern
+    from moeprune.methods.dynamic import calibrate
 
     torch_dtype = parse_dtype(dtype)
     net, _ = load_with_pattern(ckpt, pattern, device=device, dtype=None if torch_dtype == "auto" else torch_dtype)
@@ -201,10 +201,10 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
     fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
-    ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.engines``).
+    ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.io.engines``).
     ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
-    ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
-    ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.gptq_experts`).
+    ``recalibrate_steps`` steps; :mod:`moeprune.methods.recalibrate`) and exports them in the router's place.
+    ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.quantization.gptq_experts`).
     """
     check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
@@ -214,20 +214,20 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     fingerprint = checkpoint_fingerprint(ckpt)
     resolved = check_budget(fingerprint, method, keep, budget, min_per_layer)
     if target == "vllm":
-        from .engines import check_vllm_target
+        from moeprune.io.engines import check_vllm_target
 
         check_vllm_target(bits, avg_bits, symmetric, resolved == "uniform", ckpt.adapter.family)
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
     if recalibrate_router:
-        from .recalibrate import recalibrate_pattern
+        from moeprune.methods.recalibrate import recalibrate_pattern
 
         recalibrate_pattern(ws.ckpt, pattern, ws.model, ws.demos, steps=recalibrate_steps, device=device,
                             seed=params.get("seed") or 0, progress=progress)
     transform, extra = None, None
     if unstructured or nm:
-        from .unstructured import expert_transform, parse_nm, routed_input_norms
+        from moeprune.methods.unstructured import expert_transform, parse_nm, routed_input_norms
 
         norms = routed_input_norms(ws.model, ws.demos)
         transform = expert_transform(ws.ckpt, norms, unstructured, parse_nm(nm) if nm else None)
@@ -238,12 +238,12 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     ckpt, encoded = ws.ckpt, ws.demos
     del ws
     if avg_bits is not None:
-        from .mixed import allot_bits
+        from moeprune.quantization.mixed import allot_bits
 
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
     calibrated = None
     if quant_method == "gptq":
-        from .gptq_experts import calibrate
+        from moeprune.quantization.gptq_experts import calibrate
 
         calibrated = calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
                                progress=progress,

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from moeprune.checkpoint import CheckpointError, open_checkpoint
 from moeprune.cli import main
-from moeprune.export import export_pruned
-from moeprune.pattern import ExpertPattern
+from moeprune.io.checkpoint import CheckpointError, open_checkpoint
+from moeprune.io.export import export_pruned
+from moeprune.patterns.pattern import ExpertPattern
 from tiny_models import write_token_demos
 
 
@@ -32,7 +32,7 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
     assert code == 0 and json.loads(out)["tokens"] == 144 and json.loads(out)["task"] == "math"
     code, out, _ = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "off.safetensors",
                        "--offload", "-q")
-    from moeprune.profile import RouterProfile
+    from moeprune.profiling.profile import RouterProfile
     a, b = RouterProfile.load(tmp_path / "p.safetensors"), RouterProfile.load(tmp_path / "off.safetensors")
     assert code == 0 and torch.allclose(a.stats["soft"], b.stats["soft"], rtol=1e-5, atol=1e-6)
     code, out, _ = run(capsys, "select", tmp_path / "p.safetensors", "--method", "soft-count", "--keep", "0.5",
@@ -129,7 +129,7 @@ def _any_pattern(src, tmp_path):
 def test_bad_requests_are_refused_before_profiling(family_checkpoints, tmp_path, capsys, monkeypatch):
     """What an export or a store would refuse at the end is refused before the model is even loaded."""
     import moeprune.pipeline as pipeline
-    from moeprune.store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     _, src = family_checkpoints["mixtral"]
     demos = write_token_demos(tmp_path / "d.jsonl")
@@ -157,7 +157,7 @@ def test_bad_requests_are_refused_before_profiling(family_checkpoints, tmp_path,
 
 
 def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monkeypatch):
-    import moeprune.export as export_mod
+    import moeprune.io.export as export_mod
 
     _, src = family_checkpoints["mixtral"]
     pattern = _any_pattern(src, tmp_path)
@@ -179,7 +179,7 @@ def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monk
 
 KILL_SCRIPT = """
 import sys, time
-import moeprune.export as e
+import moeprune.io.export as e
 from safetensors.torch import save_file
 def slow(t, p, metadata=None):
     save_file(t, p, metadata=metadata); print("shard", flush=True); time.sleep(0.5)
@@ -297,7 +297,7 @@ def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, mo
 
     def interrupted(*args, **kwargs):  # Ctrl-C (or SIGTERM, turned into the same) in the middle of a run
         raise KeyboardInterrupt
-    monkeypatch.setattr("moeprune.export._ShardWriter.add", interrupted)
+    monkeypatch.setattr("moeprune.io.export._ShardWriter.add", interrupted)
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == [] and not (tmp_path / "o").exists()

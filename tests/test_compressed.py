@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import moeprune
-from moeprune import compressed as ct
-from moeprune.engines import check_vllm_target
-from moeprune.export import export_pruned
-from moeprune.pattern import ExpertPattern
+from moeprune.io.engines import check_vllm_target
+from moeprune.io.export import export_pruned
+from moeprune.patterns.pattern import ExpertPattern
 from moeprune.pipeline import profile_checkpoint, select_pattern
+from moeprune.quantization import compressed as ct
 from tiny_models import VOCAB, write_token_demos
 
 
@@ -62,7 +62,7 @@ def test_plain_transformers_loads_equal_to_moeprune(family, bits, family_checkpo
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert list(qc["config_groups"]) == [f"group_{bits}"]
     assert all("experts" in t for t in qc["config_groups"][f"group_{bits}"]["targets"])
-    from moeprune.checkpoint import open_checkpoint
+    from moeprune.io.checkpoint import open_checkpoint
 
     adapter = open_checkpoint(src).adapter
     for layer in pattern.kept:  # vLLM finds a MoE layer's scheme under <experts>.0.gate_proj, whatever the keys
@@ -226,7 +226,7 @@ def test_target_vllm_refuses_quantized_gpt_oss():
 
 
 def test_old_private_format_is_refused(family_checkpoints, tmp_path):
-    from moeprune.checkpoint import CheckpointError
+    from moeprune.io.checkpoint import CheckpointError
 
     _, src = family_checkpoints["mixtral"]
     export_pruned(src, _pattern(src, tmp_path), tmp_path / "old", progress=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeprune.checkpoint import open_checkpoint
 from moeprune.cli import main
 from moeprune.evaluate import evaluate
+from moeprune.io.checkpoint import open_checkpoint
 from tiny_models import make_model, write_token_demos
 
 
@@ -76,8 +76,8 @@ def test_router_drift_refuses_another_architecture(finetuned, tmp_path, capsys):
 
 
 def test_uncurl_clusters_by_task_routing_and_merges(finetuned, tmp_path, capsys):
-    from moeprune.pattern import ExpertPattern
-    from moeprune.uncurl import cluster_experts, task_router_logits
+    from moeprune.methods.uncurl import cluster_experts, task_router_logits
+    from moeprune.patterns.pattern import ExpertPattern
 
     base, _, demos = finetuned
     code, out, err = run(capsys, "prune", base, "--demos", demos, "--method", "uncurl", "--keep", "0.5",

@@ -8,10 +8,10 @@ import torch
 
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.cli import main
-from moeprune.dynamic import DynamicPrune, DynamicPruner, attach, calibrate, count_pairs
 from moeprune.evaluate import evaluate
 from moeprune.kernels import eager_experts_forward, torch_experts_forward, triton_available
 from moeprune.kernels.counters import count_rows
+from moeprune.methods.dynamic import DynamicPrune, DynamicPruner, attach, calibrate, count_pairs
 from tiny_models import make_model, write_token_demos
 
 
@@ -194,7 +194,7 @@ def test_dynamic_prune_in_exports_and_from_pretrained(mixtral, tmp_path, capsys)
 
 
 def test_topany_heads_trained_frozen_seeded_and_calibrated(mixtral):
-    from moeprune.topany import train_topany
+    from moeprune.methods.topany import train_topany
 
     model, _, demos, _ = mixtral
     encoded = token_lists(demos)

@@ -6,7 +6,7 @@ import pytest
 
 from moeprune import embedded
 from moeprune.cli import main
-from moeprune.demo import EmbeddedBench
+from moeprune.showcase import EmbeddedBench
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def test_pruned_per_domain_keeps_in_domain_quality(bench):
 
 def test_held_out_queries_retrieve_their_domain(bench, tmp_path):
     from moeprune.demos import encode_demos, read_demos
+    from moeprune.patterns.retrieval import Retriever, query_signatures
     from moeprune.pipeline import select_pattern
-    from moeprune.retrieval import Retriever, query_signatures
 
     patterns = [select_pattern(bench.profiles[d], "tcess", "0.5") for d in bench.domains]
     retriever = Retriever(patterns, "first", threshold=None)

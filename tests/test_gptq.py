@@ -4,8 +4,8 @@ than it on the calibration inputs' layer output."""
 import pytest
 import torch
 
-from moeprune.compressed import compress, decompress, weight_args
-from moeprune.gptq import gptq_quantize, layer_error, rtn
+from moeprune.quantization.compressed import compress, decompress, weight_args
+from moeprune.quantization.gptq import gptq_quantize, layer_error, rtn
 
 
 def _inputs(seed: int, n: int, d: int, correlated: bool) -> torch.Tensor:
@@ -72,11 +72,11 @@ def test_dead_inputs_and_errors():
 # ------------------------------------------------------------ calibrated on demos, through the export
 def test_gptq_export_equals_in_memory_calibration(tmp_path):
     from moeprune.api import from_pretrained
-    from moeprune.checkpoint import open_checkpoint
     from moeprune.demos import encode_demos, read_demos
-    from moeprune.gptq_experts import calibrate_model
+    from moeprune.io.checkpoint import open_checkpoint
     from moeprune.loader.selective import load_with_pattern
     from moeprune.pipeline import prune
+    from moeprune.quantization.gptq_experts import calibrate_model
     from tests.tiny_models import make_model, save_model, write_token_demos
 
     src = save_model(make_model("mixtral"), tmp_path / "src")

@@ -28,10 +28,10 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
     def full(*args, **kwargs):  # what safetensors raises on a full disk
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("moeprune.profile.save_file", full)
+    monkeypatch.setattr("moeprune.profiling.profile.save_file", full)
     code, _, err = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")
     _one_line_error(code, err, f"cannot write {tmp_path / 'p.safetensors'}: No space left on device")
-    monkeypatch.setattr("moeprune.export.save_file", full)
+    monkeypatch.setattr("moeprune.io.export.save_file", full)
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, f"error: cannot write {tmp_path / 'o'}: No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
@@ -40,7 +40,7 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
 def _stored(tmp_path, *tasks):
     from test_store import _pattern
 
-    from moeprune.store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     store = PatternStore(tmp_path / "store")
     for i, task in enumerate(tasks):
@@ -55,7 +55,7 @@ def _edit_index(store, task, **entry):
 
 
 def test_store_paths_stay_inside_the_store_folder(tmp_path, capsys):
-    from moeprune.pattern import PatternError
+    from moeprune.patterns.pattern import PatternError
 
     store = _stored(tmp_path, "a", "b")
     victim = tmp_path / "victim.txt"
@@ -82,7 +82,7 @@ def test_a_failed_store_add_leaves_no_orphan_and_replaces_nothing(tmp_path, monk
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("moeprune.store.write_text_atomic", full)
+    monkeypatch.setattr("moeprune.patterns.store.write_text_atomic", full)
     for task, overwrite in (("new", False), ("a", True)):
         with pytest.raises(OSError, match="No space left"):
             store.add(_pattern(task, 16), overwrite=overwrite)
@@ -110,7 +110,7 @@ def test_store_list_shows_the_model_and_retrieve_checks_queries(family_checkpoin
 
 
 def test_a_bad_signature_is_refused_naming_its_file(family_checkpoints, tmp_path, capsys):
-    from moeprune.pattern import _checksum
+    from moeprune.patterns.pattern import _checksum
 
     _, src = family_checkpoints["mixtral"]
     for i, task in enumerate(["a", "b"]):
@@ -130,7 +130,7 @@ def test_a_bad_signature_is_refused_naming_its_file(family_checkpoints, tmp_path
 
 def _forged(path, **changes):
     """Rewrite a pattern file with ``changes`` and a checksum that matches them (a hand edit)."""
-    from moeprune.pattern import _checksum
+    from moeprune.patterns.pattern import _checksum
 
     body = json.loads(path.read_text())
     body.update(changes)
@@ -144,7 +144,7 @@ def test_routing_overrides_are_only_what_moeprune_writes(family_checkpoints, tmp
     from test_pattern import FP, _pattern
 
     from moeprune.fingerprint import Fingerprint
-    from moeprune.pattern import ExpertPattern, PatternError
+    from moeprune.patterns.pattern import ExpertPattern, PatternError
 
     for routing in ({"hidden_size": 8}, {"num_experts_per_tok": 7}, {"n_group": 1, "topk_group": 1},
                     {"n_group": 2, "topk_group": 1}):
@@ -195,7 +195,7 @@ def test_bad_demo_records_and_keeps_get_one_line_errors(family_checkpoints, tmp_
 
 
 def test_demo_checks_keep_before_any_work(monkeypatch, capsys):
-    import moeprune.demo as demo
+    import moeprune.showcase as demo
 
     monkeypatch.setattr(demo, "EmbeddedBench", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for keep, message in (("abc", "neither a fraction"), ("1", "below the router's top-k"), ("inf", "neither")):
@@ -206,7 +206,7 @@ def test_demo_checks_keep_before_any_work(monkeypatch, capsys):
 def test_threshold_nan_is_refused(family_checkpoints, tmp_path, capsys):
     from test_store import _pattern
 
-    from moeprune.retrieval import Retriever
+    from moeprune.patterns.retrieval import Retriever
 
     store = _stored(tmp_path, "a", "b")
     code, _, err = run(capsys, "retrieve", store.root, "--query", "x", "--threshold", "nan", "-q")
@@ -221,7 +221,7 @@ def test_profile_disagreeing_with_its_fingerprint_is_refused(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     from test_pattern import FP
 
-    from moeprune.profile import RouterProfile
+    from moeprune.profiling.profile import RouterProfile
 
     good = RouterProfile.empty(FP, "t")
     good.tokens = 10
@@ -291,7 +291,7 @@ def _pattern_file(src, tmp_path):
 def test_export_refuses_a_kept_expert_missing_from_the_index(family, family_checkpoints, tmp_path, capsys):
     import shutil
 
-    from moeprune.pattern import ExpertPattern
+    from moeprune.patterns.pattern import ExpertPattern
 
     _, src = family_checkpoints[family]
     pattern = _pattern_file(src, tmp_path)
@@ -322,7 +322,7 @@ def test_export_verifies_what_it_wrote_against_its_plan(family_checkpoints, tmp_
             tensors = {k: v for k, v in tensors.items() if k != dropped[0]}
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr("moeprune.export.save_file", lossy)
+    monkeypatch.setattr("moeprune.io.export.save_file", lossy)
     code, _, err = run(capsys, "export", src, "--pattern", pattern, "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, "the export's shards do not match its index and plan")
     assert dropped and dropped[0] in err and not (tmp_path / "o").exists()

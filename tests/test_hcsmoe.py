@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeprune
-from moeprune.checkpoint import open_checkpoint
 from moeprune.demos import encode_demos, read_demos
-from moeprune.export import export_pruned
-from moeprune.hcsmoe import cluster_features, expert_features
-from moeprune.pattern import ExpertPattern, PatternError
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.io.export import export_pruned
+from moeprune.methods.hcsmoe import cluster_features, expert_features
+from moeprune.patterns.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
 from tiny_models import make_model, save_model, write_token_demos
 

@@ -8,13 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeprune
-from moeprune.checkpoint import open_checkpoint
-from moeprune.export import export_pruned
 from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.io.export import export_pruned
 from moeprune.loader.runtime import TaskAdaptiveModel
-from moeprune.offload import profile_offloaded
 from moeprune.pipeline import profile_checkpoint, select_pattern
-from moeprune.profile import profile_model
+from moeprune.profiling.offload import profile_offloaded
+from moeprune.profiling.profile import profile_model
 from tiny_models import VOCAB, make_model, masked_routers, save_fp8, save_mxfp4, write_token_demos
 
 FORMATS = {"mxfp4-gpt_oss": ("gpt_oss", save_mxfp4), "fp8-deepseek_v3": ("deepseek_v3", save_fp8),
@@ -95,7 +95,7 @@ def test_fp8_dequantize_handles_partial_blocks_and_row_chunks():
     """Real shapes are not block multiples (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows for
     128-row blocks): the last block row/column is partial; a chunk starting at a block row uses
     the matching scale rows."""
-    from moeprune.stored_formats import dequantize
+    from moeprune.quantization.stored_formats import dequantize
 
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(20, 12, generator=g) * 4).to(torch.float8_e4m3fn)
@@ -116,7 +116,7 @@ def test_stun_reads_a_fused_fp8_tensor(family_checkpoints, tmp_path, monkeypatch
 
     from safetensors.torch import load_file, save_file
 
-    from moeprune.stun import expert_gram
+    from moeprune.methods.stun import expert_gram
 
     _, src = family_checkpoints["gpt_oss"]
     path = tmp_path / "fp8"
@@ -146,5 +146,5 @@ def test_stun_reads_a_fused_fp8_tensor(family_checkpoints, tmp_path, monkeypatch
     biases = [load_file(str(path / index["weight_map"][k]))[k].reshape(8, -1).double()
               for k in index["weight_map"] if k.startswith("model.layers.0.mlp.experts.") and k.endswith("bias")]
     flat = torch.cat([t.double() for t in dequantized.values()] + biases, dim=1)
-    monkeypatch.setattr("moeprune.stun.CHUNK_ELEMENTS", 8 * 8 * 40)  # several chunks, not block-aligned
+    monkeypatch.setattr("moeprune.methods.stun.CHUNK_ELEMENTS", 8 * 8 * 40)  # several chunks, not block-aligned
     torch.testing.assert_close(expert_gram(ckpt, 0, 8), flat @ flat.T, rtol=1e-6, atol=1e-6)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moeprune.io import atomic_dir, remove_stale_temps, write_text_atomic
+from moeprune.io.atomic import atomic_dir, remove_stale_temps, write_text_atomic
 
 
 def _dead_pid() -> int:
@@ -95,7 +95,7 @@ def test_files_written_by_libraries_follow_the_umask_too(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from moeprune.io import atomic_path
+    from moeprune.io.atomic import atomic_path
 
     old = os.umask(0o022)
     try:
@@ -115,7 +115,7 @@ def test_a_full_disk_is_one_error_naming_the_target(tmp_path):
 
     from safetensors import SafetensorError
 
-    from moeprune.io import atomic_path
+    from moeprune.io.atomic import atomic_path
 
     full = [OSError(errno.ENOSPC, "No space left on device"),
             SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]

@@ -163,11 +163,11 @@ def test_quant_format(bits):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_reads_quant_module_format(bits):
-    """moeprune.quant's stored tensors dequantize identically through this package's reader."""
+    """moeprune.quantization.quant's stored tensors dequantize identically through this package's reader."""
     try:
-        from moeprune import quant
+        from moeprune.quantization import quant
     except ImportError:
-        pytest.skip("moeprune.quant not available")
+        pytest.skip("moeprune.quantization.quant not available")
     w = torch.randn(3, 8, 64, generator=gen(4))
     qt = quant.quantize(w, bits, 32)
     assert torch.equal(dequantize_ref(qt.packed, qt.scales, qt.zeros, bits), quant.dequantize(qt, torch.float32))

@@ -5,11 +5,11 @@ import torch
 
 import moeprune
 from moeprune.arch import get_adapter
-from moeprune.checkpoint import open_checkpoint
-from moeprune.export import export_pruned
-from moeprune.pattern import ExpertPattern, PatternError
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.io.export import export_pruned
+from moeprune.methods.stun import expert_gram
+from moeprune.patterns.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import profile_checkpoint, select_pattern
-from moeprune.stun import expert_gram
 from tiny_models import FAMILIES, VOCAB, make_model, masked_routers, save_model, write_token_demos
 
 
@@ -110,7 +110,7 @@ def test_non_uniform_export_loads_and_equals_masked_full_model(family, family_ch
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
     scores = torch.randn(prof.num_layers, prof.num_experts, generator=torch.Generator().manual_seed(0))
     scores[0] += 10  # the first MoE layer wins most of the global budget
-    from moeprune.select import make_pattern
+    from moeprune.methods.select import make_pattern
     pattern = make_pattern(scores.double(), prof.fingerprint, "0.5", budget="global")
     assert not pattern.is_uniform
     export_pruned(src, pattern, tmp_path / "out", progress=False)
@@ -140,7 +140,7 @@ def test_min_per_layer_guard(family_checkpoints, tmp_path):
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
     scores = torch.zeros(prof.num_layers, prof.num_experts, dtype=torch.float64)
     scores[0] = 1
-    from moeprune.select import SelectionError, make_pattern
+    from moeprune.methods.select import SelectionError, make_pattern
     p = make_pattern(scores, prof.fingerprint, "0.5", budget="global", min_per_layer=3)
     assert p.counts == {0: 5, 1: 3}
     with pytest.raises(SelectionError, match="below 5 per layer"):
@@ -153,7 +153,7 @@ def _demos(n=8, length=24, seed=0):
 
 
 def test_diep_prunes_exactly_the_useless_experts(tmp_path):
-    from moeprune.diep import train_gates
+    from moeprune.methods.diep import train_gates
 
     model = make_model("mixtral", seed=1)
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_diep_prunes_exactly_the_useless_experts(tmp_path):
 
 
 def test_enumerate_finds_the_best_subset_and_refuses_explosions(family_checkpoints, tmp_path):
-    from moeprune.exact import best_subsets
+    from moeprune.methods.exact import best_subsets
 
     full, src = family_checkpoints["qwen3_moe"]
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
@@ -215,7 +215,7 @@ def test_enumerate_restriction_routes_as_the_masked_reference(family, family_che
     """enumerate's router restriction (the others' logits and selection bias at -inf, wherever the bias is
     kept) picks the experts, with the weights, of the masked reference, and only allowed ones."""
     from moeprune.arch import moe_blocks
-    from moeprune.exact import router_restricted_to
+    from moeprune.methods.exact import router_restricted_to
 
     full, _ = family_checkpoints[family]
     adapter = get_adapter(full.config)
@@ -243,7 +243,7 @@ def test_enumerate_restriction_routes_as_the_masked_reference(family, family_che
 
 
 def test_unstructured_rows_have_exact_sparsity_and_nm_structure():
-    from moeprune.unstructured import prune_matrix
+    from moeprune.methods.unstructured import prune_matrix
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)
@@ -288,7 +288,7 @@ def test_expert_gram_of_a_quantized_export(family, family_checkpoints, tmp_path,
     """STUN reads a --bits export's packed experts: its Gram equals that of the dequantized weights."""
     from moeprune.fingerprint import checkpoint_fingerprint
 
-    monkeypatch.setattr("moeprune.stun.CHUNK_ELEMENTS", 300)  # several row chunks per tensor
+    monkeypatch.setattr("moeprune.methods.stun.CHUNK_ELEMENTS", 300)  # several row chunks per tensor
     _, src = family_checkpoints[family]
     fp = checkpoint_fingerprint(open_checkpoint(src))
     export_pruned(src, ExpertPattern(fp, {layer: [1, 2, 5, 6] for layer in fp.moe_layers}), tmp_path / "q",
@@ -304,8 +304,8 @@ def test_expert_gram_of_a_quantized_export(family, family_checkpoints, tmp_path,
 
 def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
     """Each layer enumerates its own experts: a layer holding exactly K keeps them all, error 0."""
-    from moeprune.exact import best_subsets
     from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.methods.exact import best_subsets
     from moeprune.pipeline import load_model
 
     _, src = family_checkpoints["mixtral"]
@@ -323,8 +323,8 @@ def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
 def test_stun_clusters_match_the_kept_count_on_a_non_uniform_export(family_checkpoints, tmp_path):
     """One cluster per kept expert when layers differ in size (the global cut keeps a share of each)."""
     from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.methods.stun import stun_clusters
     from moeprune.pipeline import profile_checkpoint, select_pattern
-    from moeprune.stun import stun_clusters
 
     _, src = family_checkpoints["mixtral"]
     fp = checkpoint_fingerprint(open_checkpoint(src))
@@ -340,7 +340,7 @@ def test_stun_threshold_is_shared_across_layers():
     """Co-activation only: layer 1 has four strongly co-firing pairs, layer 0 none (all alike). The
     global budget's merges go to layer 1's pairs; a per-layer shift of distances would make layer 0's
     flat distances look as close as layer 1's pairs."""
-    from moeprune.stun import behaviour_distance, layer_linkages, shared_threshold_cut
+    from moeprune.methods.stun import behaviour_distance, layer_linkages, shared_threshold_cut
 
     router = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     flat = torch.full((8, 8), 3.0)
@@ -354,7 +354,7 @@ def test_stun_threshold_is_shared_across_layers():
 
 def test_stun_uniform_budget_and_most_routed_representative(family_checkpoints, tmp_path):
     """--budget uniform cuts every layer's clusters to K; most-routed keeps each cluster's most-routed member."""
-    from moeprune.stun import stun_clusters
+    from moeprune.methods.stun import stun_clusters
 
     _, src = family_checkpoints["qwen3_moe"]
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)

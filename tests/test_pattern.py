@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moeprune.fingerprint import Fingerprint
-from moeprune.pattern import ExpertPattern, PatternError, decode_bitset, encode_bitset
-from moeprune.scoring import SCORERS, score
-from moeprune.select import SelectionError, make_pattern, resolve_keep
+from moeprune.methods.scoring import SCORERS, score
+from moeprune.methods.select import SelectionError, make_pattern, resolve_keep
+from moeprune.patterns.pattern import ExpertPattern, PatternError, decode_bitset, encode_bitset
 
 FP = Fingerprint("qwen3_moe", (0, 1, 2), (64, 64, 64), 4, "abcd")
 
@@ -83,8 +83,8 @@ def test_keep_parsing_and_refusals():
 def test_keep_on_layers_of_different_sizes_and_budget_checks():
     """A fraction keeps that share of each layer's own experts (at least top-k), a count the same number
     (all of a smaller layer); check_budget refuses what selection would, before any work."""
+    from moeprune.methods.select import keep_per_layer
     from moeprune.pipeline import check_budget
-    from moeprune.select import keep_per_layer
 
     assert keep_per_layer("0.5", [12, 5, 6, 9], 2) == [6, 3, 3, 5]  # halves round up
     assert keep_per_layer("0.25", [12, 5, 6, 9], 2) == [3, 2, 2, 2]
@@ -136,7 +136,7 @@ def test_one_expert_per_group_needs_a_max_scored_group(model_type, stays_grouped
 
 
 def test_scorers_rank_as_published():
-    from moeprune.profile import RouterProfile
+    from moeprune.profiling.profile import RouterProfile
 
     fp = Fingerprint("mixtral", (0,), (4,), 1, "x")
     prof = RouterProfile.empty(fp)

@@ -9,7 +9,7 @@ from moeprune.arch import get_adapter, moe_blocks
 from moeprune.demos import encode_demos, read_demos
 from moeprune.fingerprint import model_fingerprint
 from moeprune.kernels import eager_experts_forward
-from moeprune.profile import LAYER_SIGNALS, RouterProfile, profile_model
+from moeprune.profiling.profile import LAYER_SIGNALS, RouterProfile, profile_model
 from tiny_models import VOCAB
 
 
@@ -65,7 +65,7 @@ def test_profile_signals_match_a_direct_computation(family, family_checkpoints):
     for h in handles:
         h.remove()
     prof = _profile(model, [ids])
-    from moeprune.profile import RouterProfiler
+    from moeprune.profiling.profile import RouterProfiler
     profiler = RouterProfiler(model, model_fingerprint(model))
     with torch.no_grad(), profiler.attached():
         hooked = model(torch.tensor([ids])).logits
@@ -160,9 +160,9 @@ def test_demo_formats(tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "minimax_m2", "exaone_moe",
                                     "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_offloaded_profile_equals_in_memory(family, family_checkpoints):
-    from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.offload import profile_offloaded
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.profiling.offload import profile_offloaded
 
     model, src = family_checkpoints[family]
     demos = _encoded(3, length=20, seed=5)
@@ -180,12 +180,12 @@ def test_profile_of_a_moeprune_export(family, bits, family_checkpoints, tmp_path
     """A non-uniform or quantized export (which plain transformers cannot read) profiles, in memory and
     layer by layer, as its pattern's selective load of the source does."""
     import moeprune
-    from moeprune.checkpoint import open_checkpoint
-    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
-    from moeprune.offload import profile_offloaded
-    from moeprune.pattern import ExpertPattern
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.io.export import export_pruned
+    from moeprune.patterns.pattern import ExpertPattern
     from moeprune.pipeline import load_model
+    from moeprune.profiling.offload import profile_offloaded
 
     _, src = family_checkpoints[family]
     fp = checkpoint_fingerprint(open_checkpoint(src))

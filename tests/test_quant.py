@@ -1,4 +1,4 @@
-"""Tests for moeprune.quant: group-wise quantization format and PMQ bit allocation."""
+"""Tests for moeprune.quantization.quant: group-wise quantization format and PMQ bit allocation."""
 
 import itertools
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeprune import quant
-from moeprune.quant import (
+from moeprune.quantization import quant
+from moeprune.quantization.quant import (
     QuantizedTensor,
     allocate_bits,
     allocation_objective,
@@ -175,7 +175,7 @@ def test_bad_group_size_message():
         quantize(torch.randn(128), 4)
     with pytest.raises(ValueError):
         quantize(torch.randn(4, 128), 3)
-    from moeprune.quantize_experts import fit_group
+    from moeprune.quantization.experts import fit_group
     with pytest.raises(ValueError, match="group size must be a positive number"):
         fit_group(32, 0, 4)
     nan = torch.randn(4, 128)
@@ -303,10 +303,10 @@ def test_allocate_one_width_per_group_matches_brute_force(seed, avg_bits):
 def test_avg_bits_on_fused_experts_gives_one_width_per_layer(family_checkpoints, tmp_path):
     """GPT-OSS stores a layer's experts in one tensor: the integer program gives each layer one width."""
     import moeprune
-    from moeprune.checkpoint import open_checkpoint
-    from moeprune.export import export_pruned
-    from moeprune.mixed import allot_bits
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.io.export import export_pruned
     from moeprune.pipeline import profile_checkpoint, select_pattern
+    from moeprune.quantization.mixed import allot_bits
     from tiny_models import write_token_demos
 
     _, src = family_checkpoints["gpt_oss"]
@@ -386,7 +386,7 @@ def test_public_api():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, family_checkpoints, tmp_path):
     import moeprune
-    from moeprune.export import export_pruned
+    from moeprune.io.export import export_pruned
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
 
@@ -399,7 +399,7 @@ def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, 
     loaded = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False)
     reference = moeprune.from_pretrained(tmp_path / "p")
     # the reference: every kept expert weight quantized then dequantized (compressed-tensors RTN), the rest untouched
-    from moeprune.compressed import quantize_tensor
+    from moeprune.quantization.compressed import quantize_tensor
 
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     group = summary_group = config["moeprune"]["quantization"]["group_size"]
@@ -446,7 +446,7 @@ def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, c
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_packed_quantized_experts_equal_the_dequantized_load(family, family_checkpoints, tmp_path):
     import moeprune
-    from moeprune.export import export_pruned
+    from moeprune.io.export import export_pruned
     from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
@@ -470,7 +470,7 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     """from_pretrained(MODEL, pattern, bits=4) quantizes while loading: the same packed weights (and
     logits) as exporting with --bits 4 and loading that; mixed widths per layer stay packed too."""
     import moeprune
-    from moeprune.export import export_pruned
+    from moeprune.io.export import export_pruned
     from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
@@ -516,10 +516,10 @@ def test_pruning_a_quantized_export_again(family, family_checkpoints, tmp_path):
     import json
 
     import moeprune
-    from moeprune.checkpoint import open_checkpoint
-    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.pattern import ExpertPattern
+    from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.io.export import export_pruned
+    from moeprune.patterns.pattern import ExpertPattern
 
     _, src = family_checkpoints[family]
     fp = checkpoint_fingerprint(open_checkpoint(src))

@@ -6,10 +6,10 @@ import torch
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.fingerprint import model_fingerprint
 from moeprune.kernels import eager_experts_forward
+from moeprune.methods.scoring import score
+from moeprune.methods.select import super_experts
 from moeprune.pipeline import profile_checkpoint, select_pattern
-from moeprune.profile import profile_model
-from moeprune.scoring import score
-from moeprune.select import super_experts
+from moeprune.profiling.profile import profile_model
 from tiny_models import VOCAB, make_model, save_model, write_token_demos
 
 
@@ -123,7 +123,7 @@ def test_reap_export_loads_in_plain_transformers_and_equals_the_masked_model(fam
     from transformers import AutoModelForCausalLM
 
     from moeprune.cli import main
-    from moeprune.pattern import ExpertPattern
+    from moeprune.patterns.pattern import ExpertPattern
     from tiny_models import masked_routers
 
     full, src = family_checkpoints[family]
@@ -144,10 +144,10 @@ def test_reap_export_loads_in_plain_transformers_and_equals_the_masked_model(fam
 def test_quality_benchmark_runs_every_registered_method(monkeypatch):
     """benchmarks/quality.py takes its methods from the registry: a new scorer joins without editing it."""
     from benchmarks.quality import NEEDS_MORE, VARIANTS, all_methods
-    from moeprune.scoring import SCORERS, register_scorer
+    from moeprune.methods.scoring import SCORERS, register_scorer
 
-    monkeypatch.setattr("moeprune.registry.SCORERS", dict(SCORERS))
-    import moeprune.registry as scoring
+    monkeypatch.setattr("moeprune.methods.registry.SCORERS", dict(SCORERS))
+    import moeprune.methods.registry as scoring
 
     register_scorer("brand-new")(lambda profile, **_: torch.zeros(1))
     names = all_methods()
@@ -160,7 +160,7 @@ def test_a_profile_without_the_new_signals_loads_and_reap_names_the_fix(family_c
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from moeprune.profile import RouterProfile
+    from moeprune.profiling.profile import RouterProfile
 
     model, _ = family_checkpoints["mixtral"]
     prof = profile_model(model, _ids(1), model_fingerprint(model), progress=False)
@@ -215,7 +215,7 @@ def test_a_method_refuses_unknown_or_ill_typed_parameters_by_name(family_checkpo
 
 
 def test_scorer_specs_declare_budget_needs_and_parameters():
-    from moeprune.registry import SPECS
+    from moeprune.methods.registry import SPECS
 
     assert SPECS["stun"].budget == "global" and SPECS["stun"].reads_checkpoint and "mix" in SPECS["stun"].params
     assert SPECS["diep"].runs_model and SPECS["frequency"].mass and not SPECS["reap"].params
@@ -226,12 +226,12 @@ def test_third_party_scorers_register_through_an_entry_point(monkeypatch, tmp_pa
     import importlib.metadata as md
     import sys
 
-    import moeprune.scoring as scoring
-    from moeprune.registry import SCORERS
+    import moeprune.methods.scoring as scoring
+    from moeprune.methods.registry import SCORERS
 
-    monkeypatch.setattr("moeprune.registry.SCORERS", dict(SCORERS))
+    monkeypatch.setattr("moeprune.methods.registry.SCORERS", dict(SCORERS))
     (tmp_path / "my_scorer_plugin.py").write_text(
-        "import torch\nfrom moeprune.registry import register_scorer\n"
+        "import torch\nfrom moeprune.methods.registry import register_scorer\n"
         "@register_scorer('plugin-zero')\ndef zero(profile, **_):\n"
         "    return torch.zeros(profile.num_layers, profile.num_experts)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -240,7 +240,7 @@ def test_third_party_scorers_register_through_an_entry_point(monkeypatch, tmp_pa
     monkeypatch.setattr(md, "entry_points", lambda group=None: [good, bad] if group == "moeprune.scorers" else [])
     with pytest.warns(UserWarning, match="'broken'"):
         assert scoring.register_entry_points() == ["plugin-zero"]
-    import moeprune.registry as registry
+    import moeprune.methods.registry as registry
 
     assert "plugin-zero" in registry.SCORERS
     sys.modules.pop("my_scorer_plugin", None)

@@ -6,12 +6,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moeprune
-from moeprune.checkpoint import open_checkpoint
 from moeprune.demos import encode_demos, read_demos
-from moeprune.export import export_pruned
-from moeprune.pattern import ExpertPattern
+from moeprune.io.checkpoint import open_checkpoint
+from moeprune.io.export import export_pruned
+from moeprune.methods.recalibrate import demo_kl, recalibrate_pattern
+from moeprune.patterns.pattern import ExpertPattern
 from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
-from moeprune.recalibrate import demo_kl, recalibrate_pattern
 from tiny_models import write_token_demos
 
 

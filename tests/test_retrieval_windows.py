@@ -1,4 +1,4 @@
-"""Retrieval signature spec 2 (moeprune.windows): demo windows, the fused classifier, novelty, spec refusal."""
+"""Retrieval signature spec 2 (moeprune.patterns.windows): demo windows, the fused classifier, novelty, spec refusal."""
 
 import copy
 import json
@@ -9,8 +9,8 @@ import torch
 
 from moeprune import embedded
 from moeprune.demos import encode_demos, read_demos
-from moeprune.retrieval import GENERAL_TASK, Retriever, attach_windows, query_signatures, window_data
-from moeprune.windows import (
+from moeprune.patterns.retrieval import GENERAL_TASK, Retriever, attach_windows, query_signatures, window_data
+from moeprune.patterns.windows import (
     INNER_PER_LENGTH,
     SPEC_ID,
     WINDOW_CHARS,
@@ -21,8 +21,8 @@ from moeprune.windows import (
 
 @pytest.fixture(scope="module")
 def emb():
-    from moeprune.checkpoint import open_checkpoint
     from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.io.checkpoint import open_checkpoint
     from moeprune.pipeline import load_model
 
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def emb():
 def patterns(emb):
     """One pattern per embedded domain, windows from its first 10 demos (tcess, keep 0.5)."""
     from moeprune.pipeline import select_pattern
-    from moeprune.profile import profile_model
+    from moeprune.profiling.profile import profile_model
 
     model, tok, fp = emb
     out = {}
@@ -91,7 +91,7 @@ def test_uniform_signature_is_additive_over_tokens(emb):
 def test_retrieval_in_store_and_fallback_out_of_store(patterns):
     """Held-out openings go to their task; a domain the store lacks goes mostly to the general pattern,
     at little in-store cost."""
-    from moeprune.retrieval import load_signature_model
+    from moeprune.patterns.retrieval import load_signature_model
 
     net, tok, _ = load_signature_model(embedded.model_dir())
     inside = [patterns[d] for d in ("math", "code", "legal")]
@@ -114,7 +114,7 @@ def test_retrieval_in_store_and_fallback_out_of_store(patterns):
 
 
 def test_store_round_trip_keeps_windows_and_refuses_other_specs(patterns, tmp_path):
-    from moeprune.store import PatternStore
+    from moeprune.patterns.store import PatternStore
 
     store = PatternStore(tmp_path / "s")
     for p in patterns.values():

@@ -307,7 +307,7 @@ def test_pick_policy_bounded_wait(runtime):
 
 
 def test_prefetch_ranges_hold_the_experts_a_switch_reads(family_checkpoints, runtime):
-    from moeprune.checkpoint import open_checkpoint
+    from moeprune.io.checkpoint import open_checkpoint
     from moeprune.loader.prefetch import byte_ranges, read_ranges
     from moeprune.loader.reader import TensorReader
     from moeprune.loader.selective import expert_requests

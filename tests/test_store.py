@@ -8,8 +8,8 @@ import pytest
 from test_pattern import FP
 
 from moeprune.cli import main
-from moeprune.pattern import ExpertPattern
-from moeprune.store import PatternStore, StoreError
+from moeprune.patterns.pattern import ExpertPattern
+from moeprune.patterns.store import PatternStore, StoreError
 from tiny_models import FAMILIES, write_token_demos
 
 
@@ -116,7 +116,7 @@ def test_query_signature_counts_content_tokens_only(family_checkpoints):
     import torch
 
     from moeprune.arch import get_adapter, moe_blocks
-    from moeprune.retrieval import query_signatures
+    from moeprune.patterns.retrieval import query_signatures
 
     model, _ = family_checkpoints["mixtral"]
     bos = model.config.bos_token_id
@@ -144,10 +144,10 @@ def test_query_signature_routes_as_the_profile_did(family, family_checkpoints, t
     """A query's signature counts the experts the unpruned model routes to (group limits, selection
     bias included), as the profile behind a pattern's signature does: from the full model, from the
     minimal signature model and from a runtime holding a pattern whose routing falls back to ungrouped."""
-    from moeprune.checkpoint import open_checkpoint
+    from moeprune.io.checkpoint import open_checkpoint
     from moeprune.loader.runtime import TaskAdaptiveModel
+    from moeprune.patterns.retrieval import load_signature_model, query_signatures
     from moeprune.pipeline import load_model, profile_checkpoint, select_pattern
-    from moeprune.retrieval import load_signature_model, query_signatures
 
     _, src = family_checkpoints[family]
     demos = write_token_demos(tmp_path / "d.jsonl", seed=3)

@@ -5,6 +5,6 @@ one worker thread; ``batch`` is padded batch generation; ``protocol`` the reques
 ``metrics`` the Prometheus metrics.
 """
 
-from .app import ServerThread, create_app
+from moeprune.serve.app import ServerThread, create_app
 
 __all__ = ["ServerThread", "create_app"]

@@ -27,11 +27,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeprune.pipeline import max_context
-
-from .batch import Sampling
-from .metrics import CONTENT_TYPE, Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, parse
-from .scheduler import Job, Scheduler
+from moeprune.serve.batch import Sampling
+from moeprune.serve.metrics import CONTENT_TYPE, Metrics
+from moeprune.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+from moeprune.serve.scheduler import Job, Scheduler
 
 
 def default_model_id(runtime: Any) -> str:

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from moeprune.loader.prefetch import Prefetcher, byte_ranges
-
-from .batch import Sampling, generate_batch
-from .metrics import Metrics
+from moeprune.serve.batch import Sampling, generate_batch
+from moeprune.serve.metrics import Metrics
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: sharded checkpoints, atomic writes, pruned exports and engine compatibility."""

@@ -1,0 +1,331 @@
+"""Write a pruned checkpoint: only kept experts, in the source's own key layout.
+
+The export streams tensor by tensor from the source shards (one expert of a fused ``[E, ...]``
+tensor is one ``get_slice`` read), so peak memory is about one output shard, not the model.
+Kept experts are renumbered 0..K-1 in original order; router rows and per-expert router
+tensors (GPT-OSS bias, selection biases, wherever the block keeps them) are sliced the same way,
+along their expert axis. Everything is written into a temporary folder that is renamed onto
+``out`` only once complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from moeprune.arch import MoEAdapter
+from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.io.atomic import atomic_dir
+from moeprune.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, open_checkpoint
+from moeprune.loader.reader import TensorReader
+from moeprune.methods.merge import merge_transform
+from moeprune.patterns.pattern import ExpertPattern
+from moeprune.quantization.experts import StoredQuantized, export_quantization_config, packed_state_dict, quantized_key
+from moeprune.quantization.stored_formats import drop_dequantized_config, float_dtype, logical_key
+
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_PER_EXPERT = re.compile(r"^(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one source tensor appears in the pruned checkpoint."""
+
+    source: str
+    target: str
+    rows: tuple[int, ...] | None = None  # expert-axis rows to keep (Checkpoint.expert_axis); None = whole tensor
+
+
+def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = False) -> list[TensorPlan]:
+    """The pruned checkpoint's tensors, in source order; pruned experts' tensors are absent.
+
+    Tensors stored MXFP4 (``X_blocks`` + ``X_scales``) or block FP8 (``X`` + ``X_scale_inv``) are
+    sliced as stored, or with ``dequantize`` planned as the one float tensor ``X`` (the reader
+    dequantizes it); compressed-tensors ones (``X_packed`` ...) are always planned as ``X`` (the
+    reader returns them packed or dequantized). Layers past ``num_hidden_layers`` (DeepSeek-V3's
+    multi-token-prediction layer) are left out: transformers does not build them and their experts
+    would stay unpruned."""
+    adapter: MoEAdapter = ckpt.adapter
+    layers = ckpt.moe_layers()
+    plans = []
+    for stored in ckpt.weight_map:
+        key = quantized_key(ckpt.weight_map, stored)  # a moeprune --bits export: read as one tensor
+        if key == stored and dequantize:
+            key = logical_key(ckpt.weight_map, stored)
+        if key is None or not ckpt.in_model(key):  # a scale (read with its data), or an MTP layer
+            continue
+        layer = adapter.layer_of(key)
+        if layer not in layers:
+            plans.append(TensorPlan(key, key))
+            continue
+        experts_prefix = adapter.experts_prefix(layer)
+        kept = pattern.kept[layer]
+        if key.startswith(experts_prefix):
+            rest = key[len(experts_prefix):]
+            per_expert = _PER_EXPERT.match(rest)
+            if per_expert:
+                e = int(per_expert.group(1))
+                if e in kept:
+                    plans.append(TensorPlan(key, f"{experts_prefix}{kept.index(e)}.{per_expert.group(2)}"))
+                continue
+        elif adapter.router_axis(layer, key) is None:
+            plans.append(TensorPlan(key, key))
+            continue
+        shape, axis = ckpt.shape(stored), ckpt.expert_axis(key)  # fused expert tensor or router tensor
+        if len(shape) <= axis or shape[axis] != layers[layer]:
+            raise ValueError(f"tensor {key} has shape {shape}; expected its axis {axis} to be the "
+                             f"{layers[layer]} experts of layer {layer}")
+        plans.append(TensorPlan(key, key, rows=tuple(kept)))
+    return plans
+
+
+def check_plan(ckpt: Checkpoint, pattern: ExpertPattern) -> None:
+    """Refuse to export when a kept expert's tensor is missing from the checkpoint's index (the plan,
+    made from the index, would silently leave it out and plain transformers could not load the result)."""
+    wm = ckpt.weight_map
+    present = set(wm)
+    for stored in wm:  # the tensors stored in parts (X_packed ..., X_blocks + X_scales) count as X
+        key = quantized_key(wm, stored)
+        if key is not None:
+            present.update(k for k in (key, logical_key(wm, key)) if k is not None)
+    missing = [key for layer, kept in sorted(pattern.kept.items()) for e in kept
+               for pieces in ckpt.adapter.expert_sources(layer, e).values() for key, _ in pieces if key not in present]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: tensor {missing[0]} of a kept expert is not in the checkpoint's "
+                              f"{INDEX_NAME if ckpt.path.joinpath(INDEX_NAME).exists() else SINGLE_NAME}"
+                              f"{f' ({len(missing)} missing)' if len(missing) > 1 else ''}; "
+                              "re-download the checkpoint or restore its index")
+
+
+def verify_written(folder: Path, weight_map: dict[str, str], written: dict[str, str], plans: list[TensorPlan]) -> None:
+    """Check the export in ``folder`` against its plan before it is put in place: every planned tensor
+    written (``written``: written key -> plan target), and the weight map exactly the shards' contents."""
+    unwritten = sorted({p.target for p in plans} - set(written.values()))
+    if unwritten:
+        raise CheckpointError(f"the export wrote no tensor for {unwritten[0]} ({len(unwritten)} planned tensors "
+                              "unwritten); nothing was written: report this as a moeprune bug")
+    from safetensors import safe_open
+
+    stored: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            stored.update(dict.fromkeys(f.keys(), shard))
+    if stored != weight_map or set(stored) != set(written):
+        odd = sorted(set(stored.items()) ^ set(weight_map.items()) or set(stored) ^ set(written))
+        raise CheckpointError(f"the export's shards do not match its index and plan (first difference: {odd[0]}); "
+                              "nothing was written: report this as a moeprune bug")
+
+
+def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAdapter) -> dict[str, Any]:
+    """The source config with the pruned expert count, routing overrides and a ``moeprune`` section."""
+    new = dict(config)
+    k = max(pattern.counts.values())  # non-uniform: the config holds the largest count (see moeprune section)
+    original = max(pattern.fingerprint.num_experts)
+    fields = [f for f in EXPERT_COUNT_FIELDS if new.get(f) == original] or [adapter.num_experts_field]
+    for name in fields:  # configs name the count differently (num_experts vs num_local_experts)
+        new[name] = k
+    new.update(pattern.routing)
+    for name in ("num_nextn_predict_layers", "mtp_num_hidden_layers"):  # the MTP layers are not carried over
+        if new.get(name):  # (their experts are unpruned)
+            new[name] = 0
+    new["moeprune"] = {
+        "version": 1,
+        "task": pattern.task,
+        "method": pattern.method,
+        "source_fingerprint": pattern.fingerprint.to_dict(),
+        "kept_experts": {str(layer): kept for layer, kept in sorted(pattern.kept.items())},
+        "merged_experts": None if not pattern.merges else
+        {str(layer): {str(e): m for e, m in sorted(c.items())} for layer, c in sorted(pattern.merges.items())},
+        "num_experts_per_layer": {str(layer): n for layer, n in sorted(pattern.counts.items())},
+        "uniform": pattern.is_uniform,
+        "routing": pattern.routing,
+        "bits": None if pattern.bits is None else {str(k): v for k, v in sorted(pattern.bits.items())},
+        "merge_router": pattern.merge_router if pattern.merges else None,
+        "router_replaced": bool(pattern.router_overrides),  # re-calibrated or fitted router tensors
+    }
+    return new
+
+
+class _ShardWriter:
+    """Collects tensors and writes numbered shards of at most ``max_bytes`` each."""
+
+    def __init__(self, folder: Path, max_bytes: int, save: Callable | None = None):
+        self.folder, self.max_bytes, self.save = folder, max_bytes, save or save_file
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_meta: dict[str, str] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        """Add tensors that must land in one shard (with their shard metadata)."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.update({k: t.contiguous() for k, t in tensors.items()})
+        self.pending_meta.update(metadata or {})
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        self.save(self.pending, str(self.folder / name), metadata={"format": "pt", **self.pending_meta})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_meta, self.pending_bytes = {}, {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Rename shards to the transformers naming scheme and return the weight map."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files, 1):
+            final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.folder / name).rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        return weight_map
+
+
+def _expert_keys(adapter: MoEAdapter, pattern: ExpertPattern) -> list[str]:
+    """The stored weight keys (not biases) of the first kept expert of every MoE layer."""
+    return [key for layer, kept in sorted(pattern.kept.items()) if kept
+            for p, pieces in adapter.expert_sources(layer, kept[0]).items() if not p.endswith("_bias")
+            for key, _ in pieces]
+
+
+def _logical_shape(ckpt: Checkpoint, key: str) -> list[int]:
+    """The shape of tensor ``key`` as the model holds it (a scaled tensor read for one expert row)."""
+    if key in ckpt.weight_map and not ckpt.scaled(key):
+        return ckpt.shape(key)
+    row = (0,) if ckpt.adapter.fused_experts else None
+    return list(TensorReader(ckpt).read([(key, row)])[(key, row)].shape)
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {size!r} is not like 5GB, 500MB or 1000000")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
+
+
+def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str | Path, out: str | Path,
+                  max_shard_size: str | int = "2GB", overwrite: bool = False,
+                  progress: bool = True, transform: Callable[[TensorPlan, torch.Tensor], torch.Tensor] | None = None,
+                  extra_config: dict[str, Any] | None = None, bits: int | None = None,
+                  group_size: int = 128, symmetric: bool = True, calibrated: Any = None) -> dict[str, Any]:
+    """Write the checkpoint of ``model`` keeping only ``pattern``'s experts into ``out``.
+
+    ``transform(plan, tensor)`` may rewrite tensors on the way (e.g. unstructured sparsity; it runs
+    after the pattern's expert merges, if any);
+    ``extra_config`` is merged into the config's ``moeprune`` section. Expert weights are quantized
+    (compressed-tensors ``pack-quantized``, see ``moeprune.quantization.compressed``; ``symmetric`` or not, groups of
+    ``group_size`` input columns) to ``bits`` for all experts, or to the pattern's per-expert ``bits``:
+    round-to-nearest, or GPTQ's codes of ``calibrated`` where it has them.
+    Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
+    """
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    from moeprune.quantization.compressed import refuse_legacy
+
+    refuse_legacy(ckpt.config, ckpt.path)
+    if not isinstance(pattern, ExpertPattern):
+        pattern = ExpertPattern.load(pattern)
+    pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
+    adapter = ckpt.adapter
+    if bits is not None:
+        pattern = dataclasses.replace(
+            pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
+    config = pruned_config(ckpt.config, pattern, adapter)
+    config["moeprune"].update(extra_config or {})
+    # experts that change on the way (quantized, merged, transformed) are written from float values
+    dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
+    stored_bits = (ckpt.config.get("moeprune") or {}).get("quantization")
+    if stored_bits and pattern.bits is not None:
+        raise ValueError(f"{ckpt.path} already stores quantized experts; export it without bits, or "
+                         "quantize from the float checkpoint")
+    if dequantize:
+        drop_dequantized_config(config)
+    elif stored_bits:  # packed experts are copied as they are: keep their widths, of the kept experts
+        widths = stored_bits.get("bits") or {}
+        kept_bits = {layer: [widths[str(layer)][e] for e in kept] for layer, kept in sorted(pattern.kept.items())
+                     if str(layer) in widths}
+        config["moeprune"]["quantization"] = {**stored_bits, "bits": {str(k): v for k, v in kept_bits.items()}}
+        config["quantization_config"] = export_quantization_config(
+            adapter, {layer: list(range(len(pattern.kept[layer]))) for layer in kept_bits}, kept_bits,
+            int(stored_bits["group_size"]), bool(stored_bits.get("symmetric", True)))
+    quantizer = None
+    if pattern.bits is not None:
+        from moeprune.quantization.experts import ExpertQuantizer
+
+        in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
+                   for k in _expert_keys(adapter, pattern)]
+        quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
+        config["moeprune"]["quantization"] = quantizer.config_entry()
+        if calibrated is not None:
+            config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
+        config["quantization_config"] = quantizer.quantization_config()
+    from moeprune.io.engines import compatibility, transformers_refusal
+
+    refusal = transformers_refusal(config["moeprune"].get("quantization"), adapter.fused_experts)
+    if refusal and "quantization_config" in config:  # transformers would load it wrong: make it refuse
+        config["quantization_config"].pop("quant_method", None)
+        config["quantization_config"]["note"] = f"load with moeprune.from_pretrained: {refusal}"
+    compat = compatibility(config, adapter.family, adapter.fused_experts)
+    check_plan(ckpt, pattern)
+    plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
+    plan_of = {(p.source, p.rows): p for p in plans}
+    reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
+    written_dtype = float_dtype(ckpt.config)
+    merge = merge_transform(ckpt, pattern, reader)
+    if merge is not None:
+        user_transform = transform
+        transform = merge if user_transform is None else (lambda plan, t: user_transform(plan, merge(plan, t)))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        written: dict[str, str] = {}  # key written -> the plan target it belongs to
+        for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
+                                    unit="tensor", disable=not progress):
+            plan = plan_of[request]
+            if isinstance(tensor, StoredQuantized):  # a quantized expert, copied packed
+                parts = packed_state_dict(plan.target, tensor)
+            else:
+                if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
+                    tensor = tensor.to(written_dtype)
+                tensor = tensor if transform is None else transform(plan, tensor)
+                parts = (quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan)
+                         else ({plan.target: tensor},))
+            writer.add(*parts)
+            written.update(dict.fromkeys(parts[0], plan.target))
+        weight_map = writer.finish()
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            weight_map = json.loads((tmp / INDEX_NAME).read_text())["weight_map"]  # what a loader will read
+        verify_written(tmp, weight_map, written, plans)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in sorted(ckpt.path.iterdir()):
+            if (extra.is_file() and extra.name not in ("config.json", INDEX_NAME)
+                    and not extra.name.startswith(".") and not extra.name.endswith(WEIGHT_SUFFIXES)):
+                shutil.copy2(extra, tmp / extra.name)
+    return {
+        "out": str(out),
+        "tensors": len(plans),
+        "bytes_read": reader.stats.bytes,
+        "bytes_written": writer.total_bytes,
+        "shards": len(set(weight_map.values())),
+        "kept_per_layer": pattern.counts,
+        "routing": pattern.routing,
+        "compatibility": compat,
+    }

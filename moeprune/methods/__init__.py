@@ -1,0 +1,1 @@
+"""Expert-importance methods: the scorer registry, the built-in scorers, selection, merging."""

@@ -1,0 +1,102 @@
+"""Expert merging: a kept expert takes the average of its cluster's weights and router rows.
+
+A pattern's ``merges`` (e.g. STUN with ``merge="average"``) map, per MoE layer, a kept expert to
+the experts of its cluster (itself included). Export and the selective loader then write, in the
+kept expert's place, the element-wise mean of the members' expert tensors (every piece: gate/up,
+down, biases, fused rows) and of their router tensors (weight rows, GPT-OSS bias, selection biases,
+along their expert axis). Means are taken in float32 and cast back to the checkpoint's dtype.
+
+A version-3 pattern may weigh the members (``merge_weights``: HC-SMoE's routing-count-weighted
+average), keep the kept expert's own router rows (``merge_router="dominant"``) or take new router
+tensors from the pattern (``router_overrides``: fitted rows, re-calibrated routers), which replace
+the checkpoint's router tensors whole (their kept rows, in kept order).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from moeprune.arch import MoEAdapter
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.patterns.pattern import ExpertPattern
+
+_PER_EXPERT = re.compile(r"^(\d+)\.(.+)$")
+
+
+def _mean(parts: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    stack = torch.stack([p.float() for p in parts])
+    if weights is None:
+        return stack.mean(0).to(parts[0].dtype)
+    w = torch.tensor(weights, dtype=torch.float32)
+    w = (w / w.sum()).view(-1, *([1] * (stack.dim() - 1)))
+    return (stack * w).sum(0).to(parts[0].dtype)
+
+
+def member_weights(pattern: ExpertPattern, layer: int, expert: int) -> list[float] | None:
+    """The weights of ``expert``'s cluster members (None: a plain mean)."""
+    return ((pattern.merge_weights or {}).get(layer) or {}).get(expert)
+
+
+def merge_transform(ckpt: Checkpoint, pattern: ExpertPattern, reader=None) -> Callable | None:
+    """An export/load transform ``(plan, tensor) -> tensor`` applying ``pattern.merges`` and its router
+    overrides; None if it has neither.
+
+    ``plan`` has ``source`` (checkpoint key) and ``rows`` (expert-axis rows kept, or None).
+    """
+    overrides = pattern.router_overrides or {}
+    if not pattern.merges and not overrides:
+        return None
+    from moeprune.loader.reader import TensorReader
+
+    reader = reader or TensorReader(ckpt)
+    adapter: MoEAdapter = ckpt.adapter
+    merges = pattern.merges or {}
+    prefixes = {layer: (adapter.experts_prefix(layer), adapter.block_prefix(layer)) for layer in merges}
+
+    def transform(plan, tensor: torch.Tensor) -> torch.Tensor:
+        if plan.source in overrides:
+            new = overrides[plan.source]
+            if tuple(new.shape) != tuple(tensor.shape):
+                raise ValueError(f"the pattern's router tensor {plan.source} has shape {list(new.shape)}, the "
+                                 f"export's {list(tensor.shape)}: the pattern's router sidecar is for another pattern")
+            return new.to(tensor.dtype)
+        for layer, (experts_prefix, block_prefix) in prefixes.items():
+            clusters = merges[layer]
+            if plan.source.startswith(experts_prefix) and plan.rows is None:
+                m = _PER_EXPERT.match(plan.source[len(experts_prefix):])
+                if m and int(m.group(1)) in clusters:
+                    e, name = int(m.group(1)), m.group(2)
+                    keys = [f"{experts_prefix}{member}.{name}" for member in clusters[e]]
+                    got = reader.read((k, None) for k in keys)
+                    return _mean([got[(k, None)] for k in keys], member_weights(pattern, layer, e))
+                return tensor
+            if plan.rows is not None and plan.source.startswith(block_prefix):  # fused experts, router tensors
+                if adapter.router_axis(layer, plan.source) is not None and pattern.merge_router != "average":
+                    return tensor  # dominant: the kept expert's own rows (fitted rows come as overrides)
+                out, axis = tensor.clone(), ckpt.expert_axis(plan.source)
+                for i, e in enumerate(plan.rows):
+                    if e in clusters:
+                        got = reader.read((plan.source, (member,)) for member in clusters[e])
+                        out.select(axis, i).copy_(_mean([got[(plan.source, (member,))].select(axis, 0)
+                                                         for member in clusters[e]], member_weights(pattern, layer, e)))
+                return out
+        return tensor
+
+    return transform
+
+
+def merged_expert(reader, adapter: MoEAdapter, layer: int, members: list[int],
+                  weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The in-memory parameters (``param -> tensor`` without the expert axis) averaging ``members``
+    (weighted by ``weights`` when given)."""
+    from moeprune.loader.reader import read_layer_experts
+
+    stacks = read_layer_experts(reader, adapter, layer, members, torch.float32)
+    if weights is None:
+        return {param: stack.mean(0) for param, stack in stacks.items()}
+    w = torch.tensor(weights, dtype=torch.float32)
+    w = w / w.sum()
+    return {param: torch.einsum("m,m...->...", w, stack.float()) for param, stack in stacks.items()}

@@ -1,0 +1,1 @@
+"""Patterns: per-task kept-expert selections, the pattern store and retrieval."""

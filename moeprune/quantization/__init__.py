@@ -1,0 +1,1 @@
+"""Quantization of kept experts: formats, widths, RTN/GPTQ, mixed precision."""

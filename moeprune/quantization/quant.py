@@ -1,0 +1,554 @@
+"""Group-wise asymmetric weight quantization (int8 / int4 / int2) and per-expert
+mixed-precision bit allocation.
+
+Exports are compressed-tensors checkpoints (``moeprune.quantization.compressed``), not this format: here it is the
+IN-MEMORY layout moeprune's kernels read (a compressed-tensors weight converts to it exactly, see
+``moeprune.quantization.compressed.to_quantized_tensor``); ``to_state_dict`` / ``save_quantized`` remain for
+files of moeprune's own, never for model exports.
+
+Memory format (read in-kernel by the Triton dequantization kernel -- keep in sync)
+-----------------------------------------------------------------------------------
+For a weight ``W`` of shape ``[..., out, in]`` (``[out, in]`` or an expert stack
+``[E, out, in]``), group size ``G`` along ``in`` and ``b`` bits (``L = 2**b - 1``):
+
+* per (row, group) of ``G`` consecutive input columns, in fp32::
+
+      scale = (max - min) / L            # rounded *up* to the next fp16 value
+      zero  = clamp(round(-min / scale), 0, L)
+      q     = clamp(round(W / scale) + zero, 0, L)
+      W    ~= (q - zero) * scale         # dequantization
+
+  ``round`` is round-half-to-even (``torch.round``).  ``q`` and ``zero`` are
+  computed with the fp16-rounded scale, so the fp32 reconstruction above equals
+  what a kernel computes from the stored fp16 ``scales``/``zeros``.
+* ``scales`` and ``zeros`` are fp16 of shape ``[..., out, in // G]`` (``zeros``
+  hold integers in ``[0, L]``, exactly representable in fp16).
+* ``q`` is packed along ``in`` into ``uint8``: ``8 // b`` values per byte, value
+  ``j`` of a byte in bits ``[j*b, (j+1)*b)`` (first value in the lowest bits);
+  packed shape ``[..., out, in * b // 8]``.
+
+Choice of the quantization parameters (any kernel only sees the format above):
+
+* ``min``/``max`` are taken over the group *and 0* (``min <= 0 <= max``, as in
+  GPTQ/AWQ).  For the usual group that straddles zero this is exactly
+  ``(max - min) / L``; for a group that is entirely positive (or negative) it
+  keeps ``zero`` inside ``[0, L]`` without clipping the group's extreme values.
+* The fp32 scale is rounded *up* to fp16 so ``(max - min) / scale <= L``: no
+  value is ever clipped and the reconstruction error is at most ``scale / 2``
+  (see :func:`error_bound`).
+* A constant group ``c`` (original ``max == min``) gets ``scale = |c|`` (``1``
+  when ``c == 0``) and ``zero = 0`` (``c > 0``) or ``1`` (``c < 0``), so it is
+  reconstructed exactly whenever ``c`` is representable in fp16.
+
+Serialization convention (:func:`to_state_dict` / :func:`from_state_dict`)
+--------------------------------------------------------------------------
+Tensors ``<prefix>.qweight`` (uint8 packed), ``<prefix>.scales`` and
+``<prefix>.zeros`` (fp16); safetensors metadata key ``<prefix>.quant`` holds a
+JSON object ``{"format": "moeprune-gq-v1", "bits", "group_size", "shape",
+"dtype"}`` (``dtype`` the original dtype, e.g. ``"bfloat16"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from moeprune.quantization.widths import CONTAINER_BITS
+
+__all__ = [
+    "QuantizedTensor",
+    "SUPPORTED_BITS",
+    "FORMAT",
+    "quantize",
+    "dequantize",
+    "pack",
+    "unpack",
+    "error_bound",
+    "to_state_dict",
+    "from_state_dict",
+    "save_quantized",
+    "load_quantized",
+    "expert_quant_error",
+    "quant_error_table",
+    "allocate_bits",
+    "allocation_objective",
+]
+
+SUPPORTED_BITS = CONTAINER_BITS  # the in-memory widths (moeprune.quantization.widths)
+FORMAT = "moeprune-gq-v1"
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+# --------------------------------------------------------------------------- packing
+def _check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` along the last dim into ``uint8``.
+
+    ``8 // bits`` values per byte, value ``j`` in bits ``[j*bits, (j+1)*bits)``.
+    The last dim must be a multiple of ``8 // bits``.  Shape ``[..., n]`` ->
+    ``[..., n * bits // 8]``.
+    """
+    bits = _check_bits(bits)
+    per_byte = 8 // bits
+    n = q.shape[-1]
+    if n % per_byte:
+        raise ValueError(f"last dim {n} must be a multiple of {per_byte} to pack {bits}-bit values")
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    q = q.reshape(*q.shape[:-1], n // per_byte, per_byte)
+    out = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
+    mask = (1 << bits) - 1
+    for j in range(per_byte):
+        out |= (q[..., j] & mask) << (j * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``uint8 [..., m]`` -> ``uint8 [..., n]`` (``n <= m * 8 // bits``)."""
+    bits = _check_bits(bits)
+    per_byte = 8 // bits
+    if n > packed.shape[-1] * per_byte:
+        raise ValueError(f"cannot unpack {n} values from {packed.shape[-1]} bytes at {bits} bits")
+    packed = packed.to(torch.uint8)
+    if bits == 8:
+        return packed[..., :n].contiguous()
+    mask = (1 << bits) - 1
+    vals = [(packed >> (j * bits)) & mask for j in range(per_byte)]
+    out = torch.stack(vals, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    return out[..., :n].contiguous()
+
+
+# --------------------------------------------------------------------- quantization
+@dataclass
+class QuantizedTensor:
+    """A group-wise quantized weight in the module's storage format.
+
+    ``packed`` uint8 ``[..., out, in*bits//8]``; ``scales``/``zeros`` fp16
+    ``[..., out, in//group_size]``; ``shape`` and ``dtype`` of the original weight.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """Reconstruct the weight (in ``self.dtype``)."""
+        return dequantize(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Storage size in bytes (packed codes + fp16 scales + fp16 zeros)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight including scale/zero overhead."""
+        return 8.0 * self.nbytes / max(1, math.prod(self.shape))
+
+
+def _suggest_group_sizes(n_in: int, group_size: int, bits: int) -> list[int]:
+    """Group sizes that fit ``n_in``: the largest power of two, then the largest divisor,
+    each ``<= group_size`` and a multiple of ``8 // bits`` (kernels prefer powers of two)."""
+    per_byte = 8 // bits
+    fits = [g for g in range(min(group_size, n_in), 0, -1) if n_in % g == 0 and g % per_byte == 0]
+    pow2 = [g for g in fits if g & (g - 1) == 0]
+    return list(dict.fromkeys(pow2[:1] + fits[:1]))
+
+
+def _check_layout(shape: Sequence[int], bits: int, group_size: int) -> None:
+    if len(shape) < 2:
+        raise ValueError(f"expected a weight of shape [..., out, in], got shape {tuple(shape)}")
+    n_in, per_byte = shape[-1], 8 // bits
+    if group_size <= 0 or n_in % group_size or group_size % per_byte:
+        hints = _suggest_group_sizes(n_in, max(group_size, 1), bits)
+        fix = (
+            "try " + " or ".join(f"group_size={g}" for g in hints)
+            if hints
+            else f"in={n_in} must be a multiple of {per_byte} for {bits}-bit packing"
+        )
+        raise ValueError(
+            f"group_size={group_size} does not fit weight shape {tuple(shape)} at {bits} bits "
+            f"(it must divide in={n_in} and be a multiple of {per_byte}); {fix}"
+        )
+
+
+def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value >= ``x`` (fp32, positive), returned as fp32."""
+    h = x.to(torch.float16)
+    low = h.float() < x
+    h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
+def _group_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-exact (scale, zero) in fp32 for grouped fp32 weights ``[..., n_groups, G]``."""
+    levels = (1 << bits) - 1
+    gmin, gmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    const = gmax == gmin
+    lo, hi = gmin.clamp(max=0.0), gmax.clamp(min=0.0)
+    scale = (hi - lo) / levels
+    # constant groups: scale = |c| (1 if c == 0) so that q - zero = sign(c)
+    scale = torch.where(const, torch.where(gmin == 0, torch.ones_like(gmin), gmin.abs()), scale)
+    scale = _round_up_fp16(scale)
+    if not torch.isfinite(scale).all():
+        raise ValueError(
+            f"weight range too large for fp16 scales (|w| up to {wg.abs().max().item():.3g}; "
+            f"fp16 max is {_FP16_MAX:.0f})"
+        )
+    zero = torch.round(-lo / scale).clamp(0, levels)
+    zero = torch.where(const, (gmin < 0).to(zero.dtype), zero)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedTensor:
+    """Group-wise asymmetric quantization of ``w [..., out, in]`` to ``bits`` (8, 4 or 2)."""
+    bits = _check_bits(bits)
+    shape = tuple(w.shape)
+    _check_layout(shape, bits, group_size)
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantize a weight containing inf/nan")
+    levels = (1 << bits) - 1
+    wg = w.detach().float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    scale, zero = _group_params(wg, bits)
+    q = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp(0, levels)
+    q = q.to(torch.uint8).reshape(shape)
+    return QuantizedTensor(
+        packed=pack(q, bits),
+        scales=scale.to(torch.float16),
+        zeros=zero.to(torch.float16),
+        bits=bits,
+        group_size=int(group_size),
+        shape=shape,
+        dtype=w.dtype,
+    )
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(q - zero) * scale`` computed in fp32, returned in ``dtype`` (default ``qt.dtype``)."""
+    shape, g = tuple(qt.shape), qt.group_size
+    q = unpack(qt.packed, qt.bits, shape[-1]).float()
+    q = q.reshape(*shape[:-1], shape[-1] // g, g)
+    w = (q - qt.zeros.float()[..., None]) * qt.scales.float()[..., None]
+    return w.reshape(shape).to(dtype or qt.dtype)
+
+
+def error_bound(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """Worst-case elementwise ``|w - dequantize(quantize(w))|`` bound, shape of ``w``.
+
+    Per group: ``scale / 2`` with the fp16 (rounded-up) scale actually stored --
+    which is at most ``(max - min) / (2**bits - 1) * (1 + 2**-10) / 2`` plus the
+    fp16 subnormal step ``2**-24`` -- plus slack for the fp32 arithmetic and the
+    final cast to ``w.dtype``.
+    """
+    bits = _check_bits(bits)
+    shape = tuple(w.shape)
+    _check_layout(shape, bits, group_size)
+    if not torch.isfinite(w).all():
+        raise ValueError("a weight containing inf/nan has no quantization error bound (it cannot be quantized)")
+    wg = w.detach().float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    scale, _ = _group_params(wg, bits)
+    amax = wg.abs().amax(dim=-1)
+    eps32 = torch.finfo(torch.float32).eps
+    cast = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
+    bound = 0.5 * scale + 4 * eps32 * (amax + scale) + cast * (amax + scale)
+    return bound[..., None].expand(wg.shape).reshape(shape)
+
+
+# -------------------------------------------------------------------- serialization
+def to_state_dict(prefix: str, qt: QuantizedTensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata for ``qt`` under ``prefix`` (see module docstring)."""
+    tensors = {
+        f"{prefix}.qweight": qt.packed.contiguous(),
+        f"{prefix}.scales": qt.scales.contiguous(),
+        f"{prefix}.zeros": qt.zeros.contiguous(),
+    }
+    meta = {
+        "format": FORMAT,
+        "bits": qt.bits,
+        "group_size": qt.group_size,
+        "shape": list(qt.shape),
+        "dtype": str(qt.dtype).removeprefix("torch."),
+    }
+    return tensors, {f"{prefix}.quant": json.dumps(meta)}
+
+
+def from_state_dict(
+    prefix: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> QuantizedTensor:
+    """Rebuild the :class:`QuantizedTensor` stored under ``prefix`` by :func:`to_state_dict`."""
+    key = f"{prefix}.quant"
+    if metadata is None or key not in metadata:
+        raise KeyError(f"no quantization metadata {key!r}")
+    meta = json.loads(metadata[key])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{key}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
+    bits, g, shape = int(meta["bits"]), int(meta["group_size"]), tuple(int(s) for s in meta["shape"])
+    dtype = getattr(torch, meta["dtype"])
+    qt = QuantizedTensor(
+        packed=tensors[f"{prefix}.qweight"],
+        scales=tensors[f"{prefix}.scales"],
+        zeros=tensors[f"{prefix}.zeros"],
+        bits=bits,
+        group_size=g,
+        shape=shape,
+        dtype=dtype,
+    )
+    want_packed = (*shape[:-1], shape[-1] * bits // 8)
+    want_groups = (*shape[:-1], shape[-1] // g)
+    if (
+        tuple(qt.packed.shape) != want_packed
+        or tuple(qt.scales.shape) != want_groups
+        or tuple(qt.zeros.shape) != want_groups
+    ):
+        raise ValueError(
+            f"{prefix}: stored shapes {tuple(qt.packed.shape)}/{tuple(qt.scales.shape)}/"
+            f"{tuple(qt.zeros.shape)} do not match {want_packed}/{want_groups}"
+        )
+    return qt
+
+
+def save_quantized(path: str | Path, qts: Mapping[str, QuantizedTensor]) -> None:
+    """Save ``{prefix: QuantizedTensor}`` to one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for prefix, qt in qts.items():
+        t, m = to_state_dict(prefix, qt)
+        tensors.update(t)
+        metadata.update(m)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
+    """Load every quantized tensor (found via ``<prefix>.quant`` metadata) from a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        prefixes = [k[: -len(".quant")] for k in metadata if k.endswith(".quant")]
+        out = {}
+        for p in prefixes:
+            tensors = {f"{p}.{s}": f.get_tensor(f"{p}.{s}") for s in ("qweight", "scales", "zeros")}
+            out[p] = from_state_dict(p, tensors, metadata)
+    return out
+
+
+# ------------------------------------------------------------------ expert error ε_ib
+_ROLE_KEYS = {
+    "gate": ("gate", "w1"),
+    "up": ("up", "w3"),
+    "down": ("down", "w2"),
+}
+
+
+def _mlp_roles(expert_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map keys like ``gate_proj(.weight)`` / ``w1`` to gate / up / down."""
+    roles: dict[str, torch.Tensor] = {}
+    for key, w in expert_weights.items():
+        leaf = key.removesuffix(".weight").split(".")[-1].lower()
+        for role, names in _ROLE_KEYS.items():
+            if leaf in names or any(leaf.startswith(n + "_") for n in names):
+                if role in roles:
+                    raise ValueError(f"two weights map to the {role} projection: {list(expert_weights)}")
+                roles[role] = w
+    missing = set(_ROLE_KEYS) - set(roles)
+    if missing:
+        raise ValueError(
+            f"gated-MLP output error needs gate [I,H], up [I,H], down [H,I] weights; "
+            f"missing {sorted(missing)} among keys {list(expert_weights)}"
+        )
+    return roles
+
+
+def _gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def expert_quant_error(
+    expert_weights: Mapping[str, torch.Tensor],
+    bits: int,
+    group_size: int = 128,
+    inputs: torch.Tensor | None = None,
+) -> float:
+    """Reconstruction error of one expert quantized to ``bits``.
+
+    With sample ``inputs`` X ``[n, H]``: ``||f(X) - f_q(X)||^2 / ||f(X)||^2`` of the
+    SiLU-gated MLP ``f(x) = down(silu(gate(x)) * up(x))`` (weights ``gate``/``up``
+    ``[I, H]``, ``down`` ``[H, I]``; keys ``gate_proj``/``up_proj``/``down_proj`` or
+    ``w1``/``w3``/``w2``, optionally with a ``.weight`` suffix).
+    Without inputs: ``sum_m ||W_m - Q(W_m)||_F^2 / ||W_m||_F^2`` over all matrices.
+    """
+    def qdq(w: torch.Tensor) -> torch.Tensor:
+        return quantize(w, bits, group_size).dequantize().float()
+
+    if inputs is None:
+        total = 0.0
+        for w in expert_weights.values():
+            w32 = w.detach().float()
+            denom = float(w32.pow(2).sum())
+            num = float((w32 - qdq(w)).pow(2).sum())
+            total += num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+        return total
+    roles = {k: v.detach().float() for k, v in _mlp_roles(expert_weights).items()}
+    x = inputs.detach().float().reshape(-1, inputs.shape[-1])
+    ref = _gated_mlp(x, roles["gate"], roles["up"], roles["down"])
+    out = _gated_mlp(x, qdq(roles["gate"]), qdq(roles["up"]), qdq(roles["down"]))
+    num, denom = float((ref - out).pow(2).sum()), float(ref.pow(2).sum())
+    return num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+
+
+def quant_error_table(
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    bits: Sequence[int] = (2, 4, 8),
+    group_size: int = 128,
+    inputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+) -> np.ndarray:
+    """``err[N, B]`` for :func:`allocate_bits`: :func:`expert_quant_error` of each expert at each width.
+
+    ``inputs``: None, one tensor shared by all experts, or one (or None) per expert.
+    """
+    if inputs is None or isinstance(inputs, torch.Tensor):
+        per_expert = [inputs] * len(experts)
+    else:
+        per_expert = list(inputs)
+        if len(per_expert) != len(experts):
+            raise ValueError(f"got {len(per_expert)} input sets for {len(experts)} experts")
+    return np.array(
+        [[expert_quant_error(e, b, group_size, x) for b in bits] for e, x in zip(experts, per_expert)],
+        dtype=np.float64,
+    ).reshape(len(experts), len(bits))
+
+
+# ------------------------------------------------------------ mixed precision (PMQ)
+def _costs(freq, weight, err, alpha: float, beta: float) -> np.ndarray:
+    freq, weight, err = (np.asarray(a, dtype=np.float64) for a in (freq, weight, err))
+    return (freq**alpha * weight**beta)[:, None] * err
+
+
+def allocation_objective(freq, weight, err, bits, chosen: Sequence[int], alpha=1.0, beta=1.0) -> float:
+    """``sum_i phi_i^alpha * w_i^beta * eps_i[chosen_i]`` for a given allotment."""
+    cost = _costs(freq, weight, err, alpha, beta)
+    col = {int(b): j for j, b in enumerate(bits)}
+    return float(sum(cost[i, col[int(b)]] for i, b in enumerate(chosen)))
+
+
+def allocate_bits(
+    freq: Sequence[float] | np.ndarray | torch.Tensor,
+    weight: Sequence[float] | np.ndarray | torch.Tensor,
+    err: Sequence[Sequence[float]] | np.ndarray | torch.Tensor,
+    bits: Sequence[int] = (2, 4, 8),
+    avg_bits: float = 3.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    sizes: Sequence[float] | np.ndarray | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[int]:
+    """Pre-loading mixed-precision bit allocation (MC-MoE's PMQ), solved exactly.
+
+    Minimises ``sum_i sum_b x_ib * phi_i^alpha * w_i^beta * eps_ib`` over binary
+    ``x`` subject to ``sum_b x_ib = 1`` (one width per expert) and
+    ``sum_i sum_b x_ib * b * size_i <= avg_bits * sum_i size_i``, with
+    ``scipy.optimize.milp`` (HiGHS branch and bound, relative gap 0).
+
+    ``freq`` phi ``[N]``: activation frequency; ``weight`` w ``[N]``: mean routing
+    weight; ``err`` eps ``[N, B]``: expert error at each of ``bits``; ``sizes``
+    ``[N]``: parameter counts (default equal, i.e. the plain average bit width). ``groups`` ``[N]``:
+    experts with the same group id get one width (``x_ib = x_jb``; e.g. one width per MoE layer for
+    fused expert tensors or an engine that takes one scheme per layer).
+    Returns the chosen bit width per expert.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    def arr(a) -> np.ndarray:
+        return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, float)
+
+    freq, weight, err = arr(freq), arr(weight), arr(err)
+    bits_arr = np.asarray([int(b) for b in bits], dtype=np.float64)
+    if freq.ndim != 1 or freq.shape[0] == 0:
+        raise ValueError(f"freq must be a non-empty 1-D array, got shape {freq.shape}")
+    n, nb = freq.shape[0], len(bits_arr)
+    if weight.shape != (n,):
+        raise ValueError(f"weight must have shape ({n},) like freq, got {weight.shape}")
+    if err.shape != (n, nb):
+        raise ValueError(f"err must have shape (N, B) = ({n}, {nb}), got {err.shape}")
+    if nb == 0 or len(set(bits_arr)) != nb or (bits_arr <= 0).any():
+        raise ValueError(f"bits must be distinct positive widths, got {tuple(bits)}")
+    for name, a in (("freq", freq), ("weight", weight), ("err", err)):
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"{name} must be finite and non-negative")
+    size_arr = np.ones(n) if sizes is None else arr(sizes)
+    if size_arr.shape != (n,) or not np.isfinite(size_arr).all() or (size_arr <= 0).any():
+        raise ValueError(f"sizes must be {n} positive numbers, got shape {size_arr.shape}")
+    lo, hi = float(bits_arr.min()), float(bits_arr.max())
+    if not (lo <= avg_bits <= hi):
+        raise ValueError(f"avg_bits={avg_bits} is outside the feasible range [{lo:g}, {hi:g}] for bits {tuple(bits)}")
+
+    cost = _costs(freq, weight, err, alpha, beta)
+    if not np.isfinite(cost).all():
+        raise ValueError("objective coefficients are not finite (check alpha/beta with zero freq/weight)")
+    scale = cost.max()
+    c = (cost / scale if scale > 0 else cost).ravel()  # x index = i * B + j
+
+    # Budget row.  Integer sizes are divided by their gcd (all-equal sizes -> 1), so the
+    # left side is an integer and flooring the bound makes the constraint exact.
+    raw_int = np.allclose(size_arr, np.round(size_arr)) and np.allclose(bits_arr, np.round(bits_arr))
+    if raw_int:
+        size_norm = size_arr / math.gcd(*(int(round(s)) for s in size_arr))
+    else:
+        size_norm = size_arr / size_arr.max()
+    budget = avg_bits * size_norm.sum()
+    rhs = math.floor(budget + 1e-9) if raw_int else budget
+    a_budget = (size_norm[:, None] * bits_arr[None, :]).ravel()
+    a_onehot = np.kron(np.eye(n), np.ones(nb))
+    constraints = [
+        LinearConstraint(a_budget[None, :], -np.inf, rhs),
+        LinearConstraint(a_onehot, 1.0, 1.0),
+    ]
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups must give one group id per expert ({n}), got {len(groups)}")
+        first: dict[Any, int] = {}
+        tie = []
+        for i, g in enumerate(groups):  # every member chooses what the group's first member chooses
+            j = first.setdefault(g, i)
+            if j != i:
+                for b in range(nb):
+                    row = np.zeros(n * nb)
+                    row[i * nb + b], row[j * nb + b] = 1.0, -1.0
+                    tie.append(row)
+        if tie:
+            constraints.append(LinearConstraint(np.array(tie), 0.0, 0.0))
+    res = milp(
+        c,
+        integrality=np.ones_like(c),
+        bounds=Bounds(0.0, 1.0),
+        constraints=constraints,
+        options={"mip_rel_gap": 0.0},
+    )
+    if res.status != 0 or res.x is None:
+        raise RuntimeError(f"bit allocation MILP failed: {res.message}")
+    x = np.round(res.x).reshape(n, nb)
+    chosen = x.argmax(axis=1)
+    out = [int(bits_arr[j]) for j in chosen]
+    used = float((size_norm * bits_arr[chosen]).sum())
+    if used > budget * (1 + 1e-9) + 1e-9:  # pragma: no cover - solver tolerance guard
+        raise RuntimeError(f"MILP solution uses {used / size_norm.sum():.6g} bits > budget {avg_bits}")
+    return out
+
