@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeprune.errors import InvalidArgument
 from moeprune.quantization import quant as _quant
 from moeprune.quantization.widths import CONTAINER_BITS
 
@@ -52,7 +53,7 @@ WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 
 def _check_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise InvalidArgument(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     return int(bits)
 
 

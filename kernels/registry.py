@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from moeprune.errors import InvalidArgument
 from moeprune.kernels.quant_format import mixed_weights, width_groups
 from moeprune.kernels.torch_experts import torch_experts_forward
 
@@ -44,7 +45,7 @@ def select_backend(module, hidden_states: torch.Tensor) -> str:
     if forced in BACKENDS:
         return forced
     if forced not in ("", "auto"):
-        raise ValueError(f"MOEPRUNE_KERNEL={forced!r}: expected one of {BACKENDS} or 'auto'")
+        raise InvalidArgument(f"MOEPRUNE_KERNEL={forced!r}: expected one of {BACKENDS} or 'auto'")
     if hidden_states.is_cuda and triton_available() and not _needs_grad(module, hidden_states):
         return "triton"
     return "torch"

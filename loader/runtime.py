@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from moeprune.arch import moe_blocks
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
 from moeprune.loader.reader import TensorReader
@@ -93,7 +94,7 @@ class TaskAdaptiveModel:
                  max_new_tokens_limit: int = 256, dynamic_prune: Any = None, demos: str | Path | None = None):
         if (not isinstance(max_new_tokens_limit, int) or isinstance(max_new_tokens_limit, bool)
                 or max_new_tokens_limit < 1):
-            raise ValueError(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
+            raise InvalidArgument(f"max_new_tokens_limit must be a positive integer, not {max_new_tokens_limit!r}")
         self.max_new_tokens_limit = max_new_tokens_limit
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
@@ -114,7 +115,7 @@ class TaskAdaptiveModel:
         self.broken: BaseException | None = None  # set when a failed switch could not be undone
         self.switch_stats: list[dict[str, Any]] = []
         if not patterns:
-            raise ValueError("TaskAdaptiveModel needs at least one pattern (patterns=... or a store)")
+            raise InvalidArgument("TaskAdaptiveModel needs at least one pattern (patterns=... or a store)")
         self.patterns = {p.task: p for p in patterns}
         self.general = general_pattern(patterns)
         signed = [p for p in patterns if p.signature is not None]
@@ -153,24 +154,25 @@ class TaskAdaptiveModel:
         """``max_new_tokens`` if it is a whole number in [1, ``max_new_tokens_limit``] that fits in the
         context after ``prompt_tokens``; else a ValueError saying which bound it breaks."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+            raise InvalidArgument(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         if max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens {max_new_tokens} is over this runtime's limit of "
-                             f"{self.max_new_tokens_limit} (max_new_tokens_limit)")
+            raise InvalidArgument(f"max_new_tokens {max_new_tokens} is over this runtime's limit of "
+                                  f"{self.max_new_tokens_limit} (max_new_tokens_limit)")
         if self.max_prompt_tokens is not None and prompt_tokens + max_new_tokens > self.max_prompt_tokens:
-            raise ValueError(f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                             f"context of {self.max_prompt_tokens} (max_position_embeddings); ask for fewer tokens")
+            raise InvalidArgument(f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                                  f"model's context of {self.max_prompt_tokens} (max_position_embeddings)",
+                                  hint="ask for fewer tokens")
         return max_new_tokens
 
     def retrieve(self, query: str | Sequence[int]) -> Match:
         """The stored pattern for ``query`` (text or token ids) and its signature distance."""
         if self.retriever is None:
-            raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
+            raise InvalidArgument("no pattern has a retrieval signature: store patterns made from profiles")
         return self._match(self.encode(query))
 
     def _match(self, ids: list[int]) -> Match:
         if self.retriever is None:
-            raise ValueError("no pattern has a retrieval signature: store patterns made from profiles")
+            raise InvalidArgument("no pattern has a retrieval signature: store patterns made from profiles")
         with self.lock:
             sig = query_signatures(self.model, [ids], "first")
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -223,7 +225,7 @@ class TaskAdaptiveModel:
         ``max_new_tokens`` tokens (bounded, see :meth:`check_max_new_tokens`): the continuation's text,
         or its token ids where the checkpoint has no tokenizer. Tokenizing and checks run before the lock."""
         if "max_length" in generate_kwargs:
-            raise ValueError("give max_new_tokens, not max_length (it is checked against the runtime's limits)")
+            raise InvalidArgument("give max_new_tokens, not max_length (it is checked against the runtime's limits)")
         prompt = self.encode(query)
         self.check_max_new_tokens(max_new_tokens, len(prompt))
         ids = torch.tensor([prompt], device=self.device)
@@ -240,22 +242,22 @@ class TaskAdaptiveModel:
         if task == self.general.task:
             return self.general
         if task not in self.patterns:
-            raise ValueError(f"unknown task {task!r}; known: {', '.join(self.patterns)}, {self.general.task}")
+            raise InvalidArgument(f"unknown task {task!r}; known: {', '.join(self.patterns)}, {self.general.task}")
         return self.patterns[task]
 
     def _encode(self, query: str | Sequence[int]) -> list[int]:
         if isinstance(query, str):
             if not query.strip():
-                raise ValueError("the query is empty: give some text")
+                raise InvalidArgument("the query is empty: give some text")
             if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass token ids")
+                raise InvalidArgument("this checkpoint has no tokenizer: pass token ids")
             return self.tokenizer(query)["input_ids"]
         from moeprune.demos import encode_demos
 
         if isinstance(query, (bytes, dict)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in query):
-            raise ValueError("a query is a text or a list of token ids")
+            raise InvalidArgument("a query is a text or a list of token ids")
         if not query:
-            raise ValueError("the query is empty: give some token ids")
+            raise InvalidArgument("the query is empty: give some token ids")
         return encode_demos([{"input_ids": list(query)}], None,
                             vocab_size=getattr(self.model.config, "vocab_size", None))[0]
 
@@ -382,13 +384,13 @@ def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[
 
 def _refuse_merged(pattern: ExpertPattern) -> None:
     if pattern.router_overrides:
-        raise ValueError(f"pattern {pattern.task!r} carries re-fitted router rows (--recalibrate-router or fitted "
-                         "merge rows), which the runtime's shared routers do not take; load it with "
-                         "moeprune.from_pretrained or export it with `moeprune export`")
+        raise IncompatibleError(f"pattern {pattern.task!r} carries re-fitted router rows (recalibrate_router=True "
+                                "or fitted merge rows), which the runtime's shared routers do not take",
+                                hint="load it with moeprune.from_pretrained or export it with `moeprune export`")
     if pattern.merges:
-        raise ValueError(f"pattern {pattern.task!r} merges experts (averaged weights), which the per-expert cache "
-                         "cannot share between tasks; load it with moeprune.from_pretrained or export it "
-                         "with `moeprune export`")
+        raise IncompatibleError(f"pattern {pattern.task!r} merges experts (averaged weights), which the per-expert "
+                                "cache cannot share between tasks",
+                                hint="load it with moeprune.from_pretrained or export it with `moeprune export`")
 
 
 def _expert_slices(module: Any, names: list[str], i: int) -> dict[str, torch.Tensor]:

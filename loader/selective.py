@@ -17,6 +17,7 @@ import torch
 from accelerate import init_empty_weights
 
 from moeprune.arch import MoEAdapter, get_path, layer_of, moe_blocks
+from moeprune.errors import IncompatibleError
 from moeprune.io.checkpoint import Checkpoint, CheckpointError
 from moeprune.io.export import plan_tensors, pruned_config
 from moeprune.loader.reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
@@ -265,7 +266,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
                     values[param][i] = mean.to(values[param].dtype)
         widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
         if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
-            raise ValueError(f"{ckpt.path} already stores quantized experts; load it without bits")
+            raise IncompatibleError(f"{ckpt.path} already stores quantized experts; load it without bits")
         if widths:
             values = quantize_layer(values, adapter, widths, group_size, keep_quantized, float_dtype(ckpt.config))
             packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None

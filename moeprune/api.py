@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moeprune.errors import InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
 from moeprune.modeling import parse_dtype
@@ -87,8 +88,8 @@ def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path |
         return DynamicPrune.from_dict(dynamic_prune)
     fraction = float(dynamic_prune)
     if demos is None:
-        raise ValueError(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos: "
-                         "give them (--demos FILE / demos=...)")
+        raise InvalidArgument(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos",
+                              hint="give them (demos=FILE)")
     from moeprune.demos import encode_demos, read_demos
     from moeprune.modeling import load_tokenizer, max_context
 

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from moeprune.errors import IncompatibleError
+
 LAYERS_PREFIX = "model.layers"
 _LAYER_KEY = re.compile(rf"^{re.escape(LAYERS_PREFIX)}\.(\d+)\.")
 
@@ -183,7 +185,7 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS for mt in a.model_types}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(IncompatibleError):
     """The model is not a Mixture-of-Experts family moeprune knows."""
 
 

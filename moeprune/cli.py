@@ -1,8 +1,10 @@
 """The ``moeprune`` command line: profile, select, export, prune, inspect, store, retrieve, serve, demo.
 
 Human-readable tables by default, one JSON document on stdout with ``--json``. Progress bars go
-to stderr and are silenced by ``--quiet`` (and by ``--json``). Errors print one line naming the
-problem and exit with status 2; set ``MOEPRUNE_DEBUG=1`` for the traceback.
+to stderr and are silenced by ``--quiet`` (and by ``--json``). What moeprune refuses (a
+:class:`~moeprune.errors.MoePruneError`, its message in the command line's flags) and what the system
+refuses (an ``OSError``) print one line and exit with status 2 (``MOEPRUNE_DEBUG=1`` adds the
+traceback); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +13,38 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
+
+from moeprune.errors import IncompatibleError, InvalidArgument, MoePruneError, NotFound
+
+# Library messages name API parameters (``keep=0.7``, ``budget=global``, ``overwrite=True``); the
+# command line shows them as its flags (``--keep 0.7``, ``--budget global``, ``--overwrite``): this
+# table is the one place that knows which flag sets which parameter.
+FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "keep", "budget", "min_per_layer", "method", "demos", "model", "out", "overwrite", "task", "device", "dtype",
+    "max_tokens", "max_shard_size", "bits", "avg_bits", "group_size", "quant_method", "target", "unstructured",
+    "nm", "dynamic_prune", "recalibrate_router", "recalibrate_steps", "protect_super_experts", "base", "seed",
+    "mix", "merge", "representative", "threshold", "layers", "offload")}
+FLAGS.update({"symmetric": "--asym", "router": "--merge-router", "metric": "--hc-metric"})
+_INVERTED = {"symmetric"}  # --asym sets symmetric=False
+_PARAM = re.compile(r"(?<![\w.\-])(?P<name>" + "|".join(sorted(FLAGS, key=len, reverse=True))
+                    + r")=(?P<value>(?:True|False)\b|)")
+
+
+def flag_words(text: str) -> str:
+    """``text`` with the API parameters it names written as this command line's flags."""
+    def flag(m: re.Match) -> str:
+        name, value = m["name"], m["value"]
+        if value in ("True", "False"):
+            return FLAGS[name] if (value == "True") != (name in _INVERTED) else f"no {FLAGS[name]}"
+        return f"{FLAGS[name]} {value}"
+    return _PARAM.sub(flag, text)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -73,15 +101,15 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
               if getattr(args, name, None) is not None}
     if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
-        raise ValueError("--mix, --merge and --representative apply to --method stun only")
+        raise InvalidArgument("--mix, --merge and --representative apply to --method stun only")
     if "base" in params and args.method != "router-drift":
-        raise ValueError("--base applies to --method router-drift only")
+        raise InvalidArgument("--base applies to --method router-drift only")
     if getattr(args, "protect_super_experts", False):
         params["protect_super_experts"] = True
     for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
         if getattr(args, flag, None) is not None:
             if args.method != "hc-smoe":
-                raise ValueError(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
+                raise InvalidArgument(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
             params[name] = getattr(args, flag)
     return params
 
@@ -102,7 +130,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
     ckpt = net = demos = None
     if args.recalibrate_router and not args.demos:
-        raise ValueError("--recalibrate-router fits the router on the demos: give --demos FILE")
+        raise InvalidArgument("--recalibrate-router fits the router on the demos: give --demos FILE")
     run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
     if args.model or (run and prof.model):
         from moeprune.io.checkpoint import open_checkpoint
@@ -113,7 +141,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         from moeprune.pipeline import load_model
 
         if ckpt is None:
-            raise ValueError("the profile names no model: give the checkpoint (--model)")
+            raise InvalidArgument("the profile names no model: give the checkpoint (--model)")
         net, tokenizer = load_model(ckpt, args.device, args.dtype)
         demos = encode_demos(read_demos(args.demos), tokenizer, vocab_size=ckpt.config.get("vocab_size"))
     pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
@@ -165,8 +193,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         from moeprune.quantization.mixed import allot_bits
 
         if not args.profile:
-            raise ValueError("--avg-bits weighs experts by their use: give the profile the pattern came from "
-                             "(--profile PROFILE), or use --bits N")
+            raise InvalidArgument("--avg-bits weighs experts by their use: give the profile the pattern came from "
+                                  "(--profile PROFILE), or use --bits N")
         allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
                    group_size=args.group_size)
     calibrated = _gptq_for_export(args, pattern)
@@ -186,7 +214,7 @@ def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
     if args.quant_method != "gptq":
         return None
     if not args.demos:
-        raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
+        raise InvalidArgument("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
     from moeprune.demos import encode_demos, read_demos
     from moeprune.io.checkpoint import open_checkpoint
     from moeprune.pipeline import load_tokenizer
@@ -292,7 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from moeprune.api import evaluate_checkpoint
 
     if args.dynamic_prune is not None and not args.demos:
-        raise ValueError("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
+        raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
     res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=args.dynamic_prune,
                               demos=args.demos, max_tokens=args.max_tokens, device=args.device,
                               dtype=None if args.dtype == "auto" else args.dtype, progress=_progress(args))
@@ -329,7 +357,7 @@ def cmd_store(args: argparse.Namespace) -> None:
 def _need_task(args: argparse.Namespace) -> str:
     task = args.target or args.task
     if not task:
-        raise ValueError(f"`moeprune store {args.action} STORE TASK` needs a task name")
+        raise InvalidArgument(f"`moeprune store {args.action} STORE TASK` needs a task name")
     return task
 
 
@@ -338,7 +366,7 @@ def _store_add(args: argparse.Namespace, store) -> None:
 
     if args.pattern:
         if args.protect_super_experts:
-            raise ValueError("--protect-super-experts applies when store add profiles demos, not to --pattern")
+            raise InvalidArgument("--protect-super-experts applies when store add profiles demos, not to --pattern")
         pattern = ExpertPattern.load(args.pattern)
     else:
         from moeprune.fingerprint import checkpoint_fingerprint
@@ -346,7 +374,7 @@ def _store_add(args: argparse.Namespace, store) -> None:
         from moeprune.pipeline import check_budget, open_workspace, profile_and_select
 
         if not (args.target and args.demos and args.task):
-            raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
+            raise InvalidArgument("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
         store.check_free(args.task, args.overwrite)  # before the work, not after
         ckpt = open_checkpoint(args.target)
         fingerprint = checkpoint_fingerprint(ckpt)
@@ -380,9 +408,9 @@ def _threshold(value: str) -> float | str | None:
     try:
         t = float(value)
     except ValueError:
-        raise ValueError(f"--threshold {value!r} is neither 'auto' nor a number") from None
+        raise InvalidArgument(f"--threshold {value!r} is neither 'auto' nor a number") from None
     if math.isnan(t):
-        raise ValueError("--threshold nan is no distance: give a number, 'auto', or a negative one (no fallback)")
+        raise InvalidArgument("--threshold nan is no distance: give a number, 'auto', or a negative one (no fallback)")
     return None if t < 0 else t
 
 
@@ -396,28 +424,28 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     store = PatternStore(args.store)
     patterns = store.patterns()
     if not patterns:
-        raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
+        raise InvalidArgument(f"store {args.store} holds no patterns; add some with `moeprune store add`")
     model = args.model
     if model is None:
         models = sorted({str(store.model_of(p)) for p in patterns if p.meta.get("model")})
         if len(models) != 1:
-            raise ValueError(f"the store's patterns name {len(models)} models ({', '.join(models) or 'none'}): "
-                             "pass --model")
+            raise IncompatibleError(f"the store's patterns name {len(models)} models ({', '.join(models) or 'none'}): "
+                                    "pass --model")
         model = models[0]
     if args.query is not None:
         queries = [{"text": q} for q in args.query]
     elif Path(args.queries).suffix in (".jsonl", ".json"):
         queries = read_demos(args.queries)
     elif not Path(args.queries).is_file():
-        raise FileNotFoundError(f"queries file {args.queries} does not exist; give a .jsonl or a text file "
-                                "with one query per line")
+        raise NotFound(f"queries file {args.queries} does not exist; give a .jsonl or a text file "
+                       "with one query per line")
     else:
         queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
         if not queries:
-            raise ValueError(f"queries file {args.queries} holds no queries")
+            raise InvalidArgument(f"queries file {args.queries} holds no queries")
     empty = [i for i, q in enumerate(queries) if not (q["input_ids"] if "input_ids" in q else _query_text(q).strip())]
     if empty:
-        raise ValueError(f"query {empty[0]} is empty: give each query some text")
+        raise InvalidArgument(f"query {empty[0]} is empty: give each query some text")
     if args.layers == "first":
         net, tokenizer, fp = load_signature_model(model, args.device)
     else:
@@ -430,7 +458,7 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
         net, tokenizer = load_model(ckpt, args.device, args.dtype)
     patterns = [p for p in patterns if p.fingerprint == fp]
     if not patterns:
-        raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
+        raise IncompatibleError(f"no pattern in {args.store} was made for {fp.describe()}")
     retriever = Retriever(patterns, args.layers, threshold)
     encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
     for i, ids in enumerate(encoded):
@@ -452,8 +480,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if (args.max_batch < 1 or args.max_tokens_cap < 1 or not (math.isfinite(args.max_wait) and args.max_wait >= 0)
             or not (math.isfinite(args.cache_gb) and args.cache_gb >= 0)
             or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0)):
-        raise ValueError("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite and >= 0, "
-                         "--max-body-kb > 0")
+        raise InvalidArgument("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite "
+                              "and >= 0, --max-body-kb > 0")
     threshold = _threshold(args.threshold)
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
@@ -687,8 +715,8 @@ def _check_device(device: str | None) -> None:
     import torch
 
     if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (a CPU build, or no GPU visible); "
-                         "use --device cpu")
+        raise InvalidArgument(f"--device {device}: this torch sees no CUDA GPU (a CPU build, or no GPU visible); "
+                              "use --device cpu")
 
 
 def _silence_stdout() -> None:
@@ -701,14 +729,30 @@ def _silence_stdout() -> None:
         pass
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # one line, even for multi-line library messages
+
+
+def _report(exc: BaseException, command: str, as_json: bool) -> None:
+    """One line on stderr (and a JSON document on stdout with ``--json``) for a refused input."""
+    if os.environ.get("MOEPRUNE_DEBUG"):
+        traceback.print_exc()
+    words = flag_words if isinstance(exc, MoePruneError) else str  # OSError text is the system's own
+    msg = _one_line(words(str(exc)))
+    if as_json:
+        doc = {"error": msg, "type": type(exc).__name__}
+        if getattr(exc, "hint", None):
+            doc["hint"] = _one_line(words(exc.hint))
+        print(json.dumps(doc))
+    print(f"{command}: error: {msg}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a killed job unwinds
     command = "moeprune"
     try:
-        from moeprune.io.checkpoint import (
-            CheckpointError,  # torch and transformers load here: Ctrl-C is handled
-        )
+        import moeprune.io.checkpoint  # noqa: F401  (torch and transformers load here: Ctrl-C is handled)
 
         args = build_parser().parse_args(argv)
         command = f"moeprune {args.command}"
@@ -724,13 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # `moeprune ... | head` stopped reading: end quietly, as shell tools do
             _silence_stdout()
             return 128 + signal.SIGPIPE
-        except (ValueError, LookupError, CheckpointError, OSError) as exc:
-            if os.environ.get("MOEPRUNE_DEBUG"):
-                traceback.print_exc()
-            msg = " ".join(str(exc).split())  # one line, even for multi-line library messages
-            if args.json:
-                print(json.dumps({"error": msg, "type": type(exc).__name__}))
-            print(f"{command}: error: {msg}", file=sys.stderr)
+        except (MoePruneError, OSError) as exc:  # refused input; anything else is a bug: its traceback shows
+            _report(exc, command, args.json)
             return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted; no output was left half-written", file=sys.stderr)

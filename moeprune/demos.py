@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from moeprune.errors import InvalidFile
+
 Demo = dict[str, Any]
 
 
-class DemoError(ValueError):
+class DemoError(InvalidFile):
     """A demo file cannot be read."""
 
 

@@ -16,12 +16,14 @@ import json
 import os
 from pathlib import Path
 
+from moeprune.errors import NotFound
+
 
 def profiles_dir() -> Path:
     env = os.environ.get("MOEPRUNE_PROFILES")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "profiles"
     if not (path / "domains.json").exists():
-        raise FileNotFoundError(
+        raise NotFound(
             f"no embedded profiles at {path} (domains.json missing): run moeprune from a source checkout "
             "(pip install -e .) or set MOEPRUNE_PROFILES to a profiles folder"
         )
@@ -35,7 +37,7 @@ def model_dir(profiles: Path | None = None) -> Path:
         return root / "models" / "tiny-moe"
     found = sorted(p for p in (root / "models").glob("*") if (p / "config.json").exists())
     if len(found) != 1:
-        raise FileNotFoundError(f"{root / 'models'} holds {len(found)} models, expected tiny-moe or exactly one")
+        raise NotFound(f"{root / 'models'} holds {len(found)} models, expected tiny-moe or exactly one")
     return found[0]
 
 

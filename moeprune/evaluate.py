@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moeprune.errors import InvalidArgument
+
 
 @dataclass
 class EvalResult:
@@ -47,7 +49,7 @@ def evaluate(model: Any, encoded: Sequence[Sequence[int]], progress: bool = Fals
             count += len(ids) - 1
             texts += 1
     if count == 0:
-        raise ValueError("no text with at least two tokens to measure perplexity on")
+        raise InvalidArgument("no text with at least two tokens to measure perplexity on")
     return EvalResult(math.exp(nll / count), nll / count, count, texts, pairs["routed"], pairs["computed"])
 
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from moeprune.arch import get_adapter, moe_blocks, routing_groups, top_k_of
+from moeprune.errors import IncompatibleError, InvalidFile
 from moeprune.io.checkpoint import Checkpoint
 
 
@@ -44,7 +45,7 @@ class Fingerprint:
                 groups=tuple(int(x) for x in d.get("groups", (1, 1))),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed model fingerprint {dict(d)!r}: {exc}") from exc
+            raise InvalidFile(f"malformed model fingerprint {dict(d)!r}: {exc}") from exc
 
     def describe(self) -> str:
         counts = sorted(set(self.num_experts))
@@ -55,7 +56,7 @@ class Fingerprint:
     def check_compatible(self, other: "Fingerprint", what: str = "pattern") -> None:
         """Raise if ``other`` (the model at hand) is not the model this fingerprint was taken from."""
         if self != other:
-            raise ValueError(
+            raise IncompatibleError(
                 f"this {what} was made for {self.describe()}, but the model is {other.describe()}. "
                 f"Make a new {what} for this model (moeprune profile/select)."
             )

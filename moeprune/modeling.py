@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from moeprune.errors import InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import Checkpoint, CheckpointError, local_model_dir
 from moeprune.patterns.pattern import ExpertPattern
@@ -20,7 +21,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> Any:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}") from None
+        raise InvalidArgument(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):

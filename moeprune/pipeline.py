@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from moeprune.demos import demo_hash, encode_demos, read_demos
+from moeprune.errors import InvalidArgument
 from moeprune.fingerprint import Fingerprint, checkpoint_fingerprint
 from moeprune.io.atomic import check_dir_target
 from moeprune.io.checkpoint import Checkpoint, open_checkpoint
@@ -82,13 +83,13 @@ def check_budget(fingerprint: Fingerprint, method: str, keep: str | float, budge
     from moeprune.methods.select import SelectionError, check_keep
 
     if method not in SCORERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+        raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
     budget = budget or default_budget(method)
     if budget == "top-p" and default_budget(method) == "global":
-        raise SelectionError(f"{method} decides per-layer counts itself; use --budget global with it")
+        raise SelectionError(f"{method} decides per-layer counts itself", hint="use budget=global with it")
     if budget == "top-p" and not scores_mass(method):
-        raise SelectionError(f"--budget top-p cuts mass-like scores (frequency, soft-count, output-aware); "
-                             f"{method} is not one: use --budget uniform or global with it")
+        raise SelectionError(f"budget=top-p cuts mass-like scores (frequency, soft-count, output-aware); "
+                             f"{method} is not one", hint="use budget=uniform or global with it")
     check_keep(fingerprint, keep, budget, min_per_layer)
     return budget
 
@@ -121,7 +122,8 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float, task:
     if protect_super_experts:
         from moeprune.methods.select import super_experts
 
-        protect, threshold = super_experts(profile.signal("max_act", "--protect-super-experts"), profile.fingerprint)
+        max_act = profile.signal("max_act", "protect_super_experts=True")
+        protect, threshold = super_experts(max_act, profile.fingerprint)
     pattern = make_pattern(scores, profile.fingerprint, keep, task=task or profile.task, method=method,
                            signature=signature, budget=budget, min_per_layer=min_per_layer, protect=protect)
     pattern.meta.update({"profile_tokens": profile.tokens, "demo_hash": profile.demo_hash, "model": profile.model})
@@ -208,7 +210,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     """
     check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
-        raise ValueError("--unstructured and --nm are two ways to sparsify the kept experts; give one")
+        raise InvalidArgument("unstructured=... and nm=... are two ways to sparsify the kept experts", hint="give one")
     check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
     ckpt = open_checkpoint(model)
     fingerprint = checkpoint_fingerprint(ckpt)
@@ -259,9 +261,9 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
 def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
     """Refuse a ``--quant-method`` that cannot run, before any work."""
     if method not in ("rtn", "gptq"):
-        raise ValueError(f"--quant-method {method!r} is not rtn or gptq")
+        raise InvalidArgument(f"quant_method={method!r} is not 'rtn' or 'gptq'")
     if method == "gptq" and bits is None and avg_bits is None:
-        raise ValueError("--quant-method gptq quantizes the experts: give --bits N or --avg-bits B with it")
+        raise InvalidArgument("quant_method=gptq quantizes the experts", hint="give bits=N or avg_bits=B with it")
     if method == "gptq" and sparsified:
-        raise ValueError("--quant-method gptq and --unstructured/--nm both rewrite the kept experts' weights; "
-                         "give one of them")
+        raise InvalidArgument("quant_method=gptq and unstructured=.../nm=... both rewrite the kept experts' "
+                              "weights", hint="give one of them")

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from moeprune.errors import AlreadyExists
+
 
 def check_file_target(path: str | Path) -> Path:
     """``path`` as a Path, refused if it is an existing folder (a file is to be written there)."""
@@ -181,7 +183,7 @@ def check_dir_target(path: str | Path, overwrite: bool = False) -> Path:
     """``path`` as a Path, refused if something is there and ``overwrite`` is not given."""
     path = Path(path)
     if _occupied(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite")
+        raise AlreadyExists(f"{path} already exists", hint="choose another out=... or pass overwrite=True")
     return path
 
 

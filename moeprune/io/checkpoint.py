@@ -18,14 +18,14 @@ import torch
 from safetensors import safe_open
 
 from moeprune.arch import MoEAdapter, get_adapter, layer_of
+from moeprune.errors import (  # defined with moeprune's other errors; imported from here too
+    CheckpointError,
+    MoePruneError,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 METADATA_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 _MTP_HEAD = re.compile(r"^(model\.)?mtp[._]")
@@ -63,10 +63,8 @@ class Checkpoint:
 
             local = Path(hf_hub_download(self.repo_id, shard, revision=self.revision))
         if not local.exists():
-            raise CheckpointError(
-                f"shard {shard!r} listed in {INDEX_NAME} is missing from {self.path}; "
-                "re-download the checkpoint (e.g. `huggingface-cli download`) or fix the index."
-            )
+            raise CheckpointError(f"shard {shard!r} listed in {INDEX_NAME} is missing from {self.path}",
+                                  hint="re-download the checkpoint (e.g. `huggingface-cli download`) or fix the index.")
         return local
 
     def open(self, shard: str):
@@ -75,8 +73,8 @@ class Checkpoint:
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"shard {path} is corrupt or not a safetensors file ({exc}); re-download it.") from exc
+            raise CheckpointError(f"shard {path} is corrupt or not a safetensors file ({exc})",
+                                  hint="re-download it.") from exc
 
     def verify(self) -> None:
         """Open every shard's header: a missing or corrupt shard raises a CheckpointError naming it."""
@@ -159,7 +157,7 @@ class Checkpoint:
                 where = f"moeprune.num_experts_per_layer[{layer}]" if str(layer) in per_layer else field
                 raise CheckpointError(
                     f"{self.path / 'config.json'} says {want} routed experts ({where}), but the router of layer "
-                    f"{layer} in the shards has {n}: restore the checkpoint's config.json (or re-download it)")
+                    f"{layer} in the shards has {n}", hint="restore the checkpoint's config.json (or re-download it)")
 
     def router_weights(self) -> dict[int, torch.Tensor]:
         adapter = self.adapter
@@ -186,10 +184,8 @@ def _read_weight_map(path: Path) -> dict[str, str]:
                 return {k: SINGLE_NAME for k in f.keys()}
         except Exception as exc:
             raise CheckpointError(f"{single} is corrupt or not a safetensors file ({exc})") from exc
-    raise CheckpointError(
-        f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}: moeprune reads safetensors checkpoints "
-        "(convert .bin weights with transformers' save_pretrained first)."
-    )
+    raise CheckpointError(f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}: moeprune reads safetensors checkpoints",
+                          hint="convert .bin weights with transformers' save_pretrained first.")
 
 
 def open_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Checkpoint:
@@ -214,13 +210,14 @@ def open_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Ch
     try:
         config = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); restore the checkpoint's config") from exc
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc})",
+                              hint="restore the checkpoint's config") from exc
     from moeprune.quantization.compressed import refuse_legacy
 
     try:
         refuse_legacy(config, path)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    except MoePruneError as exc:
+        raise CheckpointError(exc.message, hint=exc.hint) from None
     return Checkpoint(path=path, config=config, weight_map=_read_weight_map(path), repo_id=repo_id, revision=revision)
 
 

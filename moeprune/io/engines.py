@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from moeprune.errors import IncompatibleError
 from moeprune.quantization.widths import VLLM_WIDTHS as VLLM_BITS
 
 
@@ -79,15 +80,15 @@ def check_vllm_target(bits: int | None, avg_bits: float | None, symmetric: bool,
     """Refuse, before any work, a job whose export vLLM could not load (``--target vllm``)."""
     problems = []
     if not uniform_budget:
-        problems.append("a non-uniform budget (per-layer expert counts would differ): use --budget uniform")
+        problems.append("a non-uniform budget (per-layer expert counts would differ): use budget=uniform")
     if bits is not None and bits not in VLLM_BITS:
-        problems.append(f"--bits {bits} (vLLM's MoE path takes 4 or 8)")
+        problems.append(f"bits={bits} (vLLM's MoE path takes 4 or 8)")
     if avg_bits is not None:
-        problems.append("--avg-bits (layers of different widths make the export unloadable by plain transformers, "
-                        "so it declares no quant_method and vLLM refuses it too): use --bits 4 or --bits 8")
+        problems.append("avg_bits=... (layers of different widths make the export unloadable by plain "
+                        "transformers, so it declares no quant_method and vLLM refuses it too): use bits=4 or bits=8")
     if not symmetric:
-        problems.append("--asym (vLLM's MoE path is symmetric only)")
+        problems.append("symmetric=False (vLLM's MoE path is symmetric only)")
     if family == "gpt_oss" and (bits is not None or avg_bits is not None):
         problems.append("quantized GPT-OSS experts (vLLM loads them only as MXFP4 or float)")
     if problems:
-        raise ValueError("--target vllm cannot be met: " + "; ".join(problems))
+        raise IncompatibleError("target=vllm cannot be met: " + "; ".join(problems))

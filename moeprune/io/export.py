@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from moeprune.arch import MoEAdapter
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.atomic import atomic_dir
 from moeprune.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, open_checkpoint
@@ -83,8 +84,8 @@ def plan_tensors(ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool = Fa
             continue
         shape, axis = ckpt.shape(stored), ckpt.expert_axis(key)  # fused expert tensor or router tensor
         if len(shape) <= axis or shape[axis] != layers[layer]:
-            raise ValueError(f"tensor {key} has shape {shape}; expected its axis {axis} to be the "
-                             f"{layers[layer]} experts of layer {layer}")
+            raise IncompatibleError(f"tensor {key} has shape {shape}; expected its axis {axis} to be the "
+                                    f"{layers[layer]} experts of layer {layer}")
         plans.append(TensorPlan(key, key, rows=tuple(kept)))
     return plans
 
@@ -217,7 +218,7 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", str(size), re.IGNORECASE)
     if not m:
-        raise ValueError(f"size {size!r} is not like 5GB, 500MB or 1000000")
+        raise InvalidArgument(f"size {size!r} is not like 5GB, 500MB or 1000000")
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
 
 
@@ -253,8 +254,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
     stored_bits = (ckpt.config.get("moeprune") or {}).get("quantization")
     if stored_bits and pattern.bits is not None:
-        raise ValueError(f"{ckpt.path} already stores quantized experts; export it without bits, or "
-                         "quantize from the float checkpoint")
+        raise IncompatibleError(f"{ckpt.path} already stores quantized experts; export it without bits, or "
+                                "quantize from the float checkpoint")
     if dequantize:
         drop_dequantized_config(config)
     elif stored_bits:  # packed experts are copied as they are: keep their widths, of the kept experts

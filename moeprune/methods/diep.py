@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks
+from moeprune.errors import InvalidArgument
 from moeprune.methods.registry import register_scorer
 from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
 
@@ -111,10 +112,10 @@ def diep_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seque
                 seed: int = 0, progress: bool = False, **_: Any) -> torch.Tensor:
     """Learned keep-gate times layer scale, ``2*sigmoid(alpha) * beta``; higher = keep."""
     if demos is None:
-        raise ValueError("diep trains on the demos: give --demos (or use `moeprune prune`)")
+        raise InvalidArgument("diep trains on the demos", hint="give demos=... (or use `moeprune prune`)")
     if model is None:
         if checkpoint is None:
-            raise ValueError("diep runs the model: give the checkpoint (--model)")
+            raise InvalidArgument("diep runs the model", hint="give the checkpoint (model=...)")
         from moeprune.modeling import load_model
 
         model, _ = load_model(checkpoint, "cpu", "float32")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import Checkpoint, open_checkpoint
 from moeprune.methods.registry import register_scorer
@@ -27,18 +28,19 @@ def check_same_architecture(tuned: Checkpoint, base: Checkpoint) -> None:
     a, b = checkpoint_fingerprint(tuned), checkpoint_fingerprint(base)
     for field in ("model_type", "moe_layers", "num_experts", "top_k", "groups"):
         if getattr(a, field) != getattr(b, field):
-            raise ValueError(f"--base {base.source} is not the architecture of {tuned.source}: {field} "
-                             f"{getattr(b, field)} vs {getattr(a, field)}; give the model it was fine-tuned from")
+            raise IncompatibleError(f"base={base.source} is not the architecture of {tuned.source}: {field} "
+                                    f"{getattr(b, field)} vs {getattr(a, field)}",
+                                    hint="give the model it was fine-tuned from")
     hidden_a, hidden_b = tuned.config.get("hidden_size"), base.config.get("hidden_size")
     if hidden_a != hidden_b:
-        raise ValueError(f"--base {base.source} is not the architecture of {tuned.source}: hidden_size "
-                         f"{hidden_b} vs {hidden_a}; give the model it was fine-tuned from")
+        raise IncompatibleError(f"base={base.source} is not the architecture of {tuned.source}: hidden_size "
+                                f"{hidden_b} vs {hidden_a}", hint="give the model it was fine-tuned from")
 
 
 def router_drift(tuned: Checkpoint, base: Checkpoint, drift: str = "norm") -> dict[int, torch.Tensor]:
     """Per MoE layer, each expert's router drift (float64 ``[E]``) from ``base`` to ``tuned``."""
     if drift not in DRIFTS:
-        raise ValueError(f"router drift {drift!r} is not one of {', '.join(DRIFTS)}")
+        raise InvalidArgument(f"router drift {drift!r} is not one of {', '.join(DRIFTS)}")
     check_same_architecture(tuned, base)
     rt, rb = tuned.router_weights(), base.router_weights()
     out = {}
@@ -54,10 +56,11 @@ def router_drift_scores(profile: RouterProfile, checkpoint: Checkpoint | None = 
                         base: str | Checkpoint | None = None, drift: str = "norm", **_: Any) -> torch.Tensor:
     """Router drift from ``base`` (higher = moved more = kept); the profile only fixes the layout."""
     if base is None:
-        raise ValueError("router-drift compares the fine-tuned model with the one it was fine-tuned from: "
-                         "give --base BASE")
+        raise InvalidArgument("router-drift compares the fine-tuned model with the one it was fine-tuned from",
+                              hint="give base=BASE")
     if checkpoint is None:
-        raise ValueError("router-drift reads the fine-tuned model's routers: give the checkpoint (--model)")
+        raise InvalidArgument("router-drift reads the fine-tuned model's routers",
+                              hint="give the checkpoint (model=...)")
     base = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     drifts = router_drift(checkpoint, base, drift)
     scores = torch.full((profile.num_layers, profile.num_experts), -1.0, dtype=torch.float64)

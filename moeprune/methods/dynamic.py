@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks
+from moeprune.errors import InvalidArgument
 
 METHODS = ("odp", "naive", "topany")
 
@@ -52,14 +53,15 @@ class DynamicPrune:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"dynamic pruning method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise InvalidArgument(f"dynamic pruning method {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 <= self.fraction < 1.0:
-            raise ValueError(f"--dynamic-prune {self.fraction}: give the share of routed expert calls to skip, "
-                             "in [0, 1)")
+            raise InvalidArgument(f"dynamic_prune={self.fraction}: give the share of routed expert calls to skip, "
+                                  "in [0, 1)")
         if not 0.0 <= self.protect < 1.0:
-            raise ValueError(f"protect {self.protect}: the share of important tokens must be in [0, 1)")
+            raise InvalidArgument(f"protect {self.protect}: the share of important tokens must be in [0, 1)")
         if self.method == "topany" and self.fraction > 0 and not self.heads:
-            raise ValueError("topany dynamic pruning needs its trained heads (moeprune.methods.topany.train_topany)")
+            raise InvalidArgument("topany dynamic pruning needs its trained heads",
+                                  hint="train them with moeprune.methods.topany.train_topany")
 
     @property
     def active(self) -> bool:
@@ -77,7 +79,7 @@ class DynamicPrune:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(
+            raise InvalidArgument(
                 f"dynamic_prune section has unknown fields {sorted(unknown)}: written by a newer moeprune?")
         d = dict(d)
         if d.get("heads"):
@@ -332,7 +334,8 @@ def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, met
         spec.calibration = {"tokens": tokens, "texts": len(encoded), "achieved": 0.0}
         return spec
     if method == "topany":
-        raise ValueError("topany learns its heads first: use moeprune.methods.topany.train_topany (it calibrates them)")
+        raise InvalidArgument("topany learns its heads first",
+                              hint="use moeprune.methods.topany.train_topany (it calibrates them)")
     best: tuple[float, float, float] | None = None  # (error, threshold, achieved)
     threshold = 0.0
     for _ in tqdm(range(iterations), desc="calibrating", unit="pass", disable=not progress):
@@ -347,10 +350,10 @@ def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, met
         ratios = torch.sort(torch.cat(pruner.ratios)).values if pruner.ratios else torch.zeros(0)
         need = int(round(fraction * pruner.routed))
         if need > ratios.numel():
-            raise ValueError(f"--dynamic-prune {fraction}: only {ratios.numel() / max(pruner.routed, 1):.1%} of the "
-                             f"routed expert calls may be dropped by {method} (each token keeps its top expert"
-                             + (f", the {protect:.0%} most important tokens keep all" if method == "odp" else "")
-                             + "); ask for less")
+            raise InvalidArgument(f"dynamic_prune={fraction}: only {ratios.numel() / max(pruner.routed, 1):.1%} of "
+                                  f"the routed expert calls may be dropped by {method} (each token keeps its top "
+                                  "expert" + (f", the {protect:.0%} most important tokens keep all"
+                                              if method == "odp" else "") + ")", hint="ask for less")
         hi = float(ratios[need]) if need < ratios.numel() else float(ratios[-1]) * (1 + 1e-6) + 1e-12
         threshold = (float(ratios[need - 1]) + hi) / 2 if need > 0 else float(ratios[0]) / 2
     assert best is not None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moeprune.arch import MoEAdapter, get_adapter, moe_blocks
+from moeprune.errors import InvalidArgument
 from moeprune.methods.registry import register_scorer
 from moeprune.methods.select import keep_per_layer
 from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
@@ -78,8 +79,8 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int | dict[int, 
         E = b.experts.num_experts
         n = math.comb(E, ks[layer])
         if n > max_subsets:
-            raise ValueError(f"enumerate would try C({E},{ks[layer]}) = {n:,} subsets in layer {layer} (limit "
-                             f"{max_subsets:,}); use a cheaper method (tcess, stun, diep) or raise max_subsets")
+            raise InvalidArgument(f"enumerate would try C({E},{ks[layer]}) = {n:,} subsets in layer {layer} (limit "
+                                  f"{max_subsets:,}); use a cheaper method (tcess, stun, diep) or raise max_subsets")
     inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in blocks}
     handles = [b.register_forward_pre_hook(lambda m, a, layer=layer: inputs[layer].append(
         a[0].reshape(-1, a[0].shape[-1]))) for layer, b in blocks.items()]
@@ -120,12 +121,12 @@ def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[
                      **_: Any) -> torch.Tensor:
     """1 for the best subset's experts (plus a frequency tie-break below 1), per layer."""
     if demos is None or keep is None:
-        raise ValueError("enumerate runs the model on the demos: give --demos and --keep")
+        raise InvalidArgument("enumerate runs the model on the demos", hint="give demos=... and keep=...")
     fp = profile.fingerprint
     k = dict(zip(fp.moe_layers, keep_per_layer(keep, fp.num_experts, fp.top_k)))  # as the uniform cut keeps
     if model is None:
         if checkpoint is None:
-            raise ValueError("enumerate runs the model: give the checkpoint (--model)")
+            raise InvalidArgument("enumerate runs the model", hint="give the checkpoint (model=...)")
         from moeprune.modeling import load_model
 
         model, _ = load_model(checkpoint, "cpu", "float32")

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.methods.registry import MergingScores, register_scorer
 from moeprune.methods.select import keep_per_layer
 from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
@@ -109,7 +110,7 @@ def cluster_features(features: torch.Tensor, n_clusters: int, metric: str = "cos
     from sklearn.metrics import pairwise_distances
 
     if metric not in METRICS:
-        raise ValueError(f"hc-smoe metric {metric!r} is not one of {', '.join(METRICS)}")
+        raise InvalidArgument(f"hc-smoe metric {metric!r} is not one of {', '.join(METRICS)}")
     e = features.shape[0]
     if n_clusters >= e:
         return [[i] for i in range(e)]
@@ -118,7 +119,7 @@ def cluster_features(features: torch.Tensor, n_clusters: int, metric: str = "cos
         labels = AgglomerativeClustering(n_clusters=n_clusters, metric=metric, linkage="average").fit_predict(X)
         return sorted(sorted(int(i) for i in np.flatnonzero(labels == c)) for c in set(labels.tolist()))
     if len(set(separate)) != n_clusters:
-        raise ValueError(f"{len(set(separate))} experts to keep apart for {n_clusters} clusters")
+        raise InvalidArgument(f"{len(set(separate))} experts to keep apart for {n_clusters} clusters")
     D = pairwise_distances(X, metric=metric)
     clusters = [[i] for i in range(e)]
     held = [i in set(separate) for i in range(e)]
@@ -177,19 +178,20 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
                   budget: str = "uniform", separate: bool = True, **_: Any) -> MergingScores:
     """1 + share of routed tokens for each cluster's dominant member (its kept slot), 0 elsewhere."""
     if budget != "uniform":
-        raise ValueError("hc-smoe makes K clusters in every layer: use --budget uniform")
+        raise InvalidArgument("hc-smoe makes K clusters in every layer", hint="use budget=uniform")
     if model is None or demos is None or keep is None:
-        raise ValueError("hc-smoe runs every demo token through every expert: give the model, --demos and --keep")
+        raise InvalidArgument("hc-smoe runs every demo token through every expert",
+                              hint="give model=..., demos=... and keep=...")
     if router not in ROUTER_MODES:
-        raise ValueError(f"hc-smoe router {router!r} is not one of {', '.join(ROUTER_MODES)}")
+        raise InvalidArgument(f"hc-smoe router {router!r} is not one of {', '.join(ROUTER_MODES)}")
     adapter = get_adapter(model.config)
     if router == "fitted" and (adapter.scoring != "softmax" or adapter.router_tensors):
-        raise ValueError(f"--merge-router fitted fits softmax router rows; {adapter.family} routes with "
-                         f"{adapter.scoring} scores or selection biases: use dominant or average")
+        raise IncompatibleError(f"router=fitted fits softmax router rows; {adapter.family} routes with "
+                                f"{adapter.scoring} scores or selection biases", hint="use router=dominant or average")
     fp = profile.fingerprint
     if router == "fitted" and fp.groups[0] > 1:
-        raise ValueError("--merge-router fitted is for ungrouped routers; this model routes by groups: "
-                         "use dominant or average")
+        raise IncompatibleError("router=fitted is for ungrouped routers; this model routes by groups",
+                                hint="use router=dominant or average")
     counts = keep_per_layer(keep, list(fp.num_experts), fp.top_k)
     features, inputs = expert_features(model, demos, FIT_TOKENS if router == "fitted" else 0, progress)
     blocks = moe_blocks(model, adapter)
@@ -210,8 +212,8 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
         if router == "fitted":
             linear = adapter.logits_layer(blocks[layer])
             if getattr(linear, "bias", None) is not None:
-                raise ValueError(f"--merge-router fitted fits router rows without a bias; {adapter.family}'s "
-                                 "router has one: use dominant or average")
+                raise IncompatibleError(f"router=fitted fits router rows without a bias; {adapter.family}'s "
+                                        "router has one", hint="use router=dominant or average")
             W = linear.weight.detach().float().cpu()
             order = sorted(range(len(slots)), key=lambda i: slots[i])  # kept rows are in expert-id order
             init = torch.stack([W[slots[i]] for i in order])

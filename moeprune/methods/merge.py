@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from moeprune.arch import MoEAdapter
+from moeprune.errors import IncompatibleError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.patterns.pattern import ExpertPattern
 
@@ -60,8 +61,9 @@ def merge_transform(ckpt: Checkpoint, pattern: ExpertPattern, reader=None) -> Ca
         if plan.source in overrides:
             new = overrides[plan.source]
             if tuple(new.shape) != tuple(tensor.shape):
-                raise ValueError(f"the pattern's router tensor {plan.source} has shape {list(new.shape)}, the "
-                                 f"export's {list(tensor.shape)}: the pattern's router sidecar is for another pattern")
+                raise IncompatibleError(f"the pattern's router tensor {plan.source} has shape {list(new.shape)}, "
+                                        f"the export's {list(tensor.shape)}: the pattern's router sidecar is for "
+                                        "another pattern")
             return new.to(tensor.dtype)
         for layer, (experts_prefix, block_prefix) in prefixes.items():
             clusters = merges[layer]

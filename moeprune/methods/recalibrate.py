@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moeprune.errors import InvalidArgument
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.patterns.pattern import ExpertPattern
 
@@ -89,10 +90,10 @@ def recalibrate_router(ckpt: Checkpoint, pattern: ExpertPattern, teacher: Any, d
     from moeprune.loader.selective import load_with_pattern
 
     if not demos:
-        raise ValueError("router re-calibration fits on the demos: give at least one demo")
+        raise InvalidArgument("router re-calibration fits on the demos: give at least one demo")
     demos = [list(d) for d in demos if len(d) >= 2]
     if not demos:
-        raise ValueError("router re-calibration needs demos of at least two tokens")
+        raise InvalidArgument("router re-calibration needs demos of at least two tokens")
     student, _ = load_with_pattern(ckpt, pattern, device=device, dtype=torch.float32)
     student.eval()
     keys = router_keys(ckpt, pattern)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from moeprune.errors import InvalidArgument
 from moeprune.profiling.profile import RouterProfile
 
 
@@ -60,10 +61,10 @@ class ScorerSpec:
         for name, value in given.items():
             if name not in self.params:
                 takes = ", ".join(f"{p}={d!r}" for p, (_, d) in sorted(self.params.items())) or "none"
-                raise ValueError(f"method {self.name!r} takes no parameter {name!r} (its parameters: {takes})")
+                raise InvalidArgument(f"method {self.name!r} takes no parameter {name!r} (its parameters: {takes})")
             kind = self.params[name][0]
             if kind is not None and not _is_a(value, kind):
-                raise ValueError(f"method {self.name!r}: parameter {name}={value!r} is not {_type_name(kind)}")
+                raise InvalidArgument(f"method {self.name!r}: parameter {name}={value!r} is not {_type_name(kind)}")
 
 
 def _is_a(value: Any, kind: Any) -> bool:
@@ -119,7 +120,7 @@ def register_scorer(name: str, budget: str = "uniform", reads_checkpoint: bool =
 def spec(method: str) -> ScorerSpec:
     """The :class:`ScorerSpec` of ``method`` (a scorer put in :data:`SCORERS` by hand gets a default one)."""
     if method not in SCORERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+        raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
     found = SPECS.get(method)
     if found is None or found.fn is not SCORERS[method]:
         found = ScorerSpec(method, SCORERS[method], params=_params_of(SCORERS[method]))

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from moeprune.arch import get_adapter
+from moeprune.errors import InvalidArgument
 from moeprune.fingerprint import Fingerprint
 from moeprune.patterns.pattern import UNGROUPED, ExpertPattern
 
 
-class SelectionError(ValueError):
+class SelectionError(InvalidArgument):
     """A keep budget cannot be honoured."""
 
 
@@ -34,23 +35,22 @@ def resolve_keep(keep: str | float | int, num_experts: int, top_k: int) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32") from None
+        raise SelectionError(f"keep={keep!r} is neither a fraction like 0.5 nor a count like 32") from None
     if not math.isfinite(value):
-        raise SelectionError(f"--keep {keep!r} is neither a fraction like 0.5 nor a count like 32")
+        raise SelectionError(f"keep={keep!r} is neither a fraction like 0.5 nor a count like 32")
     is_count = isinstance(keep, int) or ("." not in text and "e" not in text.lower() and value >= 1)
     if is_count:
         k = int(value)
     elif 0 < value <= 1:
         k = int(math.floor(value * num_experts + 0.5))
     else:
-        raise SelectionError(f"--keep {keep} must be a fraction in (0, 1] or a whole count of experts")
+        raise SelectionError(f"keep={keep!r} must be a fraction in (0, 1] or a whole count of experts")
     if k > num_experts:
-        raise SelectionError(f"--keep {keep} asks for {k} experts but layers have only {num_experts}")
+        raise SelectionError(f"keep={keep!r} asks for {k} experts but layers have only {num_experts}")
     if k < top_k:
         raise SelectionError(
-            f"--keep {keep} keeps {k} experts per layer, below the router's top-k ({top_k}): every token "
-            f"routes to {top_k} experts, so keep at least {top_k} (a fraction >= {top_k / num_experts:.3g})"
-        )
+            f"keep={keep!r} keeps {k} experts per layer, below the router's top-k ({top_k}): every token "
+            f"routes to {top_k} experts", hint=f"keep at least {top_k} (a fraction >= {top_k / num_experts:.3g})")
     return k
 
 
@@ -148,9 +148,9 @@ def select_top_p_share(p: str | float) -> float:
     try:
         share = float(p)
     except ValueError:
-        raise SelectionError(f"--keep {p!r} must be a share in (0, 1] for --budget top-p") from None
+        raise SelectionError(f"keep={p!r} must be a share in (0, 1] for budget=top-p") from None
     if not 0 < share <= 1:
-        raise SelectionError(f"--keep {p} must be a share in (0, 1] for --budget top-p")
+        raise SelectionError(f"keep={p!r} must be a share in (0, 1] for budget=top-p")
     return share
 
 
@@ -161,8 +161,8 @@ def select_top_p(scores: torch.Tensor, fingerprint: Fingerprint, p: str | float,
     p = select_top_p_share(p)
     s = scores.detach().cpu().numpy().astype(np.float64)
     if (s < 0).any():
-        raise SelectionError("--budget top-p needs non-negative, mass-like scores (frequency, soft-count, "
-                             "output-aware); this method scores below zero: use --budget uniform or global")
+        raise SelectionError("budget=top-p needs non-negative, mass-like scores (frequency, soft-count, "
+                             "output-aware); this method scores below zero", hint="use budget=uniform or global")
     floor = max(fp.top_k, min_per_layer or 0)
     kept = {}
     for row, (layer, n) in enumerate(zip(fp.moe_layers, fp.num_experts)):
@@ -180,19 +180,19 @@ def check_keep(fp: Fingerprint, keep: str | float | int, budget: str = "uniform"
                min_per_layer: int | None = None) -> None:
     """Refuse a keep / budget / ``min_per_layer`` that ``fp``'s model cannot honour (before any work)."""
     if min_per_layer is not None and not fp.top_k <= min_per_layer <= min(fp.num_experts):
-        raise SelectionError(f"--min-per-layer {min_per_layer} must be between the router's top-k ({fp.top_k}) "
+        raise SelectionError(f"min_per_layer={min_per_layer} must be between the router's top-k ({fp.top_k}) "
                              f"and the experts of the smallest layer ({min(fp.num_experts)})")
     if budget == "top-p":
         select_top_p_share(keep)
     elif budget in ("uniform", "global"):
         counts = keep_per_layer(keep, fp.num_experts, fp.top_k)
         if min_per_layer and budget == "uniform" and min(counts) < min_per_layer:
-            raise SelectionError(f"--keep {keep} is below --min-per-layer {min_per_layer}")
+            raise SelectionError(f"keep={keep!r} is below min_per_layer={min_per_layer}")
         if min_per_layer and budget == "global" and sum(counts) < min_per_layer * len(counts):
-            raise SelectionError(f"--keep {keep} gives {sum(counts)} experts in all, below {min_per_layer} per "
+            raise SelectionError(f"keep={keep!r} gives {sum(counts)} experts in all, below {min_per_layer} per "
                                  f"layer x {len(counts)} layers")
     else:
-        raise SelectionError(f"--budget {budget!r} is not 'uniform', 'global' or 'top-p'")
+        raise SelectionError(f"budget={budget!r} is not 'uniform', 'global' or 'top-p'")
 
 
 SUPER_QUANTILE = 0.995  # REAP's super-expert rule (CerebrasResearch/reap, model_util.get_super_expert_indices)
@@ -267,4 +267,4 @@ def make_pattern(scores: torch.Tensor, fingerprint: Fingerprint, keep: str | flo
             notes.extend(more[:1] if routing else [])
         meta["protected"] = {str(layer): ids for layer, ids in sorted(protect.items())}
     return ExpertPattern(fingerprint=fingerprint, kept=kept, task=task, method=method, routing=routing,
-                         signature=signature, meta=meta)
+                             signature=signature, meta=meta)

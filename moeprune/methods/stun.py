@@ -37,6 +37,7 @@ import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
+from moeprune.errors import InvalidArgument
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.methods.registry import MergingScores, register_scorer
 from moeprune.methods.select import keep_per_layer
@@ -104,7 +105,7 @@ def shared_threshold_cut(linkages: list[np.ndarray], sizes: list[int], budget: i
             taken[layer] += 1
             need -= 1
     if need:
-        raise ValueError(f"cannot reach {budget} experts with at least {floor} per layer")
+        raise InvalidArgument(f"cannot reach {budget} experts with at least {floor} per layer")
     return taken
 
 
@@ -252,11 +253,12 @@ def stun_scores(profile: RouterProfile, checkpoint: Checkpoint | None = None, ke
     also returns the clusters: the representative then takes the average of its cluster's expert
     weights and router rows (instead of its own)."""
     if checkpoint is None or keep is None:
-        raise ValueError("stun reads router and expert weights: give the checkpoint (--model) and --keep")
+        raise InvalidArgument("stun reads router and expert weights",
+                              hint="give the checkpoint (model=...) and keep=...")
     if merge not in MERGE_MODES:
-        raise ValueError(f"stun merge {merge!r} is not one of {', '.join(MERGE_MODES)}")
+        raise InvalidArgument(f"stun merge {merge!r} is not one of {', '.join(MERGE_MODES)}")
     if representative not in REPRESENTATIVES:
-        raise ValueError(f"stun representative {representative!r} is not one of {', '.join(REPRESENTATIVES)}")
+        raise InvalidArgument(f"stun representative {representative!r} is not one of {', '.join(REPRESENTATIVES)}")
     clusters = stun_clusters(profile, checkpoint, keep, mix, normalize_rows, min_per_layer,
                              "uniform" if budget == "uniform" else "global")
     scores = torch.zeros(profile.num_layers, profile.num_experts, dtype=torch.float64)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks, top_k_of
+from moeprune.errors import InvalidArgument
 from moeprune.methods.dynamic import DynamicPrune, DynamicPruner, head_input, run_texts
 
 
@@ -41,9 +42,10 @@ def train_topany(model: Any, encoded: Sequence[Sequence[int]], fraction: float, 
                  renormalize: bool = False, progress: bool = False) -> DynamicPrune:
     """Train the top-any heads on ``encoded`` (model frozen) and calibrate them to skip ``fraction``."""
     if not 0 < fraction < 1:
-        raise ValueError(f"top-any pruning of {fraction}: give the share of routed expert calls to skip, in (0, 1)")
+        raise InvalidArgument(f"top-any pruning of {fraction}: give the share of routed expert calls to skip, "
+                              "in (0, 1)")
     if steps < 1:
-        raise ValueError(f"steps={steps}: train the heads for at least one step")
+        raise InvalidArgument(f"steps={steps}: train the heads for at least one step")
     adapter = get_adapter(model.config)
     blocks = moe_blocks(model, adapter)
     k = top_k_of(model.config)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moeprune.arch import get_adapter, moe_blocks
+from moeprune.errors import InvalidArgument
 from moeprune.methods.registry import MergingScores, register_scorer
 from moeprune.methods.select import keep_per_layer
 from moeprune.profiling.profile import RouterProfile
@@ -72,8 +73,8 @@ def uncurl_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
                   keep: Any = None, seed: int = 0, **_: Any) -> MergingScores:
     """1 for each cluster's kept slot (its most routed member), 0 otherwise; the clusters merge."""
     if model is None or demos is None or keep is None:
-        raise ValueError("uncurl clusters experts by their router logits on the task: give the model, --demos "
-                         "and --keep")
+        raise InvalidArgument("uncurl clusters experts by their router logits on the task",
+                              hint="give model=..., demos=... and keep=...")
     fp = profile.fingerprint
     counts = keep_per_layer(keep, list(fp.num_experts), fp.top_k)
     logits = task_router_logits(model, demos)

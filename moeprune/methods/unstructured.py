@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moeprune.arch import get_adapter, moe_blocks
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.profiling.profile import expert_pair_outputs
 
@@ -58,9 +59,9 @@ def parse_nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"--nm {text!r} is not N:M like 2:4") from None
+        raise InvalidArgument(f"nm={text!r} is not N:M like 2:4") from None
     if not 0 < n < m:
-        raise ValueError(f"--nm {text}: need 0 < N < M")
+        raise InvalidArgument(f"nm={text!r}: need 0 < N < M")
     return n, m
 
 
@@ -72,13 +73,13 @@ def prune_matrix(weight: torch.Tensor, col_norm: torch.Tensor, sparsity: float |
     if nm is not None:
         n, m = nm
         if weight.shape[1] % m:
-            raise ValueError(f"N:M {n}:{m} needs the input size {weight.shape[1]} to be a multiple of {m}")
+            raise IncompatibleError(f"N:M {n}:{m} needs the input size {weight.shape[1]} to be a multiple of {m}")
         groups = score.reshape(weight.shape[0], -1, m)
         drop = groups.argsort(dim=-1, stable=True)[..., : m - n]
         mask = mask.reshape(weight.shape[0], -1, m).scatter(-1, drop, False).reshape(weight.shape)
     elif sparsity:
         if not 0 <= sparsity < 1:
-            raise ValueError(f"--unstructured {sparsity} must be in [0, 1)")
+            raise InvalidArgument(f"unstructured={sparsity} must be in [0, 1)")
         k = int(round(sparsity * weight.shape[1]))
         if k:
             drop = score.argsort(dim=1, stable=True)[:, :k]

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from moeprune.errors import InvalidFile
 from moeprune.fingerprint import Fingerprint
 from moeprune.io.atomic import write_text_atomic
 
@@ -45,7 +46,7 @@ PATTERN_VERSION = 3
 MERGE_ROUTER_MODES = ("average", "dominant", "fitted")
 
 
-class PatternError(ValueError):
+class PatternError(InvalidFile):
     """A pattern is corrupt, malformed or made for another model."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moeprune.arch import get_adapter, moe_blocks, top_k_of
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.patterns.pattern import ExpertPattern
 
 GENERAL_TASK = "general"
@@ -52,7 +53,7 @@ def content_positions(ids: Sequence[int], ignore_ids: set[int]) -> torch.Tensor:
     """Positions that count in a signature: all but ignored (special) tokens."""
     keep = torch.tensor([t not in ignore_ids for t in ids], dtype=torch.bool)
     if not keep.any():
-        raise ValueError("a query is empty (no tokens besides special ones): nothing to retrieve a task for")
+        raise InvalidArgument("a query is empty (no tokens besides special ones): nothing to retrieve a task for")
     return keep
 
 
@@ -60,8 +61,8 @@ def check_query_length(ids: Sequence[int], context: int | None, what: str = "the
     """Refuse a query longer than the model's context (``max_position_embeddings``): it is not cut, so
     a request is answered for the text it sent or not at all."""
     if context is not None and len(ids) > context:
-        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of {context} "
-                         "(max_position_embeddings); shorten it")
+        raise InvalidArgument(f"{what} has {len(ids)} tokens, more than the model's context of {context} "
+                              "(max_position_embeddings); shorten it")
 
 
 WEIGHTINGS = ("context", "uniform")
@@ -73,7 +74,7 @@ def token_weights(n: int, weighting: str = "context") -> torch.Tensor:
     knowing nothing of the request, while almost every demo token behind a pattern's signature has a
     long context); ``uniform``: every token alike."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        raise InvalidArgument(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     w = torch.arange(1, n + 1, dtype=torch.float64) if weighting == "context" else torch.ones(n, dtype=torch.float64)
     return w / w.sum()
 
@@ -158,8 +159,8 @@ def load_signature_model(model: Any, device: str = "cpu"):
 
 def pattern_signature(pattern: ExpertPattern, layers: str | Sequence[int] = "first") -> np.ndarray:
     if pattern.signature is None:
-        raise ValueError(f"pattern {pattern.task!r} has no retrieval signature: make it from a profile "
-                         "(moeprune select / store add)")
+        raise InvalidArgument(f"pattern {pattern.task!r} has no retrieval signature: make it from a profile "
+                              "(moeprune select / store add)")
     L = len(pattern.fingerprint.moe_layers)
     sig = np.asarray(pattern.signature, dtype=np.float64).reshape(L, -1)
     return sig[_rows(layers, L)].reshape(-1)
@@ -206,25 +207,27 @@ class Retriever:
         from moeprune.patterns.windows import WindowClassifier, check_specs
 
         if not patterns:
-            raise ValueError("no patterns to retrieve from: add some with `moeprune store add`")
+            raise InvalidArgument("no patterns to retrieve from", hint="add some with `moeprune store add`")
         fps = {p.fingerprint for p in patterns}
         if len(fps) > 1:
-            raise ValueError("the patterns belong to different models; retrieve among one model's patterns")
+            raise IncompatibleError("the patterns belong to different models",
+                                    hint="retrieve among one model's patterns")
         if method not in ("auto", "windows", "centroid"):
-            raise ValueError(f"retrieval method {method!r} is not auto, windows or centroid")
+            raise InvalidArgument(f"retrieval method {method!r} is not auto, windows or centroid")
         self.patterns = list(patterns)
         if isinstance(threshold, str) and threshold != "auto":
-            raise ValueError(f"threshold {threshold!r} is neither a number nor 'auto'")
+            raise InvalidArgument(f"threshold {threshold!r} is neither a number nor 'auto'")
         if isinstance(threshold, float) and threshold != threshold:
-            raise ValueError("threshold nan is no distance: give a number, or None to disable the fallback")
+            raise InvalidArgument("threshold nan is no distance: give a number, or None to disable the fallback")
         self.layers, self.threshold = layers, threshold
         self.windowed = method != "centroid" and check_specs(self.patterns)
         if method == "windows" and not self.windowed:
-            raise ValueError("the patterns hold no demo windows: re-add them with `moeprune store add ... --demos`")
+            raise InvalidArgument("the patterns hold no demo windows",
+                                  hint="re-add them with `moeprune store add ... --demos`")
         self.general = general_pattern(self.patterns)
         if self.windowed:
             if layers != "first":
-                raise ValueError("window signatures are first-MoE-layer ones: retrieve with layers='first'")
+                raise InvalidArgument("window signatures are first-MoE-layer ones: retrieve with layers='first'")
             self.classifier = WindowClassifier([p.task for p in self.patterns],
                                                [p.meta["retrieval"]["windows"] for p in self.patterns], **classifier)
             return
@@ -250,7 +253,7 @@ class Retriever:
 
     def _match_windows(self, signatures: np.ndarray, texts: Sequence[str] | None) -> list[Match]:
         if texts is None or len(texts) != len(signatures):
-            raise ValueError("retrieval over demo windows needs each query's text with its signature")
+            raise InvalidArgument("retrieval over demo windows needs each query's text with its signature")
         th = self.threshold if self.threshold in ("auto", None) else 1.0 - float(self.threshold)
         out = []
         for dec in self.classifier.decide(list(texts), signatures, th):

@@ -23,6 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from moeprune.errors import AlreadyExists, IncompatibleError, InvalidArgument, MoePruneError
 from moeprune.fingerprint import Fingerprint
 from moeprune.io.atomic import atomic_path, write_text_atomic
 from moeprune.patterns.pattern import ExpertPattern, PatternError
@@ -31,7 +32,7 @@ STORE_FORMAT = "moeprune.store"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class StoreError(LookupError):
+class StoreError(MoePruneError, LookupError):
     """A task is not in the store."""
 
 
@@ -95,9 +96,10 @@ class PatternStore:
         task = task or pattern.task
         self._check_name(task)
         if pattern.router_overrides:
-            raise ValueError(f"pattern {task!r} carries re-fitted router rows (--recalibrate-router, or fitted merge "
-                             "rows), which the store and the runtime (they load routers from the checkpoint) do not "
-                             "carry: export it with `moeprune export`, or store it without re-calibration")
+            raise IncompatibleError(f"pattern {task!r} carries re-fitted router rows (recalibrate_router=True, or "
+                                    "fitted merge rows), which the store and the runtime (they load routers from the "
+                                    "checkpoint) do not carry",
+                                    hint="export it with `moeprune export`, or store it without re-calibration")
         pattern.task = task
         model = pattern.meta.get("model")
         if model and Path(model).expanduser().is_dir():  # a local model: recorded relative to the store
@@ -127,14 +129,15 @@ class PatternStore:
 
     def _check_name(self, task: str | None) -> None:
         if not task or not _TASK_NAME.match(task):
-            raise ValueError(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+            raise InvalidArgument(f"task name {task!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
         if f"{task}.json".lower() == self.index_path.name:
-            raise ValueError(f"task name {task!r} is taken by the store's own index file; choose another name")
+            raise InvalidArgument(f"task name {task!r} is taken by the store's own index file",
+                                  hint="choose another name")
 
     def _check_free(self, index: dict[str, Any], task: str, overwrite: bool) -> None:
         if task in index["patterns"] and not overwrite:
-            raise FileExistsError(f"store {self.root} already has task {task!r}; pass --overwrite "
-                                  "(overwrite=True) to replace it, or choose another task name")
+            raise AlreadyExists(f"store {self.root} already has task {task!r}",
+                                hint="pass overwrite=True to replace it, or choose another task name")
 
     def get(self, task: str) -> ExpertPattern:
         entries = self.list()

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from moeprune.errors import IncompatibleError, InvalidArgument
+
 WINDOW_CHARS = (30, 100, 200, 400)
 INNER_PER_LENGTH = 2
 NOVELTY_QUANTILE = 0.02  # expected share of in-store queries sent to the fallback (the issue's 2-point budget)
@@ -37,7 +39,7 @@ SPEC_ID = "moeprune.retrieval/2 windows=30,100,200,400 inner=2 routing=first-lay
 LEXICAL_C, ROUTING_C = 10.0, 1.0
 
 
-class SignatureSpecError(ValueError):
+class SignatureSpecError(IncompatibleError):
     """Stored retrieval data was made by another signature spec."""
 
 
@@ -135,7 +137,7 @@ class WindowClassifier:
         from sklearn.linear_model import LogisticRegression
 
         if not (lexical or routing):
-            raise ValueError("a window classifier needs the lexical or the routing term (or both)")
+            raise InvalidArgument("a window classifier needs the lexical or the routing term (or both)")
         self.tasks = list(tasks)
         self.lengths = np.asarray(lengths, dtype=float)
         y, demo, texts, sigs = [], [], [], []

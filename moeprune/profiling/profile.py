@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moeprune.arch import MoEAdapter, get_adapter, moe_blocks
+from moeprune.errors import IncompatibleError, InvalidFile
 from moeprune.fingerprint import Fingerprint
 from moeprune.io.atomic import atomic_path
 
@@ -71,8 +72,8 @@ class RouterProfile:
     def signal(self, name: str, method: str) -> torch.Tensor:
         """Signal ``name``, or an error naming ``method`` when this profile predates it."""
         if name not in self.stats:
-            raise ValueError(f"{method} needs the profile signal {name!r}, which this profile (made by an older "
-                             "moeprune) lacks; profile again with `moeprune profile`")
+            raise IncompatibleError(f"{method} needs the profile signal {name!r}, which this profile (made by an "
+                                    "older moeprune) lacks", hint="profile again with `moeprune profile`")
         return self.stats[name]
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -128,35 +129,35 @@ class RouterProfile:
                 meta = f.metadata() or {}
             stats = load_file(str(path))
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable moeprune profile ({exc})") from exc
+            raise InvalidFile(f"{path} is not a readable moeprune profile ({exc})") from exc
         if meta.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{path} is not a moeprune profile (format {meta.get('format')!r})")
+            raise InvalidFile(f"{path} is not a moeprune profile (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > PROFILE_VERSION:
-            raise ValueError(f"{path} has profile version {meta['version']}; upgrade moeprune to read it")
+            raise IncompatibleError(f"{path} has profile version {meta['version']}; upgrade moeprune to read it")
         try:
             fp = Fingerprint.from_dict(json.loads(meta["fingerprint"]))
             tokens, num_demos = int(meta["tokens"]), int(meta.get("num_demos", 0))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path} is a corrupt moeprune profile (its metadata: {type(exc).__name__} {exc}); "
-                             "profile again with `moeprune profile`") from None
+            raise InvalidFile(f"{path} is a corrupt moeprune profile (its metadata: {type(exc).__name__} {exc}); "
+                              "profile again with `moeprune profile`") from None
         missing = set(LAYER_SIGNALS + PAIR_SIGNALS) - set(OPTIONAL_SIGNALS) - stats.keys()
         if missing:
-            raise ValueError(f"{path} lacks profile signals {sorted(missing)}")
+            raise InvalidFile(f"{path} lacks profile signals {sorted(missing)}")
         if tokens < 0 or num_demos < 0:
-            raise ValueError(f"{path} is a corrupt moeprune profile: {tokens} tokens, {num_demos} demos; "
-                             "profile again with `moeprune profile`")
+            raise InvalidFile(f"{path} is a corrupt moeprune profile: {tokens} tokens, {num_demos} demos; "
+                              "profile again with `moeprune profile`")
         L, E = len(fp.moe_layers), max(fp.num_experts)
         for name, t in stats.items():
             want = (L, E, E) if name in PAIR_SIGNALS else (L, E)
             if name in LAYER_SIGNALS + PAIR_SIGNALS and (tuple(t.shape) != want or not t.is_floating_point()):
-                raise ValueError(f"{path} disagrees with its own fingerprint: signal {name!r} is {t.dtype} of shape "
-                                 f"{list(t.shape)}, but {fp.describe()} needs float {list(want)}; profile again")
+                raise InvalidFile(f"{path} disagrees with its own fingerprint: signal {name!r} is {t.dtype} of shape "
+                                  f"{list(t.shape)}, but {fp.describe()} needs float {list(want)}; profile again")
             if not torch.isfinite(t).all():
-                raise ValueError(f"{path} is a corrupt moeprune profile: signal {name!r} holds NaN or infinity")
+                raise InvalidFile(f"{path} is a corrupt moeprune profile: signal {name!r} holds NaN or infinity")
         count = stats["count"]
         if (count < 0).any() or (count > tokens).any():
-            raise ValueError(f"{path} is a corrupt moeprune profile: its token counts per expert are not within "
-                             f"[0, {tokens}] (the profile's tokens); profile again")
+            raise InvalidFile(f"{path} is a corrupt moeprune profile: its token counts per expert are not within "
+                              f"[0, {tokens}] (the profile's tokens); profile again")
         stats = {k: v.double() for k, v in stats.items()}
         return cls(fingerprint=fp, stats=stats, tokens=tokens, task=meta.get("task", ""),
                    demo_hash=meta.get("demo_hash", ""), num_demos=num_demos, model=meta.get("model", ""))
@@ -279,7 +280,7 @@ class RouterProfiler:
         self.profile = RouterProfile.empty(fingerprint, task)
         self.blocks = moe_blocks(model, self.adapter)
         if tuple(self.blocks) != fingerprint.moe_layers:
-            raise ValueError(
+            raise IncompatibleError(
                 f"model MoE layers {tuple(self.blocks)} differ from the fingerprint's {fingerprint.moe_layers}")
 
     @contextmanager

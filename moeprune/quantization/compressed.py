@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.quantization.quant import QuantizedTensor, pack
 from moeprune.quantization.widths import WIDTHS as SUPPORTED_BITS
 from moeprune.quantization.widths import check_width as check_bits
@@ -38,12 +39,12 @@ LEGACY_FORMAT = "moeprune-gq-v1"
 def fit_group(in_dim: int, group_size: int, bits: int) -> int:
     """The largest group size <= ``group_size`` dividing ``in_dim`` and holding whole bytes in memory."""
     if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group size must be a positive number of input columns, not {group_size!r}")
+        raise InvalidArgument(f"group size must be a positive number of input columns, not {group_size!r}")
     per_byte = 8 // container_bits(bits)
     for g in range(min(group_size, in_dim), 0, -1):
         if in_dim % g == 0 and g % per_byte == 0:
             return g
-    raise ValueError(f"no group size fits an input dimension of {in_dim} at {bits} bits")
+    raise InvalidArgument(f"no group size fits an input dimension of {in_dim} at {bits} bits")
 
 
 def weight_args(bits: int, group_size: int = DEFAULT_GROUP, symmetric: bool = True):
@@ -67,7 +68,7 @@ def qparams(w: torch.Tensor, args, dtype: torch.dtype | None = None) -> tuple[to
 
     out_dim, in_dim = w.shape
     if not torch.isfinite(w).all():
-        raise ValueError("cannot quantize a weight containing inf/nan")
+        raise InvalidArgument("cannot quantize a weight containing inf/nan")
     g = args.group_size
     groups = w.detach().float().reshape(out_dim, in_dim // g, g)
     scale, zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
@@ -177,8 +178,8 @@ def config_widths(qc: Mapping[str, Any]) -> list[tuple[Any, list[str]]]:
         args = QuantizationArgs(**w)
         fmt = qc.get("format") or group.get("format")
         if args.type != "int" or args.strategy != "group" or fmt not in (None, FORMAT):
-            raise ValueError(f"config group {name!r}: moeprune reads pack-quantized int group-wise weights only, "
-                             f"not {args.type} {args.strategy} ({qc.get('format')})")
+            raise IncompatibleError(f"config group {name!r}: moeprune reads pack-quantized int group-wise weights "
+                                    f"only, not {args.type} {args.strategy} ({qc.get('format')})")
         out.append((args, list(group.get("targets") or [])))
     return out
 
@@ -203,23 +204,24 @@ def refuse_legacy(config: Mapping[str, Any], where: Any) -> None:
     qc = config.get("quantization_config") or {}
     quant = (config.get("moeprune") or {}).get("quantization") or {}
     if qc.get("format") == LEGACY_FORMAT or quant.get("format") == LEGACY_FORMAT:
-        raise ValueError(f"{where} stores its experts in moeprune's retired private format {LEGACY_FORMAT!r}, "
-                         "which moeprune no longer reads; export it again from the float checkpoint "
-                         "(quantized exports are now compressed-tensors checkpoints)")
+        raise IncompatibleError(f"{where} stores its experts in moeprune's retired private format {LEGACY_FORMAT!r}, "
+                                "which moeprune no longer reads",
+                                hint="export it again from the float checkpoint (quantized exports are now "
+                                "compressed-tensors checkpoints)")
 
 
 def common_group(in_dims: Sequence[int], group_size: int = DEFAULT_GROUP) -> int:
     """One group size for all expert matrices of an export: the largest ``<= group_size`` dividing every
     input dimension and holding whole bytes at every width (a config group has one group size)."""
     if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group size must be a positive number of input columns, not {group_size!r}")
+        raise InvalidArgument(f"group size must be a positive number of input columns, not {group_size!r}")
     per_byte = 8 // min(container_bits(b) for b in SUPPORTED_BITS)
     dims = sorted(set(int(d) for d in in_dims))
     for g in range(min([group_size, *dims]), 0, -1):
         if all(d % g == 0 for d in dims) and g % per_byte == 0:
             return g
-    raise ValueError(f"no group size <= {group_size} fits input dimensions {dims} (each must be a multiple of "
-                     f"{per_byte})")
+    raise InvalidArgument(f"no group size <= {group_size} fits input dimensions {dims} (each must be a multiple of "
+                          f"{per_byte})")
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedTensor:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from moeprune.arch import MoEAdapter
+from moeprune.errors import IncompatibleError
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.quantization import compressed as ct
 from moeprune.quantization.quant import QuantizedTensor
@@ -90,8 +91,8 @@ class ExpertQuantizer:
             return widths[kept.index(expert)]
         chosen = {widths[kept.index(e)] for e in plan.rows}
         if len(chosen) != 1:
-            raise ValueError(f"{plan.source} holds all experts of layer {layer} in one tensor, so they need "
-                             f"one bit width, not {sorted(chosen)}: use --bits N for this model")
+            raise IncompatibleError(f"{plan.source} holds all experts of layer {layer} in one tensor, so they need "
+                                    f"one bit width, not {sorted(chosen)}", hint="use bits=N for this model")
         return chosen.pop()
 
     def __call__(self, plan: Any, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -147,8 +148,8 @@ def read_stored(f: Any, key: str, config: Mapping[str, Any], transposed: bool,
     qc = config.get("quantization_config") or {}
     args = ct.args_for(qc, module_name(key))
     if args is None:
-        raise ValueError(f"{key} is stored quantized but no config group of quantization_config targets "
-                         f"{module_name(key)!r}: restore the export's config.json")
+        raise IncompatibleError(f"{key} is stored quantized but no config group of quantization_config targets "
+                                f"{module_name(key)!r}: restore the export's config.json")
     parts = {}
     for suffix in QUANT_PARTS:
         name = f"{key}{suffix}"

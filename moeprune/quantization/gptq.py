@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeprune.errors import InvalidArgument
+
 __all__ = ["GPTQResult", "gptq_quantize", "grid_params", "layer_error", "rtn"]
 
 
@@ -54,9 +56,9 @@ def _check(w: torch.Tensor, bits: int, group_size: int) -> None:
     if w.dim() != 2:
         raise ValueError(f"GPTQ quantizes one matrix [out, in], got shape {tuple(w.shape)}")
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
+        raise InvalidArgument(f"bits must be in 1..8, got {bits}")
     if group_size < 1 or w.shape[1] % group_size:
-        raise ValueError(f"group_size={group_size} must divide the input dimension {w.shape[1]}")
+        raise InvalidArgument(f"group_size={group_size} must divide the input dimension {w.shape[1]}")
 
 
 def grid_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
@@ -102,7 +104,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match the weight's input "
                          f"dimension {n_in}")
     if not torch.isfinite(hessian).all():
-        raise ValueError("the Hessian holds inf/NaN: check the calibration activations")
+        raise InvalidArgument("the Hessian holds inf/NaN: check the calibration activations")
     levels = (1 << bits) - 1
     scale, zero = grid_params(w, bits, group_size, symmetric)  # static groups: from the original weights
     W = w.detach().float().clone()
@@ -120,7 +122,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         L = torch.linalg.cholesky(H)
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
     except torch.linalg.LinAlgError as exc:
-        raise ValueError(f"the damped Hessian is not positive definite ({exc}); raise damp (now {damp})") from None
+        raise InvalidArgument(f"the damped Hessian is not positive definite ({exc}); raise damp (now {damp})") from None
     codes = torch.zeros_like(W, dtype=torch.uint8)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moeprune.arch import moe_blocks
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.profiling.layerwise import LayerReplay
@@ -76,7 +77,7 @@ def _bits_of(pattern: ExpertPattern, bits: int | None) -> dict[int, list[int]]:
     if bits is not None:
         return {layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()}
     if pattern.bits is None:
-        raise ValueError("GPTQ needs a width: give --bits N or --avg-bits B")
+        raise InvalidArgument("GPTQ needs a width", hint="give bits=N or avg_bits=B")
     return pattern.bits
 
 
@@ -97,8 +98,8 @@ def calibrate(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence
 
     adapter = ckpt.adapter
     if adapter.experts_transposed or adapter.fused_experts:
-        raise ValueError(f"--quant-method gptq does not support {adapter.family}'s fused [in, out] experts yet; "
-                         "use --quant-method rtn")
+        raise IncompatibleError(f"quant_method=gptq does not support {adapter.family}'s fused [in, out] experts "
+                                "yet", hint="use quant_method=rtn")
     from moeprune.quantization.stored_formats import float_dtype
 
     widths = _bits_of(pattern, bits)
@@ -126,7 +127,7 @@ def calibrate_model(model: Any, widths: dict[int, list[int]], demos: Sequence[Se
     from moeprune.arch import get_adapter
 
     if fallback not in ("rtn", "all", "all-experts"):
-        raise ValueError(f"fallback {fallback!r} is not rtn, all or all-experts")
+        raise InvalidArgument(f"fallback {fallback!r} is not rtn, all or all-experts")
 
     adapter = get_adapter(model.config)
     device = next(model.parameters()).device

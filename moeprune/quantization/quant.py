@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from moeprune.errors import InvalidArgument, InvalidFile
 from moeprune.quantization.widths import CONTAINER_BITS
 
 __all__ = [
@@ -88,7 +89,7 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 # --------------------------------------------------------------------------- packing
 def _check_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise InvalidArgument(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     return int(bits)
 
 
@@ -182,7 +183,7 @@ def _check_layout(shape: Sequence[int], bits: int, group_size: int) -> None:
             if hints
             else f"in={n_in} must be a multiple of {per_byte} for {bits}-bit packing"
         )
-        raise ValueError(
+        raise InvalidArgument(
             f"group_size={group_size} does not fit weight shape {tuple(shape)} at {bits} bits "
             f"(it must divide in={n_in} and be a multiple of {per_byte}); {fix}"
         )
@@ -222,7 +223,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedTens
     shape = tuple(w.shape)
     _check_layout(shape, bits, group_size)
     if not torch.isfinite(w).all():
-        raise ValueError("cannot quantize a weight containing inf/nan")
+        raise InvalidArgument("cannot quantize a weight containing inf/nan")
     levels = (1 << bits) - 1
     wg = w.detach().float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
     scale, zero = _group_params(wg, bits)
@@ -260,7 +261,7 @@ def error_bound(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tens
     shape = tuple(w.shape)
     _check_layout(shape, bits, group_size)
     if not torch.isfinite(w).all():
-        raise ValueError("a weight containing inf/nan has no quantization error bound (it cannot be quantized)")
+        raise InvalidArgument("a weight containing inf/nan has no quantization error bound (it cannot be quantized)")
     wg = w.detach().float().reshape(*shape[:-1], shape[-1] // group_size, group_size)
     scale, _ = _group_params(wg, bits)
     amax = wg.abs().amax(dim=-1)
@@ -297,7 +298,7 @@ def from_state_dict(
         raise KeyError(f"no quantization metadata {key!r}")
     meta = json.loads(metadata[key])
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{key}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
+        raise InvalidFile(f"{key}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
     bits, g, shape = int(meta["bits"]), int(meta["group_size"]), tuple(int(s) for s in meta["shape"])
     dtype = getattr(torch, meta["dtype"])
     qt = QuantizedTensor(
@@ -316,7 +317,7 @@ def from_state_dict(
         or tuple(qt.scales.shape) != want_groups
         or tuple(qt.zeros.shape) != want_groups
     ):
-        raise ValueError(
+        raise InvalidFile(
             f"{prefix}: stored shapes {tuple(qt.packed.shape)}/{tuple(qt.scales.shape)}/"
             f"{tuple(qt.zeros.shape)} do not match {want_packed}/{want_groups}"
         )
@@ -482,27 +483,28 @@ def allocate_bits(
     freq, weight, err = arr(freq), arr(weight), arr(err)
     bits_arr = np.asarray([int(b) for b in bits], dtype=np.float64)
     if freq.ndim != 1 or freq.shape[0] == 0:
-        raise ValueError(f"freq must be a non-empty 1-D array, got shape {freq.shape}")
+        raise InvalidArgument(f"freq must be a non-empty 1-D array, got shape {freq.shape}")
     n, nb = freq.shape[0], len(bits_arr)
     if weight.shape != (n,):
-        raise ValueError(f"weight must have shape ({n},) like freq, got {weight.shape}")
+        raise InvalidArgument(f"weight must have shape ({n},) like freq, got {weight.shape}")
     if err.shape != (n, nb):
-        raise ValueError(f"err must have shape (N, B) = ({n}, {nb}), got {err.shape}")
+        raise InvalidArgument(f"err must have shape (N, B) = ({n}, {nb}), got {err.shape}")
     if nb == 0 or len(set(bits_arr)) != nb or (bits_arr <= 0).any():
-        raise ValueError(f"bits must be distinct positive widths, got {tuple(bits)}")
+        raise InvalidArgument(f"bits must be distinct positive widths, got {tuple(bits)}")
     for name, a in (("freq", freq), ("weight", weight), ("err", err)):
         if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"{name} must be finite and non-negative")
+            raise InvalidArgument(f"{name} must be finite and non-negative")
     size_arr = np.ones(n) if sizes is None else arr(sizes)
     if size_arr.shape != (n,) or not np.isfinite(size_arr).all() or (size_arr <= 0).any():
-        raise ValueError(f"sizes must be {n} positive numbers, got shape {size_arr.shape}")
+        raise InvalidArgument(f"sizes must be {n} positive numbers, got shape {size_arr.shape}")
     lo, hi = float(bits_arr.min()), float(bits_arr.max())
     if not (lo <= avg_bits <= hi):
-        raise ValueError(f"avg_bits={avg_bits} is outside the feasible range [{lo:g}, {hi:g}] for bits {tuple(bits)}")
+        raise InvalidArgument(f"avg_bits={avg_bits} is outside the feasible range [{lo:g}, {hi:g}] "
+                              f"for bits {tuple(bits)}")
 
     cost = _costs(freq, weight, err, alpha, beta)
     if not np.isfinite(cost).all():
-        raise ValueError("objective coefficients are not finite (check alpha/beta with zero freq/weight)")
+        raise InvalidArgument("objective coefficients are not finite (check alpha/beta with zero freq/weight)")
     scale = cost.max()
     c = (cost / scale if scale > 0 else cost).ravel()  # x index = i * B + j
 
@@ -523,7 +525,7 @@ def allocate_bits(
     ]
     if groups is not None:
         if len(groups) != n:
-            raise ValueError(f"groups must give one group id per expert ({n}), got {len(groups)}")
+            raise InvalidArgument(f"groups must give one group id per expert ({n}), got {len(groups)}")
         first: dict[Any, int] = {}
         tie = []
         for i, g in enumerate(groups):  # every member chooses what the group's first member chooses

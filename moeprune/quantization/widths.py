@@ -7,6 +7,8 @@ densely on disk). ``CONTAINER_BITS``: the widths moeprune's in-memory layout and
 
 from __future__ import annotations
 
+from moeprune.errors import InvalidArgument
+
 WIDTHS = (2, 3, 4, 8)
 CONTAINER_BITS = (2, 4, 8)
 VLLM_WIDTHS = (4, 8)  # vLLM's compressed-tensors MoE path (W4A16 / W8A16), symmetric
@@ -15,7 +17,7 @@ VLLM_WIDTHS = (4, 8)  # vLLM's compressed-tensors MoE path (W4A16 / W8A16), symm
 def check_width(bits: int) -> int:
     """``bits`` if it is an export width, else a ValueError naming them."""
     if bits not in WIDTHS:
-        raise ValueError(f"bits must be one of {WIDTHS}, got {bits!r}")
+        raise InvalidArgument(f"bits must be one of {WIDTHS}, got {bits!r}")
     return int(bits)
 
 

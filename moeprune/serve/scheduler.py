@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from moeprune.errors import InvalidArgument
 from moeprune.loader.prefetch import Prefetcher, byte_ranges
 from moeprune.serve.batch import Sampling, generate_batch
 from moeprune.serve.metrics import Metrics
@@ -52,7 +53,7 @@ class Scheduler:
     def __init__(self, runtime: Any, max_batch: int = 8, max_wait: float = 1.0, group: bool = True,
                  metrics: Metrics | None = None, prefetch: bool = True):
         if max_batch < 1 or max_wait < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait >= 0")
+            raise InvalidArgument("max_batch must be >= 1 and max_wait >= 0")
         self.runtime, self.max_batch, self.max_wait, self.group = runtime, max_batch, max_wait, group
         self.metrics = metrics or Metrics()
         self._cv = threading.Condition()
