@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import moeprune`` stays light)::
     moeprune.TaskAdaptiveModel(model, store=...)        # retrieve -> activate -> generate per query
     moeprune.profile_checkpoint / select_pattern / export_pruned / prune
     moeprune.RouterProfile, ExpertPattern, PatternStore, SCORERS, register_scorer
+    moeprune.MoePruneError                              # what the library refuses (moeprune.errors)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _EXPORTS = {
     "SCORERS": "moeprune.methods.scoring",
     "register_scorer": "moeprune.methods.scoring",
     "score": "moeprune.methods.scoring",
+    "MoePruneError": "moeprune.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -261,7 +261,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
 def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
     """Refuse a ``--quant-method`` that cannot run, before any work."""
     if method not in ("rtn", "gptq"):
-        raise InvalidArgument(f"quant_method={method!r} is not 'rtn' or 'gptq'")
+        raise InvalidArgument(f"quant_method={method!r} is not rtn or gptq")
     if method == "gptq" and bits is None and avg_bits is None:
         raise InvalidArgument("quant_method=gptq quantizes the experts", hint="give bits=N or avg_bits=B with it")
     if method == "gptq" and sparsified:

@@ -105,7 +105,7 @@ def test_gptq_export_equals_in_memory_calibration(tmp_path):
 def test_quant_method_refusals(tmp_path):
     from moeprune.pipeline import check_quant_method
 
-    with pytest.raises(ValueError, match="--bits N or --avg-bits"):
+    with pytest.raises(ValueError, match="bits=N or avg_bits"):
         check_quant_method("gptq", None, None)
     with pytest.raises(ValueError, match="give one"):
         check_quant_method("gptq", 4, None, 0.5)

@@ -30,7 +30,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
 
 def test_a_target_that_appears_during_the_write_is_never_replaced(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         with atomic_dir(out) as tmp:
             (tmp / "shard").write_text("new")
             out.mkdir()  # e.g. a second export to the same place finished first

@@ -97,10 +97,10 @@ def test_keep_on_layers_of_different_sizes_and_budget_checks():
     assert check_budget(FP, "stun", "0.5") == "global" and check_budget(FP, "frequency", "0.9", "top-p") == "top-p"
     for args, message in [(("tcess", "0.9", "top-p"), "mass-like"), (("stun", "0.9", "top-p"), "per-layer counts"),
                           (("frequency", "1.5", "top-p"), "share"), (("frequency", "3"), "top-k"),
-                          (("frequency", "0.5", "global", 2), "min-per-layer 2"),
-                          (("frequency", "0.5", "global", 65), "min-per-layer 65"),
+                          (("frequency", "0.5", "global", 2), "min_per_layer=2"),
+                          (("frequency", "0.5", "global", 65), "min_per_layer=65"),
                           (("frequency", "0.5", "sideways"), "budget"), (("nope", "0.5"), "unknown method"),
-                          (("frequency", "4", "uniform", 5), "below --min-per-layer 5"),
+                          (("frequency", "4", "uniform", 5), "below min_per_layer=5"),
                           (("frequency", "4", "global", 5), "12 experts in all, below 5 per layer")]:
         with pytest.raises(ValueError, match=message):
             check_budget(FP, *args)

@@ -30,7 +30,7 @@ def test_store_round_trip_and_errors(tmp_path):
         store.get("math")
     with pytest.raises(ValueError, match="task name"):
         store.add(_pattern("../evil"))
-    with pytest.raises(FileExistsError, match="already has task 'code'.*--overwrite"):
+    with pytest.raises(FileExistsError, match="already has task 'code'.*overwrite=True"):
         store.add(_pattern("code", 16))
     assert store.get("code").kept[0] == list(range(8, 16))  # nothing replaced
     store.add(_pattern("code", 16), overwrite=True)

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moeprune.errors import CheckpointError, MoePruneError
 from moeprune.pipeline import max_context
 from moeprune.serve.batch import Sampling
 from moeprune.serve.metrics import CONTENT_TYPE, Metrics
@@ -163,9 +164,12 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 def _worker_error(exc: BaseException) -> APIError:
+    """The reply to a request that failed: 400 with the message for input moeprune refuses (a
+    :class:`MoePruneError`, or a ``ValueError``), 500 for the server's own failures (a checkpoint it
+    cannot read included)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ValueError):
+    if isinstance(exc, (MoePruneError, ValueError)) and not isinstance(exc, CheckpointError):
         return APIError(" ".join(str(exc).split()))
     return APIError(f"the server failed on this request ({type(exc).__name__}: {exc}); it keeps serving",
                     status=500, type="server_error", code="internal_error")
