@@ -38,12 +38,12 @@ def tensor_offsets(path: Path) -> dict[str, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise CheckpointError(f"shard {path} is truncated (no safetensors header); re-download it")
+            raise CheckpointError(f"shard {path} is truncated (no safetensors header)", hint="re-download it")
         (n,) = struct.unpack("<Q", head)
         try:
             header = json.loads(f.read(n))
         except ValueError as exc:
-            raise CheckpointError(f"shard {path} has a corrupt safetensors header; re-download it") from exc
+            raise CheckpointError(f"shard {path} has a corrupt safetensors header", hint="re-download it") from exc
     return {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 

@@ -266,7 +266,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
                     values[param][i] = mean.to(values[param].dtype)
         widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
         if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
-            raise IncompatibleError(f"{ckpt.path} already stores quantized experts; load it without bits")
+            raise IncompatibleError(f"{ckpt.path} already stores quantized experts", hint="load it without bits")
         if widths:
             values = quantize_layer(values, adapter, widths, group_size, keep_quantized, float_dtype(ckpt.config))
             packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None

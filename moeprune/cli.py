@@ -424,7 +424,7 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     store = PatternStore(args.store)
     patterns = store.patterns()
     if not patterns:
-        raise InvalidArgument(f"store {args.store} holds no patterns; add some with `moeprune store add`")
+        raise InvalidArgument(f"store {args.store} holds no patterns", hint="add some with `moeprune store add`")
     model = args.model
     if model is None:
         models = sorted({str(store.model_of(p)) for p in patterns if p.meta.get("model")})
@@ -437,8 +437,8 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     elif Path(args.queries).suffix in (".jsonl", ".json"):
         queries = read_demos(args.queries)
     elif not Path(args.queries).is_file():
-        raise NotFound(f"queries file {args.queries} does not exist; give a .jsonl or a text file "
-                       "with one query per line")
+        raise NotFound(f"queries file {args.queries} does not exist",
+                       hint="give a .jsonl or a text file with one query per line")
     else:
         queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
         if not queries:

@@ -254,8 +254,8 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
     stored_bits = (ckpt.config.get("moeprune") or {}).get("quantization")
     if stored_bits and pattern.bits is not None:
-        raise IncompatibleError(f"{ckpt.path} already stores quantized experts; export it without bits, or "
-                                "quantize from the float checkpoint")
+        raise IncompatibleError(f"{ckpt.path} already stores quantized experts",
+                                hint="export it without bits, or quantize from the float checkpoint")
     if dequantize:
         drop_dequantized_config(config)
     elif stored_bits:  # packed experts are copied as they are: keep their widths, of the kept experts

@@ -80,7 +80,8 @@ def best_subsets(model: Any, demos: Sequence[Sequence[int]], k: int | dict[int, 
         n = math.comb(E, ks[layer])
         if n > max_subsets:
             raise InvalidArgument(f"enumerate would try C({E},{ks[layer]}) = {n:,} subsets in layer {layer} (limit "
-                                  f"{max_subsets:,}); use a cheaper method (tcess, stun, diep) or raise max_subsets")
+                                  f"{max_subsets:,})", hint="use a cheaper method (tcess, stun, diep) or raise "
+                                  "max_subsets")
     inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in blocks}
     handles = [b.register_forward_pre_hook(lambda m, a, layer=layer: inputs[layer].append(
         a[0].reshape(-1, a[0].shape[-1]))) for layer, b in blocks.items()]

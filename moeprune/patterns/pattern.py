@@ -132,7 +132,7 @@ class ExpertPattern:
         if self.routing and not (fp.groups[0] > 1 and self.routing == UNGROUPED):
             raise PatternError(f"routing overrides {self.routing} are not ones moeprune writes: only {UNGROUPED} "
                                f"(ungrouped routing), and only for a model with group-limited routing (this one has "
-                               f"{fp.groups[0]} group(s)); regenerate the pattern with `moeprune select`")
+                               f"{fp.groups[0]} group(s))", hint="regenerate the pattern with `moeprune select`")
         if self.signature is not None:
             need = len(fp.moe_layers) * max(fp.num_experts)
             sig = self.signature
@@ -140,7 +140,7 @@ class ExpertPattern:
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                                for x in sig)):
                 raise PatternError(f"the retrieval signature must be {need} finite numbers (one per MoE layer and "
-                                   f"expert), not {_brief(sig)}; regenerate the pattern with `moeprune select`")
+                                   f"expert), not {_brief(sig)}", hint="regenerate the pattern with `moeprune select`")
         if self.bits is not None:
             for layer, widths in self.bits.items():
                 if len(widths) != len(self.kept.get(int(layer), [])):
@@ -272,7 +272,8 @@ class ExpertPattern:
             except Exception as exc:
                 raise PatternError(f"{sidecar} is not a readable router sidecar ({exc})") from exc
             if router_digest(pattern.router_overrides) != d["router_sha256"]:
-                raise PatternError(f"{sidecar} does not match {path} (its checksum differs); regenerate the pattern")
+                raise PatternError(f"{sidecar} does not match {path} (its checksum differs)",
+                                   hint="regenerate the pattern")
         return pattern
 
 

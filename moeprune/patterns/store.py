@@ -60,14 +60,14 @@ class PatternStore:
         try:
             index = json.loads(self.index_path.read_text())
         except json.JSONDecodeError as exc:
-            raise PatternError(f"store index {self.index_path} is corrupt ({exc}); rebuild it with "
-                               "`moeprune store add` for each pattern file") from exc
+            raise PatternError(f"store index {self.index_path} is corrupt ({exc})",
+                               hint="rebuild it with `moeprune store add` for each pattern file") from exc
         if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
             raise PatternError(f"{self.index_path} is not a moeprune store index")
         entries = index.get("patterns")
         if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
             raise PatternError(f"store index {self.index_path} is malformed (its 'patterns' must map each task to "
-                               "an entry); rebuild it with `moeprune store add` for each pattern file")
+                               "an entry)", hint="rebuild it with `moeprune store add` for each pattern file")
         return index
 
     def _file_of(self, task: str, entry: dict[str, Any]) -> Path:
@@ -157,8 +157,9 @@ class PatternStore:
                     except PatternError:
                         break
                 time.sleep(0.05)
-            raise PatternError(f"store {self.root}, task {task!r}: {exc}; remove it with "
-                               f"`moeprune store remove {self.root} {task}` or add it again") from None
+            raise PatternError(f"store {self.root}, task {task!r}: {exc}",
+                               hint=f"remove it with `moeprune store remove {self.root} {task}` or add it "
+                               "again") from None
 
     def remove(self, task: str) -> None:
         self._check_exists()

@@ -133,7 +133,8 @@ class RouterProfile:
         if meta.get("format") != PROFILE_FORMAT:
             raise InvalidFile(f"{path} is not a moeprune profile (format {meta.get('format')!r})")
         if int(meta.get("version", 0)) > PROFILE_VERSION:
-            raise IncompatibleError(f"{path} has profile version {meta['version']}; upgrade moeprune to read it")
+            raise IncompatibleError(f"{path} has profile version {meta['version']}",
+                                    hint="upgrade moeprune to read it")
         try:
             fp = Fingerprint.from_dict(json.loads(meta["fingerprint"]))
             tokens, num_demos = int(meta["tokens"]), int(meta.get("num_demos", 0))

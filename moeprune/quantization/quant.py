@@ -208,7 +208,7 @@ def _group_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     scale = torch.where(const, torch.where(gmin == 0, torch.ones_like(gmin), gmin.abs()), scale)
     scale = _round_up_fp16(scale)
     if not torch.isfinite(scale).all():
-        raise ValueError(
+        raise InvalidArgument(
             f"weight range too large for fp16 scales (|w| up to {wg.abs().max().item():.3g}; "
             f"fp16 max is {_FP16_MAX:.0f})"
         )
