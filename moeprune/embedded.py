@@ -23,10 +23,9 @@ def profiles_dir() -> Path:
     env = os.environ.get("MOEPRUNE_PROFILES")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "profiles"
     if not (path / "domains.json").exists():
-        raise NotFound(
-            f"no embedded profiles at {path} (domains.json missing): run moeprune from a source checkout "
-            "(pip install -e .) or set MOEPRUNE_PROFILES to a profiles folder"
-        )
+        raise NotFound(f"no embedded profiles at {path} (domains.json missing)",
+                       hint="run moeprune from a source checkout (pip install -e .) or set MOEPRUNE_PROFILES to a "
+                       "profiles folder")
     return path
 
 

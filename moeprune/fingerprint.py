@@ -56,10 +56,8 @@ class Fingerprint:
     def check_compatible(self, other: "Fingerprint", what: str = "pattern") -> None:
         """Raise if ``other`` (the model at hand) is not the model this fingerprint was taken from."""
         if self != other:
-            raise IncompatibleError(
-                f"this {what} was made for {self.describe()}, but the model is {other.describe()}. "
-                f"Make a new {what} for this model (moeprune profile/select)."
-            )
+            raise IncompatibleError(f"this {what} was made for {self.describe()}, but the model is {other.describe()}",
+                                    hint=f"make a new {what} for this model (moeprune profile/select)")
 
 
 def _hash_routers(weights: Mapping[int, torch.Tensor]) -> str:
