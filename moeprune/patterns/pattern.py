@@ -235,7 +235,7 @@ class ExpertPattern:
                 merge_router=str(d.get("merge_router") or "average"),
             )
         except PatternError as exc:
-            raise PatternError(f"{source}: {exc}") from None
+            raise PatternError(f"{source}: {exc.message}", hint=exc.hint) from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PatternError(f"{source} is malformed ({type(exc).__name__}: {exc})") from exc
 
