@@ -498,25 +498,33 @@ def _budget_row(size_arr: np.ndarray, bits_arr: np.ndarray, avg_bits: float) -> 
     return (size_norm[:, None] * bits_arr[None, :]).ravel(), rhs, budget, size_norm
 
 
-def _one_width_rows(n: int, nb: int) -> np.ndarray:
-    """Rows ``sum_b x_ib = 1``: each expert takes exactly one width."""
-    return np.kron(np.eye(n), np.ones(nb))
+def _one_width_rows(n: int, nb: int) -> Any:
+    """Rows ``sum_b x_ib = 1`` (each expert takes exactly one width), sparse ``[N, N * B]``: row ``i`` holds
+    ones at columns ``i * B .. i * B + B - 1`` (the dense ``kron(eye(N), ones(B))``, without its ``N^2 B`` zeros)."""
+    from scipy.sparse import csr_array
+
+    return csr_array((np.ones(n * nb), np.arange(n * nb), np.arange(0, n * nb + 1, nb)), shape=(n, n * nb))
 
 
-def _tie_rows(groups: Sequence[Any], n: int, nb: int) -> np.ndarray | None:
-    """Rows ``x_ib - x_jb = 0`` tying every group member ``i`` to its group's first member ``j``."""
+def _tie_rows(groups: Sequence[Any], n: int, nb: int) -> Any:
+    """Rows ``x_ib - x_jb = 0`` tying every group member ``i`` to its group's first member ``j`` (sparse;
+    None when no expert shares a group)."""
+    from scipy.sparse import coo_array
+
     if len(groups) != n:
         raise ValueError(f"groups must give one group id per expert ({n}), got {len(groups)}")
     first: dict[Any, int] = {}
-    tie = []
-    for i, g in enumerate(groups):  # every member chooses what the group's first member chooses
-        j = first.setdefault(g, i)
-        if j != i:
-            for b in range(nb):
-                row = np.zeros(n * nb)
-                row[i * nb + b], row[j * nb + b] = 1.0, -1.0
-                tie.append(row)
-    return np.array(tie) if tie else None
+    leader = np.array([first.setdefault(g, i) for i, g in enumerate(groups)])  # every member chooses what
+    members = np.flatnonzero(leader != np.arange(n))  # the group's first member chooses
+    if members.size == 0:
+        return None
+    width = np.arange(nb)
+    rows = np.arange(members.size * nb)  # row k * B + b ties member k's width b
+    own = (members[:, None] * nb + width).ravel()
+    lead = (leader[members][:, None] * nb + width).ravel()
+    vals = np.concatenate([np.ones(rows.size), -np.ones(rows.size)])
+    return coo_array((vals, (np.concatenate([rows, rows]), np.concatenate([own, lead]))),
+                     shape=(rows.size, n * nb)).tocsr()
 
 
 def _solve(c: np.ndarray, constraints: list[Any], n: int, nb: int) -> np.ndarray:
