@@ -334,43 +334,14 @@ def _need_task(args: argparse.Namespace) -> str:
 
 
 def _store_add(args: argparse.Namespace, store) -> None:
-    from moeprune.patterns.pattern import ExpertPattern
+    from moeprune.store_jobs import add_to_store
 
-    if args.pattern:
-        if args.protect_super_experts:
-            raise ValueError("--protect-super-experts applies when store add profiles demos, not to --pattern")
-        pattern = ExpertPattern.load(args.pattern)
-    else:
-        from moeprune.fingerprint import checkpoint_fingerprint
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.pipeline import check_budget, open_workspace, profile_and_select
-
-        if not (args.target and args.demos and args.task):
-            raise ValueError("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
-        store.check_free(args.task, args.overwrite)  # before the work, not after
-        ckpt = open_checkpoint(args.target)
-        fingerprint = checkpoint_fingerprint(ckpt)
-        check_budget(fingerprint, args.method, args.keep)
-        ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
-        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args),
-                                        protect_super_experts=args.protect_super_experts)
-        _attach_windows(pattern, ws.model, ws.tokenizer, args.demos)
-    if args.pattern and args.demos:  # a pattern made elsewhere: its retrieval windows from these demos
-        from moeprune.patterns.retrieval import load_signature_model
-
-        net, tokenizer, fp = load_signature_model(args.target or pattern.meta.get("model"), args.device)
-        pattern.fingerprint.check_compatible(fp)
-        _attach_windows(pattern, net, tokenizer, args.demos)
-    path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
+    pattern, path = add_to_store(store, model=args.target, demos=args.demos, task=args.task, pattern=args.pattern,
+                                 method=args.method, keep=args.keep, max_tokens=args.max_tokens, device=args.device,
+                                 dtype=args.dtype, overwrite=args.overwrite,
+                                 protect_super_experts=args.protect_super_experts, progress=_progress(args))
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
-
-
-def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
-    from moeprune.demos import read_demos
-    from moeprune.patterns.retrieval import attach_windows
-
-    attach_windows(pattern, model, tokenizer, read_demos(demos))
 
 
 def _threshold(value: str) -> float | str | None:
@@ -387,59 +358,13 @@ def _threshold(value: str) -> float | str | None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.patterns.retrieval import Retriever, check_query_length, load_signature_model, query_signatures
-    from moeprune.patterns.store import PatternStore
-    from moeprune.patterns.windows import record_text
+    from moeprune.store_jobs import query_text, retrieve
 
     threshold = _threshold(args.threshold)  # a bad threshold is refused before anything loads
-    store = PatternStore(args.store)
-    patterns = store.patterns()
-    if not patterns:
-        raise ValueError(f"store {args.store} holds no patterns; add some with `moeprune store add`")
-    model = args.model
-    if model is None:
-        models = sorted({str(store.model_of(p)) for p in patterns if p.meta.get("model")})
-        if len(models) != 1:
-            raise ValueError(f"the store's patterns name {len(models)} models ({', '.join(models) or 'none'}): "
-                             "pass --model")
-        model = models[0]
-    if args.query is not None:
-        queries = [{"text": q} for q in args.query]
-    elif Path(args.queries).suffix in (".jsonl", ".json"):
-        queries = read_demos(args.queries)
-    elif not Path(args.queries).is_file():
-        raise FileNotFoundError(f"queries file {args.queries} does not exist; give a .jsonl or a text file "
-                                "with one query per line")
-    else:
-        queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
-        if not queries:
-            raise ValueError(f"queries file {args.queries} holds no queries")
-    empty = [i for i, q in enumerate(queries) if not (q["input_ids"] if "input_ids" in q else _query_text(q).strip())]
-    if empty:
-        raise ValueError(f"query {empty[0]} is empty: give each query some text")
-    if args.layers == "first":
-        net, tokenizer, fp = load_signature_model(model, args.device)
-    else:
-        from moeprune.fingerprint import checkpoint_fingerprint
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.pipeline import load_model
-
-        ckpt = open_checkpoint(model)
-        fp = checkpoint_fingerprint(ckpt)
-        net, tokenizer = load_model(ckpt, args.device, args.dtype)
-    patterns = [p for p in patterns if p.fingerprint == fp]
-    if not patterns:
-        raise ValueError(f"no pattern in {args.store} was made for {fp.describe()}")
-    retriever = Retriever(patterns, args.layers, threshold)
-    encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
-    for i, ids in enumerate(encoded):
-        check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
-    texts = [tokenizer.decode(q["input_ids"], skip_special_tokens=True) if "input_ids" in q and tokenizer is not None
-             else record_text(q) for q in queries]
-    matches = retriever.match(query_signatures(net, encoded, args.layers), texts)
-    data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
-    rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
+    found = retrieve(args.store, args.query if args.query is not None else args.queries, model=args.model,
+                     layers=args.layers, threshold=threshold, device=args.device, dtype=args.dtype)
+    data = [dict(m.to_dict(), query=query_text(q)) for m, q in found]
+    rows = [(i, query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(found)]
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
 
 
@@ -468,14 +393,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving {served.model_id} (tasks: {', '.join(served.tasks())}) on http://{args.host}:{port}/v1",
           file=sys.stderr, flush=True)
     run(app, sock, quiet=args.quiet)
-
-
-def _query_text(q: dict[str, Any]) -> str:
-    if "text" in q:
-        return q["text"]
-    if "messages" in q:
-        return " ".join(m.get("content", "") for m in q["messages"])
-    return f"<{len(q['input_ids'])} tokens>"
 
 
 # --- parser --------------------------------------------------------------------------------
