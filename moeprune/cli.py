@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,21 +69,97 @@ def _pattern_table(pattern) -> str:
             + _table(rows, ["layer", "kept", "experts"]) + notes)
 
 
+# built-in scorer parameters whose flag is not ``--<parameter>`` (method, parameter) -> flag dest
+_FLAG_OF = {("hc-smoe", "router"): "merge_router", ("hc-smoe", "metric"): "hc_metric"}
+# choices and help of built-in parameters' flags (any other parameter's flag: its type, default and methods)
+_FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
+    "seed": (None, "seed for random, diep, uncurl"),
+    "mix": (None, "stun: weight of co-activation vs router-row distance (default 0)"),
+    "merge": (["representative", "average"], "stun: keep each cluster's centroid-nearest expert (default) or the "
+              "average of the cluster's weights and router rows"),
+    "representative": (["centroid", "most-routed"],
+                       "stun: the member kept per cluster: routed most (default) or nearest the weight centroid"),
+    "base": (None, "router-drift: the pre-trained model the fine-tuned MODEL came from"),
+    "merge_router": (["dominant", "average", "fitted"],
+                     "hc-smoe: a merged expert's router row: its dominant member's (default), the "
+                     "count-weighted average, or fitted to the members' summed routing probability"),
+    "hc_metric": (["euclidean", "cosine"], "hc-smoe: distance between experts' mean outputs (default euclidean)"),
+}
+
+
+@dataclass
+class _MethodFlag:
+    """One command-line flag for the scorer parameters of that name: the methods taking it, its type."""
+
+    dest: str
+    kind: Any
+    params: dict[str, str] = field(default_factory=dict)  # method -> its parameter
+    defaults: dict[str, Any] = field(default_factory=dict)  # method -> the parameter's default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+def _method_flags() -> dict[str, _MethodFlag]:
+    """The flags of every registered scorer's parameters (:class:`~moeprune.methods.registry.ScorerSpec`)."""
+    from moeprune.methods.registry import spec
+    from moeprune.methods.scoring import SCORERS
+
+    flags: dict[str, _MethodFlag] = {}
+    for method in sorted(SCORERS):
+        for param, (kind, default) in spec(method).params.items():
+            dest = _FLAG_OF.get((method, param), param)
+            entry = flags.setdefault(dest, _MethodFlag(dest, kind if kind is not None else type(default)))
+            entry.params[method] = param
+            entry.defaults[method] = default
+    return flags
+
+
+def _argparse_type(kind: Any) -> Any:
+    """The argparse ``type`` of a parameter annotation (``bool``: a --flag/--no-flag pair; other types: str)."""
+    import types
+    import typing
+
+    kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    kinds = [k for k in kinds if k is not type(None)]
+    for k in (str, bool, int, float):
+        if k in kinds:
+            return k
+    return str
+
+
+def _add_method_options(c: argparse.ArgumentParser) -> None:
+    """A flag per scorer parameter (a parameter named like another option of the command is Python-only)."""
+    for entry in _method_flags().values():
+        choices, help = _FLAG_DOCS.get(entry.dest, (None, None))
+        if help is None:
+            values = set(map(repr, entry.defaults.values()))
+            default = (values.pop() if len(values) == 1
+                       else ", ".join(f"{m} {d!r}" for m, d in sorted(entry.defaults.items())))
+            names = "/".join(sorted(set(entry.params.values())))
+            help = f"{', '.join(sorted(entry.params))}: {names} (default {default})"
+        kind = _argparse_type(entry.kind)
+        options: dict[str, Any] = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                                   else {"type": kind, "choices": choices})
+        try:
+            c.add_argument(entry.flag, dest=entry.dest, default=None, help=help.replace("%", "%%"), **options)
+        except argparse.ArgumentError:
+            continue
+
+
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
-    """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
-              if getattr(args, name, None) is not None}
-    if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
-        raise ValueError("--mix, --merge and --representative apply to --method stun only")
-    if "base" in params and args.method != "router-drift":
-        raise ValueError("--base applies to --method router-drift only")
+    """The chosen method's parameters given on the command line (a flag of another method's is refused)."""
+    params = {}
+    for entry in _method_flags().values():
+        value = getattr(args, entry.dest, None)
+        if value is None:
+            continue
+        if args.method not in entry.params:
+            raise ValueError(f"{entry.flag} applies to --method {', '.join(sorted(entry.params))} only")
+        params[entry.params[args.method]] = value
     if getattr(args, "protect_super_experts", False):
         params["protect_super_experts"] = True
-    for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
-        if getattr(args, flag, None) is not None:
-            if args.method != "hc-smoe":
-                raise ValueError(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
-            params[name] = getattr(args, flag)
     return params
 
 
@@ -427,19 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     def selection(c: argparse.ArgumentParser) -> None:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
-        c.add_argument("--seed", type=int, help="seed for random, diep")
-        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0)")
-        c.add_argument("--merge", choices=["representative", "average"],
-                       help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
-                            "the cluster's weights and router rows")
-        c.add_argument("--representative", choices=["centroid", "most-routed"],
-                       help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
-        c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
-        c.add_argument("--merge-router", choices=["dominant", "average", "fitted"],
-                       help="hc-smoe: a merged expert's router row: its dominant member's (default), the "
-                            "count-weighted average, or fitted to the members' summed routing probability")
-        c.add_argument("--hc-metric", choices=["euclidean", "cosine"],
-                       help="hc-smoe: distance between experts' mean outputs (default euclidean)")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
@@ -491,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint, for methods that read weights (default: the profiled one)")
     c.add_argument("--demos", help="demo file, for methods that run the model (diep, enumerate)")
     runtime(c, dtype="float32")  # where the model runs (with --demos); diep trains gates in it
+    _add_method_options(c)
     c.set_defaults(func=cmd_select)
 
     c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")
@@ -516,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
                         "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
     runtime(c)
+    _add_method_options(c)
     c.set_defaults(func=cmd_prune)
 
     c = command("inspect", "show a profile or pattern per layer (optionally as a heatmap)")
