@@ -187,7 +187,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         ckpt = open_checkpoint(args.model or prof.model)
     if run:
         from moeprune.demos import encode_demos, read_demos
-        from moeprune.pipeline import load_model
+        from moeprune.modeling import load_model
 
         if ckpt is None:
             raise ValueError("the profile names no model: give the checkpoint (--model)")
@@ -266,7 +266,7 @@ def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
         raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
     from moeprune.demos import encode_demos, read_demos
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.pipeline import load_tokenizer
+    from moeprune.modeling import load_tokenizer
     from moeprune.quantization.gptq_experts import calibrate
 
     ckpt = open_checkpoint(args.model)

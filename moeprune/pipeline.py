@@ -15,7 +15,7 @@ from moeprune.io.checkpoint import Checkpoint, open_checkpoint
 from moeprune.io.export import export_pruned
 from moeprune.methods.scoring import default_budget, needs_checkpoint, score_merging
 from moeprune.methods.select import make_pattern
-from moeprune.modeling import DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context, parse_dtype  # noqa: F401
+from moeprune.modeling import load_model, load_tokenizer, max_context, parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.profiling.profile import RouterProfile, profile_model
 
