@@ -165,42 +165,14 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_select(args: argparse.Namespace) -> None:
     from moeprune.io.atomic import check_file_target
-    from moeprune.methods.scoring import runs_model
-    from moeprune.pipeline import check_budget, select_pattern
-    from moeprune.profiling.profile import RouterProfile
+    from moeprune.pipeline import select_from_profiles
 
     check_file_target(args.out)
-
-    profiles = [RouterProfile.load(p) for p in args.profile]
-    prof = profiles[0]
-    for other in profiles[1:]:
-        prof = prof + other
-    params = _method_params(args)
-    check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
-    ckpt = net = demos = None
-    if args.recalibrate_router and not args.demos:
-        raise ValueError("--recalibrate-router fits the router on the demos: give --demos FILE")
-    run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
-    if args.model or (run and prof.model):
-        from moeprune.io.checkpoint import open_checkpoint
-
-        ckpt = open_checkpoint(args.model or prof.model)
-    if run:
-        from moeprune.demos import encode_demos, read_demos
-        from moeprune.modeling import load_model
-
-        if ckpt is None:
-            raise ValueError("the profile names no model: give the checkpoint (--model)")
-        net, tokenizer = load_model(ckpt, args.device, args.dtype)
-        demos = encode_demos(read_demos(args.demos), tokenizer, vocab_size=ckpt.config.get("vocab_size"))
-    pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
-                             min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
-                             progress=_progress(args), **params)
-    if args.recalibrate_router:
-        from moeprune.methods.recalibrate import recalibrate_pattern
-
-        recalibrate_pattern(ckpt, pattern, net, demos, steps=args.recalibrate_steps, device=args.device,
-                            seed=args.seed or 0, progress=_progress(args))
+    pattern = select_from_profiles(args.profile, args.method, args.keep, task=args.task, budget=args.budget,
+                                   min_per_layer=args.min_per_layer, model=args.model, demos=args.demos,
+                                   device=args.device, dtype=args.dtype, recalibrate_router=args.recalibrate_router,
+                                   recalibrate_steps=args.recalibrate_steps, progress=_progress(args),
+                                   **_method_params(args))
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
@@ -226,54 +198,14 @@ def _calibration_human(calib: dict[str, Any] | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from moeprune.io.export import export_pruned
-    from moeprune.patterns.pattern import ExpertPattern
+    from moeprune.pipeline import export_pattern
 
-    pattern = ExpertPattern.load(args.pattern)
-    if args.target == "vllm":  # from the pattern and the config alone, before reading any weight
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.io.engines import check_vllm_target
-
-        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform,
-                          open_checkpoint(args.model).adapter.family)
-    if args.avg_bits is not None:
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.profiling.profile import RouterProfile
-        from moeprune.quantization.mixed import allot_bits
-
-        if not args.profile:
-            raise ValueError("--avg-bits weighs experts by their use: give the profile the pattern came from "
-                             "(--profile PROFILE), or use --bits N")
-        allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
-                   group_size=args.group_size)
-    calibrated = _gptq_for_export(args, pattern)
-    summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
-                            group_size=args.group_size, symmetric=not args.asym, calibrated=calibrated)
-    if calibrated is not None:
-        summary["calibration"] = calibrated.summary()
+    summary = export_pattern(args.model, args.pattern, args.out, profile=args.profile, bits=args.bits,
+                             avg_bits=args.avg_bits, group_size=args.group_size, symmetric=not args.asym,
+                             quant_method=args.quant_method, demos=args.demos, max_tokens=args.max_tokens,
+                             target=args.target, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             progress=_progress(args))
     _emit(args, summary, _export_human(summary))
-
-
-def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
-    """``export --quant-method gptq``: GPTQ codes calibrated on ``--demos`` (None for rtn)."""
-    from moeprune.pipeline import check_quant_method
-
-    check_quant_method(args.quant_method, args.bits, args.avg_bits)
-    if args.quant_method != "gptq":
-        return None
-    if not args.demos:
-        raise ValueError("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.modeling import load_tokenizer
-    from moeprune.quantization.gptq_experts import calibrate
-
-    ckpt = open_checkpoint(args.model)
-    encoded = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
-                           args.max_tokens, vocab_size=ckpt.config.get("vocab_size"))
-    return calibrate(ckpt, pattern, encoded, bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
-                     progress=_progress(args))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
