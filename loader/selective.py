@@ -222,21 +222,56 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     load, in the export's format (``group_size`` along the input dimension).
     """
     adapter = ckpt.adapter
-    config_dict = pruned_config(ckpt.config, pattern, adapter)
+    config = _config_object(_load_config(ckpt, pattern, num_layers))
+    dtype = dtype if dtype is not None else _config_dtype(config)
+    model = empty_model(config, dtype)
+    reader = TensorReader(ckpt)
+    kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items())
+                   if num_layers is None or layer < num_layers}
+    _fill_non_experts(model, ckpt, pattern, reader, num_layers, device, dtype)
+    blocks = moe_blocks(model, adapter)
+    packed_layers = 0
+    for layer, kept in kept_layers.items():
+        values, packed = _layer_experts(ckpt, pattern, layer, kept, reader, dtype, keep_quantized, bits, group_size)
+        _set_experts(model, blocks[layer], f"model.layers.{layer}.{adapter.memory_block}.experts.", values,
+                     device, dtype)
+        packed_layers += packed is not None
+        resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
+    if packed_layers:
+        from moeprune.kernels import register
+
+        model.set_experts_implementation(register())
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_complete(model, ckpt)
+    param_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    model.moeprune_pattern = pattern
+    counts = {layer: len(kept) for layer, kept in kept_layers.items()}
+    return model, LoadReport(reader.stats, counts, param_bytes, list(pattern.meta.get("notes", [])))
+
+
+def _load_config(ckpt: Checkpoint, pattern: ExpertPattern, num_layers: int | None) -> dict[str, Any]:
+    """The pruned config the model is built from (float experts; only ``num_layers`` layers if given)."""
+    config_dict = pruned_config(ckpt.config, pattern, ckpt.adapter)
     drop_dequantized_config(config_dict)  # MXFP4 / FP8 weights are dequantized as they are read
     if num_layers is not None:
         config_dict["num_hidden_layers"] = num_layers
         for name in ("layer_types", "mlp_layer_types"):  # per-layer lists (attention kind, dense/sparse MLP)
             if isinstance(config_dict.get(name), list):
                 config_dict[name] = config_dict[name][:num_layers]
-    config = _config_object(config_dict)
-    if dtype is None:
-        dtype = getattr(config, "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = empty_model(config, dtype)
-    reader = TensorReader(ckpt)
-    kept_layers = {layer: kept for layer, kept in sorted(pattern.kept.items())
-                   if num_layers is None or layer < num_layers}
+    return config_dict
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    """The dtype a config names (float32 if none)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _fill_non_experts(model: Any, ckpt: Checkpoint, pattern: ExpertPattern, reader: TensorReader,
+                      num_layers: int | None, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Set every tensor but the routed experts' (router rows sliced to the kept experts, merges applied)."""
+    adapter = ckpt.adapter
     experts_prefixes = tuple(adapter.experts_prefix(layer) for layer in pattern.kept)
     plans = [p for p in plan_tensors(ckpt, pattern, dequantize=True)
              if not p.source.startswith(experts_prefixes) and _within(p.source, num_layers)]
@@ -251,49 +286,50 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
         except (AttributeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint tensor {key} does not fit the {adapter.family} model "
                                   f"({type(exc).__name__}: {exc})") from exc
-    blocks = moe_blocks(model, adapter)
-    packed_layers = 0
-    for layer, kept in kept_layers.items():
-        prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
-        merges = (pattern.merges or {}).get(layer, {})
-        packed = (read_layer_experts_packed(ckpt, adapter, layer, kept, reader)
-                  if keep_quantized and not merges else None)
-        values = packed or read_layer_experts(reader, adapter, layer, kept, dtype)
-        for i, e in enumerate(kept):
-            if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
-                for param, mean in merged_expert(reader, adapter, layer, merges[e],
-                                                 ((pattern.merge_weights or {}).get(layer) or {}).get(e)).items():
-                    values[param][i] = mean.to(values[param].dtype)
-        widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
-        if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
-            raise IncompatibleError(f"{ckpt.path} already stores quantized experts", hint="load it without bits")
-        if widths:
-            values = quantize_layer(values, adapter, widths, group_size, keep_quantized, float_dtype(ckpt.config))
-            packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None
-        for param, value in values.items():
-            if isinstance(value, torch.Tensor):
-                set_tensor(model, prefix + param, value, device, dtype)
-            else:  # a packed quantized stack replaces the float parameter
-                experts = blocks[layer].experts
-                del experts._parameters[param]
-                setattr(experts, param, value.to(device))
-        packed_layers += packed is not None
-        resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
-    if packed_layers:
-        from moeprune.kernels import register
 
-        model.set_experts_implementation(register())
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+
+def _layer_experts(ckpt: Checkpoint, pattern: ExpertPattern, layer: int, kept: list[int], reader: TensorReader,
+                   dtype: torch.dtype, keep_quantized: bool, bits: int | None,
+                   group_size: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One layer's kept experts as stacks (merged, quantized as asked) and, if packed, the same dict (else None)."""
+    adapter = ckpt.adapter
+    merges = (pattern.merges or {}).get(layer, {})
+    packed = (read_layer_experts_packed(ckpt, adapter, layer, kept, reader)
+              if keep_quantized and not merges else None)
+    values = packed or read_layer_experts(reader, adapter, layer, kept, dtype)
+    for i, e in enumerate(kept):
+        if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
+            for param, mean in merged_expert(reader, adapter, layer, merges[e],
+                                             ((pattern.merge_weights or {}).get(layer) or {}).get(e)).items():
+                values[param][i] = mean.to(values[param].dtype)
+    widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
+    if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):
+        raise IncompatibleError(f"{ckpt.path} already stores quantized experts", hint="load it without bits")
+    if widths:
+        values = quantize_layer(values, adapter, widths, group_size, keep_quantized, float_dtype(ckpt.config))
+        packed = values if any(not isinstance(v, torch.Tensor) for v in values.values()) else None
+    return values, packed
+
+
+def _set_experts(model: Any, block: Any, prefix: str, values: dict[str, Any], device: str | torch.device,
+                 dtype: torch.dtype) -> None:
+    """Put a layer's expert stacks in the model: tensors as parameters, packed stacks in the float parameter's place."""
+    for param, value in values.items():
+        if isinstance(value, torch.Tensor):
+            set_tensor(model, prefix + param, value, device, dtype)
+        else:  # a packed quantized stack replaces the float parameter
+            experts = block.experts
+            del experts._parameters[param]
+            setattr(experts, param, value.to(device))
+
+
+def _check_complete(model: Any, ckpt: Checkpoint) -> None:
+    """Refuse a model with a parameter or buffer the checkpoint gave no tensor for."""
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt.path} lacks tensors for {missing[:5]}"
                               f"{' …' if len(missing) > 5 else ''}")
-    param_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    model.moeprune_pattern = pattern
-    counts = {layer: len(kept) for layer, kept in kept_layers.items()}
-    return model, LoadReport(reader.stats, counts, param_bytes, list(pattern.meta.get("notes", [])))
 
 
 def _within(key: str, num_layers: int | None) -> bool:

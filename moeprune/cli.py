@@ -18,10 +18,11 @@ import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from moeprune.errors import IncompatibleError, InvalidArgument, MoePruneError, NotFound
+from moeprune.errors import InvalidArgument, MoePruneError
 
 # Library messages name API parameters (``keep=0.7``, ``budget=global``, ``overwrite=True``); the
 # command line shows them as its flags (``--keep 0.7``, ``--budget global``, ``--overwrite``): this
@@ -30,7 +31,8 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "keep", "budget", "min_per_layer", "method", "demos", "model", "out", "overwrite", "task", "device", "dtype",
     "max_tokens", "max_shard_size", "bits", "avg_bits", "group_size", "quant_method", "target", "unstructured",
     "nm", "dynamic_prune", "recalibrate_router", "recalibrate_steps", "protect_super_experts", "base", "seed",
-    "mix", "merge", "representative", "threshold", "layers", "offload")}
+    "mix", "merge", "representative", "threshold", "layers", "offload", "pattern", "steps", "lam", "rho",
+    "max_subsets", "separate", "drift", "normalize_rows")}
 FLAGS.update({"symmetric": "--asym", "router": "--merge-router", "metric": "--hc-metric"})
 _INVERTED = {"symmetric"}  # --asym sets symmetric=False
 _PARAM = re.compile(r"(?<![\w.\-])(?P<name>" + "|".join(sorted(FLAGS, key=len, reverse=True))
@@ -96,62 +98,110 @@ def _pattern_table(pattern) -> str:
             + _table(rows, ["layer", "kept", "experts"]) + notes)
 
 
+# built-in scorer parameters whose flag is not ``--<parameter>`` (method, parameter) -> flag dest
+_FLAG_OF = {("hc-smoe", "router"): "merge_router", ("hc-smoe", "metric"): "hc_metric"}
+# choices and help of built-in parameters' flags (any other parameter's flag: its type, default and methods)
+_FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
+    "seed": (None, "seed for random, diep, uncurl"),
+    "mix": (None, "stun: weight of co-activation vs router-row distance (default 0)"),
+    "merge": (["representative", "average"], "stun: keep each cluster's centroid-nearest expert (default) or the "
+              "average of the cluster's weights and router rows"),
+    "representative": (["centroid", "most-routed"],
+                       "stun: the member kept per cluster: routed most (default) or nearest the weight centroid"),
+    "base": (None, "router-drift: the pre-trained model the fine-tuned MODEL came from"),
+    "merge_router": (["dominant", "average", "fitted"],
+                     "hc-smoe: a merged expert's router row: its dominant member's (default), the "
+                     "count-weighted average, or fitted to the members' summed routing probability"),
+    "hc_metric": (["euclidean", "cosine"], "hc-smoe: distance between experts' mean outputs (default euclidean)"),
+}
+
+
+@dataclass
+class _MethodFlag:
+    """One command-line flag for the scorer parameters of that name: the methods taking it, its type."""
+
+    dest: str
+    kind: Any
+    params: dict[str, str] = field(default_factory=dict)  # method -> its parameter
+    defaults: dict[str, Any] = field(default_factory=dict)  # method -> the parameter's default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+def _method_flags() -> dict[str, _MethodFlag]:
+    """The flags of every registered scorer's parameters (:class:`~moeprune.methods.registry.ScorerSpec`)."""
+    from moeprune.methods.registry import spec
+    from moeprune.methods.scoring import SCORERS
+
+    flags: dict[str, _MethodFlag] = {}
+    for method in sorted(SCORERS):
+        for param, (kind, default) in spec(method).params.items():
+            dest = _FLAG_OF.get((method, param), param)
+            entry = flags.setdefault(dest, _MethodFlag(dest, kind if kind is not None else type(default)))
+            entry.params[method] = param
+            entry.defaults[method] = default
+    return flags
+
+
+def _argparse_type(kind: Any) -> Any:
+    """The argparse ``type`` of a parameter annotation (``bool``: a --flag/--no-flag pair; other types: str)."""
+    import types
+    import typing
+
+    kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    kinds = [k for k in kinds if k is not type(None)]
+    for k in (str, bool, int, float):
+        if k in kinds:
+            return k
+    return str
+
+
+def _add_method_options(c: argparse.ArgumentParser) -> None:
+    """A flag per scorer parameter (a parameter named like another option of the command is Python-only)."""
+    for entry in _method_flags().values():
+        choices, help = _FLAG_DOCS.get(entry.dest, (None, None))
+        if help is None:
+            values = set(map(repr, entry.defaults.values()))
+            default = (values.pop() if len(values) == 1
+                       else ", ".join(f"{m} {d!r}" for m, d in sorted(entry.defaults.items())))
+            names = "/".join(sorted(set(entry.params.values())))
+            help = f"{', '.join(sorted(entry.params))}: {names} (default {default})"
+        kind = _argparse_type(entry.kind)
+        options: dict[str, Any] = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                                   else {"type": kind, "choices": choices})
+        try:
+            c.add_argument(entry.flag, dest=entry.dest, default=None, help=help.replace("%", "%%"), **options)
+        except argparse.ArgumentError:
+            continue
+
+
 def _method_params(args: argparse.Namespace) -> dict[str, Any]:
-    """Scorer parameters given on the command line."""
-    params = {name: getattr(args, name) for name in ("seed", "mix", "merge", "base", "representative")
-              if getattr(args, name, None) is not None}
-    if ("mix" in params or "merge" in params or "representative" in params) and args.method != "stun":
-        raise InvalidArgument("--mix, --merge and --representative apply to --method stun only")
-    if "base" in params and args.method != "router-drift":
-        raise InvalidArgument("--base applies to --method router-drift only")
+    """The chosen method's parameters given on the command line (a flag of another method's is refused)."""
+    params = {}
+    for entry in _method_flags().values():
+        value = getattr(args, entry.dest, None)
+        if value is None:
+            continue
+        if args.method not in entry.params:
+            raise InvalidArgument(f"{entry.flag} applies to --method {', '.join(sorted(entry.params))} only")
+        params[entry.params[args.method]] = value
     if getattr(args, "protect_super_experts", False):
         params["protect_super_experts"] = True
-    for flag, name in (("merge_router", "router"), ("hc_metric", "metric")):  # hc-smoe
-        if getattr(args, flag, None) is not None:
-            if args.method != "hc-smoe":
-                raise InvalidArgument(f"--{flag.replace('_', '-')} applies to --method hc-smoe only")
-            params[name] = getattr(args, flag)
     return params
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     from moeprune.io.atomic import check_file_target
-    from moeprune.methods.scoring import runs_model
-    from moeprune.pipeline import check_budget, select_pattern
-    from moeprune.profiling.profile import RouterProfile
+    from moeprune.pipeline import select_from_profiles
 
     check_file_target(args.out)
-
-    profiles = [RouterProfile.load(p) for p in args.profile]
-    prof = profiles[0]
-    for other in profiles[1:]:
-        prof = prof + other
-    params = _method_params(args)
-    check_budget(prof.fingerprint, args.method, args.keep, args.budget, args.min_per_layer)
-    ckpt = net = demos = None
-    if args.recalibrate_router and not args.demos:
-        raise InvalidArgument("--recalibrate-router fits the router on the demos: give --demos FILE")
-    run = bool(args.demos) and (runs_model(args.method) or args.recalibrate_router)  # on --device, in --dtype
-    if args.model or (run and prof.model):
-        from moeprune.io.checkpoint import open_checkpoint
-
-        ckpt = open_checkpoint(args.model or prof.model)
-    if run:
-        from moeprune.demos import encode_demos, read_demos
-        from moeprune.pipeline import load_model
-
-        if ckpt is None:
-            raise InvalidArgument("the profile names no model: give the checkpoint (--model)")
-        net, tokenizer = load_model(ckpt, args.device, args.dtype)
-        demos = encode_demos(read_demos(args.demos), tokenizer, vocab_size=ckpt.config.get("vocab_size"))
-    pattern = select_pattern(prof, args.method, args.keep, task=args.task, budget=args.budget,
-                             min_per_layer=args.min_per_layer, checkpoint=ckpt, model=net, demos=demos,
-                             progress=_progress(args), **params)
-    if args.recalibrate_router:
-        from moeprune.methods.recalibrate import recalibrate_pattern
-
-        recalibrate_pattern(ckpt, pattern, net, demos, steps=args.recalibrate_steps, device=args.device,
-                            seed=args.seed or 0, progress=_progress(args))
+    pattern = select_from_profiles(args.profile, args.method, args.keep, task=args.task, budget=args.budget,
+                                   min_per_layer=args.min_per_layer, model=args.model, demos=args.demos,
+                                   device=args.device, dtype=args.dtype, recalibrate_router=args.recalibrate_router,
+                                   recalibrate_steps=args.recalibrate_steps, progress=_progress(args),
+                                   **_method_params(args))
     pattern.save(args.out)
     data = {"out": str(args.out), "task": pattern.task, "method": pattern.method,
             "kept": {str(k): v for k, v in pattern.kept.items()}, "routing": pattern.routing,
@@ -177,54 +227,14 @@ def _calibration_human(calib: dict[str, Any] | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from moeprune.io.export import export_pruned
-    from moeprune.patterns.pattern import ExpertPattern
+    from moeprune.pipeline import export_pattern
 
-    pattern = ExpertPattern.load(args.pattern)
-    if args.target == "vllm":  # from the pattern and the config alone, before reading any weight
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.io.engines import check_vllm_target
-
-        check_vllm_target(args.bits, args.avg_bits, not args.asym, pattern.is_uniform,
-                          open_checkpoint(args.model).adapter.family)
-    if args.avg_bits is not None:
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.profiling.profile import RouterProfile
-        from moeprune.quantization.mixed import allot_bits
-
-        if not args.profile:
-            raise InvalidArgument("--avg-bits weighs experts by their use: give the profile the pattern came from "
-                                  "(--profile PROFILE), or use --bits N")
-        allot_bits(pattern, RouterProfile.load(args.profile), open_checkpoint(args.model), args.avg_bits,
-                   group_size=args.group_size)
-    calibrated = _gptq_for_export(args, pattern)
-    summary = export_pruned(args.model, pattern, args.out, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, progress=_progress(args), bits=args.bits,
-                            group_size=args.group_size, symmetric=not args.asym, calibrated=calibrated)
-    if calibrated is not None:
-        summary["calibration"] = calibrated.summary()
+    summary = export_pattern(args.model, args.pattern, args.out, profile=args.profile, bits=args.bits,
+                             avg_bits=args.avg_bits, group_size=args.group_size, symmetric=not args.asym,
+                             quant_method=args.quant_method, demos=args.demos, max_tokens=args.max_tokens,
+                             target=args.target, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             progress=_progress(args))
     _emit(args, summary, _export_human(summary))
-
-
-def _gptq_for_export(args: argparse.Namespace, pattern: Any) -> Any:
-    """``export --quant-method gptq``: GPTQ codes calibrated on ``--demos`` (None for rtn)."""
-    from moeprune.pipeline import check_quant_method
-
-    check_quant_method(args.quant_method, args.bits, args.avg_bits)
-    if args.quant_method != "gptq":
-        return None
-    if not args.demos:
-        raise InvalidArgument("--quant-method gptq calibrates on demos: give --demos FILE (the pattern's demos)")
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.pipeline import load_tokenizer
-    from moeprune.quantization.gptq_experts import calibrate
-
-    ckpt = open_checkpoint(args.model)
-    encoded = encode_demos(read_demos(args.demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
-                           args.max_tokens, vocab_size=ckpt.config.get("vocab_size"))
-    return calibrate(ckpt, pattern, encoded, bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
-                     progress=_progress(args))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -362,43 +372,14 @@ def _need_task(args: argparse.Namespace) -> str:
 
 
 def _store_add(args: argparse.Namespace, store) -> None:
-    from moeprune.patterns.pattern import ExpertPattern
+    from moeprune.store_jobs import add_to_store
 
-    if args.pattern:
-        if args.protect_super_experts:
-            raise InvalidArgument("--protect-super-experts applies when store add profiles demos, not to --pattern")
-        pattern = ExpertPattern.load(args.pattern)
-    else:
-        from moeprune.fingerprint import checkpoint_fingerprint
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.pipeline import check_budget, open_workspace, profile_and_select
-
-        if not (args.target and args.demos and args.task):
-            raise InvalidArgument("`moeprune store add STORE MODEL --demos FILE --task NAME` (or --pattern FILE)")
-        store.check_free(args.task, args.overwrite)  # before the work, not after
-        ckpt = open_checkpoint(args.target)
-        fingerprint = checkpoint_fingerprint(ckpt)
-        check_budget(fingerprint, args.method, args.keep)
-        ws = open_workspace(ckpt, args.demos, args.max_tokens, args.device, args.dtype, fingerprint)
-        _, pattern = profile_and_select(ws, args.method, args.keep, args.task, _progress(args),
-                                        protect_super_experts=args.protect_super_experts)
-        _attach_windows(pattern, ws.model, ws.tokenizer, args.demos)
-    if args.pattern and args.demos:  # a pattern made elsewhere: its retrieval windows from these demos
-        from moeprune.patterns.retrieval import load_signature_model
-
-        net, tokenizer, fp = load_signature_model(args.target or pattern.meta.get("model"), args.device)
-        pattern.fingerprint.check_compatible(fp)
-        _attach_windows(pattern, net, tokenizer, args.demos)
-    path = store.add(pattern, task=args.task or pattern.task, overwrite=args.overwrite)
+    pattern, path = add_to_store(store, model=args.target, demos=args.demos, task=args.task, pattern=args.pattern,
+                                 method=args.method, keep=args.keep, max_tokens=args.max_tokens, device=args.device,
+                                 dtype=args.dtype, overwrite=args.overwrite,
+                                 protect_super_experts=args.protect_super_experts, progress=_progress(args))
     _emit(args, {"task": pattern.task, "file": str(path), "kept_fraction": pattern.kept_fraction()},
           _pattern_table(pattern) + f"\nstored as {path}")
-
-
-def _attach_windows(pattern, model, tokenizer, demos: str) -> None:
-    from moeprune.demos import read_demos
-    from moeprune.patterns.retrieval import attach_windows
-
-    attach_windows(pattern, model, tokenizer, read_demos(demos))
 
 
 def _threshold(value: str) -> float | str | None:
@@ -415,59 +396,13 @@ def _threshold(value: str) -> float | str | None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.patterns.retrieval import Retriever, check_query_length, load_signature_model, query_signatures
-    from moeprune.patterns.store import PatternStore
-    from moeprune.patterns.windows import record_text
+    from moeprune.store_jobs import query_text, retrieve
 
     threshold = _threshold(args.threshold)  # a bad threshold is refused before anything loads
-    store = PatternStore(args.store)
-    patterns = store.patterns()
-    if not patterns:
-        raise InvalidArgument(f"store {args.store} holds no patterns", hint="add some with `moeprune store add`")
-    model = args.model
-    if model is None:
-        models = sorted({str(store.model_of(p)) for p in patterns if p.meta.get("model")})
-        if len(models) != 1:
-            raise IncompatibleError(f"the store's patterns name {len(models)} models ({', '.join(models) or 'none'}): "
-                                    "pass --model")
-        model = models[0]
-    if args.query is not None:
-        queries = [{"text": q} for q in args.query]
-    elif Path(args.queries).suffix in (".jsonl", ".json"):
-        queries = read_demos(args.queries)
-    elif not Path(args.queries).is_file():
-        raise NotFound(f"queries file {args.queries} does not exist",
-                       hint="give a .jsonl or a text file with one query per line")
-    else:
-        queries = [{"text": line} for line in Path(args.queries).read_text().splitlines() if line.strip()]
-        if not queries:
-            raise InvalidArgument(f"queries file {args.queries} holds no queries")
-    empty = [i for i, q in enumerate(queries) if not (q["input_ids"] if "input_ids" in q else _query_text(q).strip())]
-    if empty:
-        raise InvalidArgument(f"query {empty[0]} is empty: give each query some text")
-    if args.layers == "first":
-        net, tokenizer, fp = load_signature_model(model, args.device)
-    else:
-        from moeprune.fingerprint import checkpoint_fingerprint
-        from moeprune.io.checkpoint import open_checkpoint
-        from moeprune.pipeline import load_model
-
-        ckpt = open_checkpoint(model)
-        fp = checkpoint_fingerprint(ckpt)
-        net, tokenizer = load_model(ckpt, args.device, args.dtype)
-    patterns = [p for p in patterns if p.fingerprint == fp]
-    if not patterns:
-        raise IncompatibleError(f"no pattern in {args.store} was made for {fp.describe()}")
-    retriever = Retriever(patterns, args.layers, threshold)
-    encoded = encode_demos(queries, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
-    for i, ids in enumerate(encoded):
-        check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")
-    texts = [tokenizer.decode(q["input_ids"], skip_special_tokens=True) if "input_ids" in q and tokenizer is not None
-             else record_text(q) for q in queries]
-    matches = retriever.match(query_signatures(net, encoded, args.layers), texts)
-    data = [dict(m.to_dict(), query=_query_text(q)) for m, q in zip(matches, queries)]
-    rows = [(i, _query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(zip(matches, queries))]
+    found = retrieve(args.store, args.query if args.query is not None else args.queries, model=args.model,
+                     layers=args.layers, threshold=threshold, device=args.device, dtype=args.dtype)
+    data = [dict(m.to_dict(), query=query_text(q)) for m, q in found]
+    rows = [(i, query_text(q)[:48], m.task, m.distance) for i, (m, q) in enumerate(found)]
     _emit(args, data, _table(rows, ["#", "query", "task", "distance"]))
 
 
@@ -496,14 +431,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving {served.model_id} (tasks: {', '.join(served.tasks())}) on http://{args.host}:{port}/v1",
           file=sys.stderr, flush=True)
     run(app, sock, quiet=args.quiet)
-
-
-def _query_text(q: dict[str, Any]) -> str:
-    if "text" in q:
-        return q["text"]
-    if "messages" in q:
-        return " ".join(m.get("content", "") for m in q["messages"])
-    return f"<{len(q['input_ids'])} tokens>"
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -538,19 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
     def selection(c: argparse.ArgumentParser) -> None:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
-        c.add_argument("--seed", type=int, help="seed for random, diep")
-        c.add_argument("--mix", type=float, help="stun: weight of co-activation vs router-row distance (default 0)")
-        c.add_argument("--merge", choices=["representative", "average"],
-                       help="stun: keep each cluster's centroid-nearest expert (default) or the average of "
-                            "the cluster's weights and router rows")
-        c.add_argument("--representative", choices=["centroid", "most-routed"],
-                       help="stun: the member kept per cluster: routed most (default) or nearest the weight centroid")
-        c.add_argument("--base", help="router-drift: the pre-trained model the fine-tuned MODEL came from")
-        c.add_argument("--merge-router", choices=["dominant", "average", "fitted"],
-                       help="hc-smoe: a merged expert's router row: its dominant member's (default), the "
-                            "count-weighted average, or fitted to the members' summed routing probability")
-        c.add_argument("--hc-metric", choices=["euclidean", "cosine"],
-                       help="hc-smoe: distance between experts' mean outputs (default euclidean)")
         c.add_argument("--budget", choices=["uniform", "global", "top-p"],
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
@@ -602,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint, for methods that read weights (default: the profiled one)")
     c.add_argument("--demos", help="demo file, for methods that run the model (diep, enumerate)")
     runtime(c, dtype="float32")  # where the model runs (with --demos); diep trains gates in it
+    _add_method_options(c)
     c.set_defaults(func=cmd_select)
 
     c = command("export", "write MODEL's checkpoint keeping only a pattern's experts")
@@ -627,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
                         "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
     runtime(c)
+    _add_method_options(c)
     c.set_defaults(func=cmd_prune)
 
     c = command("inspect", "show a profile or pattern per layer (optionally as a heatmap)")

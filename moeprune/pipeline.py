@@ -16,7 +16,7 @@ from moeprune.io.checkpoint import Checkpoint, open_checkpoint
 from moeprune.io.export import export_pruned
 from moeprune.methods.scoring import default_budget, needs_checkpoint, score_merging
 from moeprune.methods.select import make_pattern
-from moeprune.modeling import DTYPES, every_expert, load_as_is, load_model, load_tokenizer, max_context, parse_dtype  # noqa: F401
+from moeprune.modeling import load_model, load_tokenizer, max_context, parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.profiling.profile import RouterProfile, profile_model
 
@@ -267,3 +267,97 @@ def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sp
     if method == "gptq" and sparsified:
         raise InvalidArgument("quant_method=gptq and unstructured=.../nm=... both rewrite the kept experts' "
                               "weights", hint="give one of them")
+
+
+def select_from_profiles(profiles: Sequence[str | Path | RouterProfile], method: str, keep: str | float,
+                         task: str | None = None, budget: str | None = None, min_per_layer: int | None = None,
+                         model: str | Path | None = None, demos: str | Path | None = None, device: str = "cpu",
+                         dtype: str | torch.dtype | None = "float32", recalibrate_router: bool = False,
+                         recalibrate_steps: int | None = None, progress: bool = False,
+                         **params: Any) -> ExpertPattern:
+    """The job behind ``moeprune select``: add up ``profiles`` and select ``method``'s pattern.
+
+    ``model`` is the checkpoint for methods that read weights (default: the profiled one). With ``demos``
+    (a demo file), methods that run the model get it loaded on ``device`` in ``dtype`` with the demos
+    encoded; ``recalibrate_router`` then fits the kept router rows on them (:mod:`moeprune.methods.recalibrate`).
+    ``params`` are the method's own parameters.
+    """
+    from moeprune.methods.scoring import runs_model
+
+    loaded = [p if isinstance(p, RouterProfile) else RouterProfile.load(p) for p in profiles]
+    prof = loaded[0]
+    for other in loaded[1:]:
+        prof = prof + other
+    check_budget(prof.fingerprint, method, keep, budget, min_per_layer)
+    ckpt = net = encoded = None
+    if recalibrate_router and not demos:
+        raise InvalidArgument("recalibrate_router=True fits the router on the demos: give demos=FILE")
+    run = bool(demos) and (runs_model(method) or recalibrate_router)  # on ``device``, in ``dtype``
+    if model or (run and prof.model):
+        ckpt = open_checkpoint(model or prof.model)
+    if run:
+        if ckpt is None:
+            raise InvalidArgument("the profile names no model: give the checkpoint (model=...)")
+        net, tokenizer = load_model(ckpt, device, dtype)
+        encoded = encode_demos(read_demos(demos), tokenizer, vocab_size=ckpt.config.get("vocab_size"))
+    pattern = select_pattern(prof, method, keep, task=task, budget=budget, min_per_layer=min_per_layer,
+                             checkpoint=ckpt, model=net, demos=encoded, progress=progress, **params)
+    if recalibrate_router:
+        from moeprune.methods.recalibrate import recalibrate_pattern
+
+        recalibrate_pattern(ckpt, pattern, net, encoded, steps=recalibrate_steps, device=device,
+                            seed=params.get("seed") or 0, progress=progress)
+    return pattern
+
+
+def export_pattern(model: str | Path, pattern: ExpertPattern | str | Path, out: str | Path,
+                   profile: str | Path | RouterProfile | None = None, bits: int | None = None,
+                   avg_bits: float | None = None, group_size: int = 128, symmetric: bool = True,
+                   quant_method: str = "rtn", demos: str | Path | None = None, max_tokens: int | None = None,
+                   target: str | None = None, max_shard_size: str | int = "2GB", overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """The job behind ``moeprune export``: write ``model`` keeping ``pattern``'s experts, quantized as asked.
+
+    ``avg_bits`` allots mixed widths per expert from ``profile`` (the one the pattern came from);
+    ``quant_method="gptq"`` calibrates GPTQ on ``demos``; ``target="vllm"`` refuses, before reading any
+    weight, what vLLM could not load. Returns the export summary (with ``calibration`` for GPTQ).
+    """
+    pattern = pattern if isinstance(pattern, ExpertPattern) else ExpertPattern.load(pattern)
+    if target == "vllm":  # from the pattern and the config alone, before reading any weight
+        from moeprune.io.engines import check_vllm_target
+
+        check_vllm_target(bits, avg_bits, symmetric, pattern.is_uniform, open_checkpoint(model).adapter.family)
+    if avg_bits is not None:
+        from moeprune.quantization.mixed import allot_bits
+
+        if not profile:
+            raise InvalidArgument("avg_bits=... weighs experts by their use: give the profile the pattern came from "
+                             "(--profile PROFILE), or use --bits N")
+        allot_bits(pattern, profile if isinstance(profile, RouterProfile) else RouterProfile.load(profile),
+                   open_checkpoint(model), avg_bits, group_size=group_size)
+    calibrated = _gptq_for_export(model, pattern, quant_method, demos, bits, avg_bits, group_size, symmetric,
+                                  max_tokens, progress)
+    summary = export_pruned(model, pattern, out, max_shard_size=max_shard_size, overwrite=overwrite,
+                            progress=progress, bits=bits, group_size=group_size, symmetric=symmetric,
+                            calibrated=calibrated)
+    if calibrated is not None:
+        summary["calibration"] = calibrated.summary()
+    return summary
+
+
+def _gptq_for_export(model: str | Path, pattern: ExpertPattern, quant_method: str, demos: str | Path | None,
+                     bits: int | None, avg_bits: float | None, group_size: int, symmetric: bool,
+                     max_tokens: int | None, progress: bool) -> Any:
+    """GPTQ codes calibrated on ``demos`` for an export (None for ``rtn``)."""
+    check_quant_method(quant_method, bits, avg_bits)
+    if quant_method != "gptq":
+        return None
+    if not demos:
+        raise InvalidArgument("quant_method=gptq calibrates on demos: give demos=FILE (the pattern's demos)")
+    from moeprune.quantization.gptq_experts import calibrate
+
+    ckpt = open_checkpoint(model)
+    encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
+                           max_tokens, vocab_size=ckpt.config.get("vocab_size"))
+    return calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
+                     progress=progress)

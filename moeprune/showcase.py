@@ -14,8 +14,9 @@ from moeprune.evaluate import perplexity
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
 from moeprune.io.export import export_pruned
+from moeprune.modeling import load_model, max_context
 from moeprune.patterns.pattern import ExpertPattern
-from moeprune.pipeline import load_model, max_context, select_pattern
+from moeprune.pipeline import select_pattern
 from moeprune.profiling.profile import RouterProfile, profile_model
 
 

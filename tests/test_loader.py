@@ -39,7 +39,7 @@ def test_half_precision_load_keeps_what_transformers_keeps_in_float32(family, fa
     from transformers import AutoModelForCausalLM
 
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.pipeline import every_expert
+    from moeprune.modeling import every_expert
 
     _, src = family_checkpoints[family]
     ours = moeprune.from_pretrained(src, every_expert(open_checkpoint(src)), dtype="bfloat16")

@@ -306,7 +306,7 @@ def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
     """Each layer enumerates its own experts: a layer holding exactly K keeps them all, error 0."""
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.methods.exact import best_subsets
-    from moeprune.pipeline import load_model
+    from moeprune.modeling import load_model
 
     _, src = family_checkpoints["mixtral"]
     fp = checkpoint_fingerprint(open_checkpoint(src))

@@ -183,8 +183,8 @@ def test_profile_of_a_moeprune_export(family, bits, family_checkpoints, tmp_path
     from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
     from moeprune.io.export import export_pruned
+    from moeprune.modeling import load_model
     from moeprune.patterns.pattern import ExpertPattern
-    from moeprune.pipeline import load_model
     from moeprune.profiling.offload import profile_offloaded
 
     _, src = family_checkpoints[family]

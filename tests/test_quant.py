@@ -300,6 +300,57 @@ def test_allocate_one_width_per_group_matches_brute_force(seed, avg_bits):
     assert allocation_objective(freq, weight, err, bits, free) <= best + 1e-12
 
 
+def _dense_one_width_rows(n, nb):
+    """The constraint rows as allocate_bits built them before they were sparse (the reference)."""
+    return np.kron(np.eye(n), np.ones(nb))
+
+
+def _dense_tie_rows(groups, n, nb):
+    first, tie = {}, []
+    for i, g in enumerate(groups):
+        j = first.setdefault(g, i)
+        if j != i:
+            for b in range(nb):
+                row = np.zeros(n * nb)
+                row[i * nb + b], row[j * nb + b] = 1.0, -1.0
+                tie.append(row)
+    return np.array(tie) if tie else None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sparse_constraints_give_the_dense_allocation(seed, monkeypatch):
+    """The sparse one-width and group-tie rows are the dense ones, and the program picks the same widths."""
+    rng = np.random.default_rng(100 + seed)
+    n, bits = int(rng.integers(20, 60)), (2, 3, 4, 8)
+    freq, weight, _ = _instance(n, seed)
+    err = rng.lognormal(0, 1, n)[:, None] * np.array([16.0, 4.0, 1.0, 1 / 16]) * rng.uniform(0.7, 1.3, (n, 4))
+    avg_bits = float(rng.uniform(2.2, 6.0))
+    sizes = rng.integers(1, 4, n) if seed % 2 else None
+    groups = rng.integers(0, 6, n).tolist() if seed >= 2 else None
+    assert np.array_equal(quant._one_width_rows(n, 4).toarray(), _dense_one_width_rows(n, 4))
+    if groups is not None:
+        assert np.array_equal(quant._tie_rows(groups, n, 4).toarray(), _dense_tie_rows(groups, n, 4))
+    sparse = allocate_bits(freq, weight, err, bits, avg_bits, sizes=sizes, groups=groups)
+    monkeypatch.setattr(quant, "_one_width_rows", _dense_one_width_rows)
+    monkeypatch.setattr(quant, "_tie_rows", _dense_tie_rows)
+    dense = allocate_bits(freq, weight, err, bits, avg_bits, sizes=sizes, groups=groups)
+    assert sparse == dense
+
+
+def test_constraints_at_deepseek_v3_scale_are_small():
+    """58 MoE layers x 256 experts x 4 widths, one width per layer: the constraint matrices take a few MB
+    (the dense one-width matrix alone would be N x N*B floats, about 7 GB)."""
+    n, nb = 58 * 256, 4
+    groups = [i // 256 for i in range(n)]
+    one = quant._one_width_rows(n, nb)
+    tie = quant._tie_rows(groups, n, nb)
+    assert one.shape == (n, n * nb) and one.nnz == n * nb
+    assert tie.shape == (58 * 255 * nb, n * nb) and tie.nnz == 2 * 58 * 255 * nb
+    held = sum(a.nbytes for m in (one, tie) for a in (m.data, m.indices, m.indptr))
+    assert held < 8 * 2**20
+    assert n * n * nb * 8 > 1000 * held  # what the dense matrix would take
+
+
 def test_avg_bits_on_fused_experts_gives_one_width_per_layer(family_checkpoints, tmp_path):
     """GPT-OSS stores a layer's experts in one tensor: the integer program gives each layer one width."""
     import moeprune

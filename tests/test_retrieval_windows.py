@@ -23,7 +23,7 @@ from moeprune.patterns.windows import (
 def emb():
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.pipeline import load_model
+    from moeprune.modeling import load_model
 
     torch.manual_seed(0)
     ckpt = open_checkpoint(embedded.model_dir())

@@ -237,6 +237,39 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     round-to-nearest, or GPTQ's codes of ``calibrated`` where it has them.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
+    ckpt, pattern = _open_export(model, pattern, bits)
+    config = pruned_config(ckpt.config, pattern, ckpt.adapter)
+    config["moeprune"].update(extra_config or {})
+    # experts that change on the way (quantized, merged, transformed) are written from float values
+    dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
+    quantizer = _quantization_config(config, ckpt, pattern, dequantize, group_size, symmetric, calibrated)
+    compat = _engine_config(config, ckpt.adapter)
+    check_plan(ckpt, pattern)
+    plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
+    reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
+    transform = _with_merges(transform, merge_transform(ckpt, pattern, reader))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        written = _write_tensors(writer, ckpt, plans, reader, dequantize, transform, quantizer, progress)
+        weight_map = _write_index(tmp, writer)
+        verify_written(tmp, weight_map, written, plans)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(ckpt.path, tmp)
+    return {
+        "out": str(out),
+        "tensors": len(plans),
+        "bytes_read": reader.stats.bytes,
+        "bytes_written": writer.total_bytes,
+        "shards": len(set(weight_map.values())),
+        "kept_per_layer": pattern.counts,
+        "routing": pattern.routing,
+        "compatibility": compat,
+    }
+
+
+def _open_export(model: str | Path | Checkpoint, pattern: ExpertPattern | str | Path,
+                 bits: int | None) -> tuple[Checkpoint, ExpertPattern]:
+    """The source checkpoint and the pattern to export (checked against it; ``bits``: one width for all experts)."""
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
     from moeprune.quantization.compressed import refuse_legacy
 
@@ -244,14 +277,19 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     if not isinstance(pattern, ExpertPattern):
         pattern = ExpertPattern.load(pattern)
     pattern.fingerprint.check_compatible(checkpoint_fingerprint(ckpt))
-    adapter = ckpt.adapter
     if bits is not None:
         pattern = dataclasses.replace(
             pattern, bits={layer: [int(bits)] * len(kept) for layer, kept in pattern.kept.items()})
-    config = pruned_config(ckpt.config, pattern, adapter)
-    config["moeprune"].update(extra_config or {})
-    # experts that change on the way (quantized, merged, transformed) are written from float values
-    dequantize = pattern.bits is not None or bool(pattern.merges) or transform is not None
+    return ckpt, pattern
+
+
+def _quantization_config(config: dict[str, Any], ckpt: Checkpoint, pattern: ExpertPattern, dequantize: bool,
+                         group_size: int, symmetric: bool, calibrated: Any) -> Any:
+    """Fill ``config``'s quantization entries for the export; returns the expert quantizer (None: no quantization).
+
+    A quantized source's packed experts are copied as stored (their widths, of the kept experts) unless they
+    are rewritten (``dequantize``); re-quantizing them is refused."""
+    adapter = ckpt.adapter
     stored_bits = (ckpt.config.get("moeprune") or {}).get("quantization")
     if stored_bits and pattern.bits is not None:
         raise IncompatibleError(f"{ckpt.path} already stores quantized experts",
@@ -266,67 +304,73 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         config["quantization_config"] = export_quantization_config(
             adapter, {layer: list(range(len(pattern.kept[layer]))) for layer in kept_bits}, kept_bits,
             int(stored_bits["group_size"]), bool(stored_bits.get("symmetric", True)))
-    quantizer = None
-    if pattern.bits is not None:
-        from moeprune.quantization.experts import ExpertQuantizer
+    if pattern.bits is None:
+        return None
+    from moeprune.quantization.experts import ExpertQuantizer
 
-        in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
-                   for k in _expert_keys(adapter, pattern)]
-        quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
-        config["moeprune"]["quantization"] = quantizer.config_entry()
-        if calibrated is not None:
-            config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
-        config["quantization_config"] = quantizer.quantization_config()
+    in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
+               for k in _expert_keys(adapter, pattern)]
+    quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
+    config["moeprune"]["quantization"] = quantizer.config_entry()
+    if calibrated is not None:
+        config["moeprune"]["quantization"]["calibration"] = calibrated.summary()
+    config["quantization_config"] = quantizer.quantization_config()
+    return quantizer
+
+
+def _engine_config(config: dict[str, Any], adapter: MoEAdapter) -> dict[str, Any]:
+    """Make transformers refuse a quantization it would load wrong; returns which engines load the export."""
     from moeprune.io.engines import compatibility, transformers_refusal
 
     refusal = transformers_refusal(config["moeprune"].get("quantization"), adapter.fused_experts)
     if refusal and "quantization_config" in config:  # transformers would load it wrong: make it refuse
         config["quantization_config"].pop("quant_method", None)
         config["quantization_config"]["note"] = f"load with moeprune.from_pretrained: {refusal}"
-    compat = compatibility(config, adapter.family, adapter.fused_experts)
-    check_plan(ckpt, pattern)
-    plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
+    return compatibility(config, adapter.family, adapter.fused_experts)
+
+
+def _with_merges(transform: Callable | None, merge: Callable | None) -> Callable | None:
+    """The pattern's expert merges, then the caller's ``transform``."""
+    if merge is None:
+        return transform
+    return merge if transform is None else (lambda plan, t: transform(plan, merge(plan, t)))
+
+
+def _write_tensors(writer: _ShardWriter, ckpt: Checkpoint, plans: list[TensorPlan], reader: TensorReader,
+                   dequantize: bool, transform: Callable | None, quantizer: Any, progress: bool) -> dict[str, str]:
+    """Stream every planned tensor into ``writer``; returns written key -> the plan target it belongs to."""
     plan_of = {(p.source, p.rows): p for p in plans}
-    reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
     written_dtype = float_dtype(ckpt.config)
-    merge = merge_transform(ckpt, pattern, reader)
-    if merge is not None:
-        user_transform = transform
-        transform = merge if user_transform is None else (lambda plan, t: user_transform(plan, merge(plan, t)))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = _ShardWriter(tmp, parse_size(max_shard_size))
-        written: dict[str, str] = {}  # key written -> the plan target it belongs to
-        for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
-                                    unit="tensor", disable=not progress):
-            plan = plan_of[request]
-            if isinstance(tensor, StoredQuantized):  # a quantized expert, copied packed
-                parts = packed_state_dict(plan.target, tensor)
-            else:
-                if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
-                    tensor = tensor.to(written_dtype)
-                tensor = tensor if transform is None else transform(plan, tensor)
-                parts = (quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan)
-                         else ({plan.target: tensor},))
-            writer.add(*parts)
-            written.update(dict.fromkeys(parts[0], plan.target))
-        weight_map = writer.finish()
-        if len(set(weight_map.values())) > 1:
-            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            weight_map = json.loads((tmp / INDEX_NAME).read_text())["weight_map"]  # what a loader will read
-        verify_written(tmp, weight_map, written, plans)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for extra in sorted(ckpt.path.iterdir()):
-            if (extra.is_file() and extra.name not in ("config.json", INDEX_NAME)
-                    and not extra.name.startswith(".") and not extra.name.endswith(WEIGHT_SUFFIXES)):
-                shutil.copy2(extra, tmp / extra.name)
-    return {
-        "out": str(out),
-        "tensors": len(plans),
-        "bytes_read": reader.stats.bytes,
-        "bytes_written": writer.total_bytes,
-        "shards": len(set(weight_map.values())),
-        "kept_per_layer": pattern.counts,
-        "routing": pattern.routing,
-        "compatibility": compat,
-    }
+    written: dict[str, str] = {}
+    for request, tensor in tqdm(reader.iter_read(plan_of), total=len(plan_of), desc="exporting",
+                                unit="tensor", disable=not progress):
+        plan = plan_of[request]
+        if isinstance(tensor, StoredQuantized):  # a quantized expert, copied packed
+            parts = packed_state_dict(plan.target, tensor)
+        else:
+            if dequantize and ckpt.scaled(plan.source):  # dequantized: write in the checkpoint's float dtype
+                tensor = tensor.to(written_dtype)
+            tensor = tensor if transform is None else transform(plan, tensor)
+            parts = (quantizer(plan, tensor) if quantizer is not None and quantizer.handles(plan)
+                     else ({plan.target: tensor},))
+        writer.add(*parts)
+        written.update(dict.fromkeys(parts[0], plan.target))
+    return written
+
+
+def _write_index(folder: Path, writer: _ShardWriter) -> dict[str, str]:
+    """Finish the shards and write the index of a sharded export; returns the weight map a loader will read."""
+    weight_map = writer.finish()
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]  # what a loader will read
+    return weight_map
+
+
+def _copy_side_files(source: Path, folder: Path) -> None:
+    """Copy the source's tokenizer, generation config and other non-weight files."""
+    for extra in sorted(source.iterdir()):
+        if (extra.is_file() and extra.name not in ("config.json", INDEX_NAME)
+                and not extra.name.startswith(".") and not extra.name.endswith(WEIGHT_SUFFIXES)):
+            shutil.copy2(extra, folder / extra.name)

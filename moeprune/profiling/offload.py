@@ -49,6 +49,18 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
                       task: str = "", demo_hash: str = "", device: str = "cpu",
                       dtype: torch.dtype | None = None, progress: bool = True) -> RouterProfile:
     """The router profile of ``encoded`` demos, materializing one decoder layer at a time."""
+    model, dtype = _skeleton(ckpt, dtype)
+    by_layer, outer = _keys_by_layer(ckpt)
+    _load_tensors(model, ckpt, outer, device, dtype)
+    prof = _profile_layers(model, ckpt, encoded, fingerprint, task, by_layer, device, dtype, progress)
+    prof.tokens = sum(len(ids) for ids in encoded)
+    prof.num_demos = len(encoded)
+    prof.demo_hash = demo_hash
+    return prof
+
+
+def _skeleton(ckpt: Checkpoint, dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
+    """The model on the meta device (float experts) and the dtype it loads in (``dtype``, else the config's)."""
     from moeprune.loader.selective import _config_object, empty_model
     from moeprune.quantization.stored_formats import drop_dequantized_config
 
@@ -57,8 +69,11 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
     config = _config_object(config_dict)
     dtype = dtype or (getattr(torch, config.dtype) if isinstance(getattr(config, "dtype", None), str)
                       else getattr(config, "dtype", None)) or torch.float32
-    model = empty_model(config, dtype)
-    layers = model.model.layers
+    return empty_model(config, dtype), dtype
+
+
+def _keys_by_layer(ckpt: Checkpoint) -> tuple[dict[int, list[str]], list[str]]:
+    """The model's checkpoint keys per decoder layer, and those outside the layers the pass needs (not the head)."""
     by_layer: dict[int, list[str]] = {}
     outer = []
     for key in ckpt.weight_map:
@@ -66,9 +81,14 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
             continue
         layer = layer_of(key)
         (by_layer.setdefault(layer, []) if layer is not None else outer).append(key)
-    outer = [k for k in outer if not k.startswith("lm_head.")]  # the pass stops before the head
-    _load_tensors(model, ckpt, outer, device, dtype)
+    return by_layer, [k for k in outer if not k.startswith("lm_head.")]  # the pass stops before the head
 
+
+def _profile_layers(model: Any, ckpt: Checkpoint, encoded: Sequence[Sequence[int]], fingerprint: Fingerprint,
+                    task: str, by_layer: dict[int, list[str]], device: str, dtype: torch.dtype,
+                    progress: bool) -> RouterProfile:
+    """Materialize each decoder layer in turn, replay the demos through it with the profiler attached, free it."""
+    layers = model.model.layers
     profiler = RouterProfiler(model, fingerprint, task)
     replay = LayerReplay(model, encoded, device)
     with torch.inference_mode(), profiler.attached():
@@ -78,8 +98,4 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
                 replay.run(l)
             finally:
                 layers[l].to("meta")
-    prof = profiler.profile
-    prof.tokens = sum(len(ids) for ids in encoded)
-    prof.num_demos = len(encoded)
-    prof.demo_hash = demo_hash
-    return prof
+    return profiler.profile

@@ -450,6 +450,101 @@ def allocation_objective(freq, weight, err, bits, chosen: Sequence[int], alpha=1
     return float(sum(cost[i, col[int(b)]] for i, b in enumerate(chosen)))
 
 
+def _as_array(a: Any) -> np.ndarray:
+    return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, float)
+
+
+def _check_allocation(freq: np.ndarray, weight: np.ndarray, err: np.ndarray, bits_arr: np.ndarray,
+                      size_arr: np.ndarray, avg_bits: float, bits: Sequence[int]) -> None:
+    """Refuse inputs the integer program cannot take, naming the argument."""
+    n, nb = freq.shape[0], len(bits_arr)
+    if weight.shape != (n,):
+        raise InvalidArgument(f"weight must have shape ({n},) like freq, got {weight.shape}")
+    if err.shape != (n, nb):
+        raise InvalidArgument(f"err must have shape (N, B) = ({n}, {nb}), got {err.shape}")
+    if nb == 0 or len(set(bits_arr)) != nb or (bits_arr <= 0).any():
+        raise InvalidArgument(f"bits must be distinct positive widths, got {tuple(bits)}")
+    for name, a in (("freq", freq), ("weight", weight), ("err", err)):
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise InvalidArgument(f"{name} must be finite and non-negative")
+    if size_arr.shape != (n,) or not np.isfinite(size_arr).all() or (size_arr <= 0).any():
+        raise InvalidArgument(f"sizes must be {n} positive numbers, got shape {size_arr.shape}")
+    lo, hi = float(bits_arr.min()), float(bits_arr.max())
+    if not (lo <= avg_bits <= hi):
+        raise InvalidArgument(f"avg_bits={avg_bits} is outside the feasible range [{lo:g}, {hi:g}] "
+                              f"for bits {tuple(bits)}")
+
+
+def _objective(freq: np.ndarray, weight: np.ndarray, err: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """The MILP's cost vector (``x`` index ``i * B + j``), scaled to a largest coefficient of 1."""
+    cost = _costs(freq, weight, err, alpha, beta)
+    if not np.isfinite(cost).all():
+        raise InvalidArgument("objective coefficients are not finite (check alpha/beta with zero freq/weight)")
+    scale = cost.max()
+    return (cost / scale if scale > 0 else cost).ravel()
+
+
+def _budget_row(size_arr: np.ndarray, bits_arr: np.ndarray, avg_bits: float) -> tuple[np.ndarray, float, float,
+                                                                                         np.ndarray]:
+    """The budget row ``sum_ib x_ib * b * size_i``, its bound, the exact budget and the normalised sizes.
+
+    Integer sizes are divided by their gcd (all-equal sizes -> 1), so the left side is an integer and
+    flooring the bound makes the constraint exact."""
+    raw_int = np.allclose(size_arr, np.round(size_arr)) and np.allclose(bits_arr, np.round(bits_arr))
+    if raw_int:
+        size_norm = size_arr / math.gcd(*(int(round(s)) for s in size_arr))
+    else:
+        size_norm = size_arr / size_arr.max()
+    budget = avg_bits * size_norm.sum()
+    rhs = math.floor(budget + 1e-9) if raw_int else budget
+    return (size_norm[:, None] * bits_arr[None, :]).ravel(), rhs, budget, size_norm
+
+
+def _one_width_rows(n: int, nb: int) -> Any:
+    """Rows ``sum_b x_ib = 1`` (each expert takes exactly one width), sparse ``[N, N * B]``: row ``i`` holds
+    ones at columns ``i * B .. i * B + B - 1`` (the dense ``kron(eye(N), ones(B))``, without its ``N^2 B`` zeros)."""
+    from scipy.sparse import csr_array
+
+    return csr_array((np.ones(n * nb), np.arange(n * nb), np.arange(0, n * nb + 1, nb)), shape=(n, n * nb))
+
+
+def _tie_rows(groups: Sequence[Any], n: int, nb: int) -> Any:
+    """Rows ``x_ib - x_jb = 0`` tying every group member ``i`` to its group's first member ``j`` (sparse;
+    None when no expert shares a group)."""
+    from scipy.sparse import coo_array
+
+    if len(groups) != n:
+        raise InvalidArgument(f"groups must give one group id per expert ({n}), got {len(groups)}")
+    first: dict[Any, int] = {}
+    leader = np.array([first.setdefault(g, i) for i, g in enumerate(groups)])  # every member chooses what
+    members = np.flatnonzero(leader != np.arange(n))  # the group's first member chooses
+    if members.size == 0:
+        return None
+    width = np.arange(nb)
+    rows = np.arange(members.size * nb)  # row k * B + b ties member k's width b
+    own = (members[:, None] * nb + width).ravel()
+    lead = (leader[members][:, None] * nb + width).ravel()
+    vals = np.concatenate([np.ones(rows.size), -np.ones(rows.size)])
+    return coo_array((vals, (np.concatenate([rows, rows]), np.concatenate([own, lead]))),
+                     shape=(rows.size, n * nb)).tocsr()
+
+
+def _solve(c: np.ndarray, constraints: list[Any], n: int, nb: int) -> np.ndarray:
+    """The 0/1 solution ``x [N, B]`` of the MILP (HiGHS, relative gap 0)."""
+    from scipy.optimize import Bounds, milp
+
+    res = milp(
+        c,
+        integrality=np.ones_like(c),
+        bounds=Bounds(0.0, 1.0),
+        constraints=constraints,
+        options={"mip_rel_gap": 0.0},
+    )
+    if res.status != 0 or res.x is None:
+        raise RuntimeError(f"bit allocation MILP failed: {res.message}")
+    return np.round(res.x).reshape(n, nb)
+
+
 def allocate_bits(
     freq: Sequence[float] | np.ndarray | torch.Tensor,
     weight: Sequence[float] | np.ndarray | torch.Tensor,
@@ -475,82 +570,27 @@ def allocate_bits(
     fused expert tensors or an engine that takes one scheme per layer).
     Returns the chosen bit width per expert.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import LinearConstraint
 
-    def arr(a) -> np.ndarray:
-        return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, float)
-
-    freq, weight, err = arr(freq), arr(weight), arr(err)
+    freq, weight, err = _as_array(freq), _as_array(weight), _as_array(err)
     bits_arr = np.asarray([int(b) for b in bits], dtype=np.float64)
     if freq.ndim != 1 or freq.shape[0] == 0:
         raise InvalidArgument(f"freq must be a non-empty 1-D array, got shape {freq.shape}")
     n, nb = freq.shape[0], len(bits_arr)
-    if weight.shape != (n,):
-        raise InvalidArgument(f"weight must have shape ({n},) like freq, got {weight.shape}")
-    if err.shape != (n, nb):
-        raise InvalidArgument(f"err must have shape (N, B) = ({n}, {nb}), got {err.shape}")
-    if nb == 0 or len(set(bits_arr)) != nb or (bits_arr <= 0).any():
-        raise InvalidArgument(f"bits must be distinct positive widths, got {tuple(bits)}")
-    for name, a in (("freq", freq), ("weight", weight), ("err", err)):
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise InvalidArgument(f"{name} must be finite and non-negative")
-    size_arr = np.ones(n) if sizes is None else arr(sizes)
-    if size_arr.shape != (n,) or not np.isfinite(size_arr).all() or (size_arr <= 0).any():
-        raise InvalidArgument(f"sizes must be {n} positive numbers, got shape {size_arr.shape}")
-    lo, hi = float(bits_arr.min()), float(bits_arr.max())
-    if not (lo <= avg_bits <= hi):
-        raise InvalidArgument(f"avg_bits={avg_bits} is outside the feasible range [{lo:g}, {hi:g}] "
-                              f"for bits {tuple(bits)}")
-
-    cost = _costs(freq, weight, err, alpha, beta)
-    if not np.isfinite(cost).all():
-        raise InvalidArgument("objective coefficients are not finite (check alpha/beta with zero freq/weight)")
-    scale = cost.max()
-    c = (cost / scale if scale > 0 else cost).ravel()  # x index = i * B + j
-
-    # Budget row.  Integer sizes are divided by their gcd (all-equal sizes -> 1), so the
-    # left side is an integer and flooring the bound makes the constraint exact.
-    raw_int = np.allclose(size_arr, np.round(size_arr)) and np.allclose(bits_arr, np.round(bits_arr))
-    if raw_int:
-        size_norm = size_arr / math.gcd(*(int(round(s)) for s in size_arr))
-    else:
-        size_norm = size_arr / size_arr.max()
-    budget = avg_bits * size_norm.sum()
-    rhs = math.floor(budget + 1e-9) if raw_int else budget
-    a_budget = (size_norm[:, None] * bits_arr[None, :]).ravel()
-    a_onehot = np.kron(np.eye(n), np.ones(nb))
+    size_arr = np.ones(n) if sizes is None else _as_array(sizes)
+    _check_allocation(freq, weight, err, bits_arr, size_arr, avg_bits, bits)
+    c = _objective(freq, weight, err, alpha, beta)
+    a_budget, rhs, budget, size_norm = _budget_row(size_arr, bits_arr, avg_bits)
     constraints = [
         LinearConstraint(a_budget[None, :], -np.inf, rhs),
-        LinearConstraint(a_onehot, 1.0, 1.0),
+        LinearConstraint(_one_width_rows(n, nb), 1.0, 1.0),
     ]
-    if groups is not None:
-        if len(groups) != n:
-            raise InvalidArgument(f"groups must give one group id per expert ({n}), got {len(groups)}")
-        first: dict[Any, int] = {}
-        tie = []
-        for i, g in enumerate(groups):  # every member chooses what the group's first member chooses
-            j = first.setdefault(g, i)
-            if j != i:
-                for b in range(nb):
-                    row = np.zeros(n * nb)
-                    row[i * nb + b], row[j * nb + b] = 1.0, -1.0
-                    tie.append(row)
-        if tie:
-            constraints.append(LinearConstraint(np.array(tie), 0.0, 0.0))
-    res = milp(
-        c,
-        integrality=np.ones_like(c),
-        bounds=Bounds(0.0, 1.0),
-        constraints=constraints,
-        options={"mip_rel_gap": 0.0},
-    )
-    if res.status != 0 or res.x is None:
-        raise RuntimeError(f"bit allocation MILP failed: {res.message}")
-    x = np.round(res.x).reshape(n, nb)
-    chosen = x.argmax(axis=1)
+    tie = None if groups is None else _tie_rows(groups, n, nb)
+    if tie is not None:
+        constraints.append(LinearConstraint(tie, 0.0, 0.0))
+    chosen = _solve(c, constraints, n, nb).argmax(axis=1)
     out = [int(bits_arr[j]) for j in chosen]
     used = float((size_norm * bits_arr[chosen]).sum())
     if used > budget * (1 + 1e-9) + 1e-9:  # pragma: no cover - solver tolerance guard
         raise RuntimeError(f"MILP solution uses {used / size_norm.sum():.6g} bits > budget {avg_bits}")
     return out
-

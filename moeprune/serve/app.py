@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeprune.errors import CheckpointError, MoePruneError
-from moeprune.pipeline import max_context
+from moeprune.modeling import max_context
 from moeprune.serve.batch import Sampling
 from moeprune.serve.metrics import CONTENT_TYPE, Metrics
 from moeprune.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
