@@ -99,7 +99,11 @@ def _pattern_table(pattern) -> str:
 
 
 # built-in scorer parameters whose flag is not ``--<parameter>`` (method, parameter) -> flag dest
-_FLAG_OF = {("hc-smoe", "router"): "merge_router", ("hc-smoe", "metric"): "hc_metric"}
+_FLAG_OF = {
+    ("hc-smoe", "router"): "merge_router",
+    ("uncurl", "router"): "merge_router",
+    ("hc-smoe", "metric"): "hc_metric",
+}
 # choices and help of built-in parameters' flags (any other parameter's flag: its type, default and methods)
 _FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
     "seed": (None, "seed for random, diep, uncurl"),
@@ -110,8 +114,9 @@ _FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
                        "stun: the member kept per cluster: routed most (default) or nearest the weight centroid"),
     "base": (None, "router-drift: the pre-trained model the fine-tuned MODEL came from"),
     "merge_router": (["dominant", "average", "fitted"],
-                     "hc-smoe: a merged expert's router row: its dominant member's (default), the "
-                     "count-weighted average, or fitted to the members' summed routing probability"),
+                     "hc-smoe, uncurl: a merged expert's router row: its dominant member's (default), the "
+                     "members' average (uncurl: weighted as its weights), or (hc-smoe) fitted to the members' "
+                     "summed routing probability"),
     "hc_metric": (["euclidean", "cosine"], "hc-smoe: distance between experts' mean outputs (default euclidean)"),
 }
 

@@ -5,6 +5,7 @@
 # MOEPRUNE_VLLM_TIMEOUT bounds each step (seconds, default 1200; a vLLM run past it only warns).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 VENV=${MOEPRUNE_VLLM_VENV:-$HOME/.cache/moeprune-vllm-venv}
 LIMIT=${MOEPRUNE_VLLM_TIMEOUT:-1200}
 PY=${PYTHON:-.venv/bin/python}
@@ -28,10 +29,13 @@ OMP_NUM_THREADS=1 timeout "$LIMIT" "$PY" scripts/vllm_check.py prepare "$WORK" |
 rm -f "$WORK/vllm.json"
 for name in $("$PY" scripts/vllm_check.py names "$WORK"); do
   echo "vLLM's tokens: $name"
+  # run from $WORK: vLLM inspects models in a `python -m` subprocess, whose sys.path starts with the working
+  # directory, and from the repository root `import kernels` (transformers' hub-kernels probe) finds ./kernels/
+  cd "$WORK" || exit 1
   VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} \
-    timeout "$LIMIT" "$VENV/bin/python" scripts/vllm_check.py generate "$WORK" "$name" > "$WORK/vllm-$name.log" 2>&1
+    timeout "$LIMIT" "$VENV/bin/python" "$ROOT/scripts/vllm_check.py" generate "$WORK" "$name" > "$WORK/vllm-$name.log" 2>&1
   rc=$?
   [ $rc -eq 124 ] && warn "vLLM on $name ran past ${LIMIT}s (MOEPRUNE_VLLM_TIMEOUT): nothing concluded"
   [ $rc -ne 0 ] && { tail -20 "$WORK/vllm-$name.log"; echo "FAILED: vLLM crashed on $name (exit $rc)" >&2; exit 1; }
 done
-"$PY" scripts/vllm_check.py compare "$WORK"
+cd "$ROOT" && "$PY" scripts/vllm_check.py compare "$WORK"

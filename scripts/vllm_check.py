@@ -125,9 +125,13 @@ def compare(out: Path) -> int:
     lines, notes = [], []
     for name, job in expected.items():
         mine = got.get(name, {"error": "not run"})
-        if "error" in mine:
-            failed += not name.endswith(":source")
-            lines.append((name, "vLLM FAILED", mine["error"].splitlines()[0][:200]))
+        if "error" in mine:  # an export vLLM cannot load fails, unless vLLM cannot load its unpruned source either
+            source_failed = "error" in got.get(f"{name}:source", {"error": "not run"})
+            if not name.endswith(":source") and source_failed:
+                notes.append(f"WARNING {name}: vLLM fails on the unpruned source too: vLLM or this machine, "
+                             "not moeprune's export")
+            failed += not name.endswith(":source") and not source_failed
+            lines.append((name, "vLLM FAILED", " | ".join(mine["error"].splitlines()[:3])[:400]))
             continue
         rows, vrows = job["rows"], mine["rows"]
         same = sum(a["tokens"] == b["tokens"] for a, b in zip(rows, vrows))

@@ -11,7 +11,7 @@ from moeprune.cli import main
 from moeprune.evaluate import evaluate
 from moeprune.kernels import eager_experts_forward, torch_experts_forward, triton_available
 from moeprune.kernels.counters import count_rows
-from moeprune.methods.dynamic import DynamicPrune, DynamicPruner, attach, calibrate, count_pairs
+from moeprune.methods.dynamic import DynamicPrune, DynamicPruner, attach, calibrate, count_pairs, run_texts
 from tiny_models import make_model, write_token_demos
 
 
@@ -170,6 +170,30 @@ def test_odp_protects_the_important_tokens(mixtral):
     with DynamicPruner(model, DynamicPrune("naive", 10.0, 0.4)) as q:
         logits(model, ids)
     assert q.dropped == len(ids) * 2
+
+
+def test_odp_drop_low_skips_the_least_important_tokens_experts(mixtral):
+    """MC-MoE's code (tau_l): the least important share of each sequence runs none of its experts."""
+    model, _, demos, _ = mixtral
+    encoded = token_lists(demos)
+    ids = encoded[2]
+    spec = DynamicPrune("odp", 1e-30, 0.3, protect=0.25, drop_low=0.25)  # the ratio rule drops ~nothing
+    with DynamicPruner(model, spec) as p:
+        logits(model, ids)
+    low = int(0.25 * len(ids))
+    assert p.forced == p.dropped == low * 2 * 2  # tokens x top-2 x 2 MoE layers, none of them protected
+    spec = calibrate(model, encoded, 0.2, "odp", protect=0.1, drop_low=0.1)
+    assert spec.drop_low == 0.1 and abs(spec.calibration["achieved"] - 0.2) <= 0.01
+    with DynamicPruner(model, spec) as p:
+        run_texts(model, encoded)
+    assert p.fraction == pytest.approx(spec.calibration["achieved"], abs=1e-9) and p.forced > 0
+    assert DynamicPrune.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="lower drop_low"):
+        calibrate(model, encoded, 0.05, "odp", drop_low=0.2)  # 20% of tokens skipping all is > 5% of pairs
+    with pytest.raises(ValueError, match="drop_low is ODP's"):
+        DynamicPrune("naive", 0.5, 0.2, drop_low=0.1)
+    zero = calibrate(model, encoded, 0.0, "odp", drop_low=0.1)  # F = 0: nothing dropped, drop_low included
+    assert not zero.active
 
 
 def test_dynamic_prune_in_exports_and_from_pretrained(mixtral, tmp_path, capsys):

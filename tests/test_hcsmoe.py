@@ -153,7 +153,7 @@ def test_prune_cli_with_hcsmoe(family_checkpoints, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert main(["prune", str(src), "--demos", str(demos), "--method", "frequency", "--keep", "0.5",
                  "--merge-router", "fitted", "--out", str(tmp_path / "o2"), "-q"]) == 2
-    assert "applies to --method hc-smoe only" in capsys.readouterr().err
+    assert "applies to --method hc-smoe, uncurl only" in capsys.readouterr().err
 
 
 def test_hcsmoe_on_grouped_routing_merges_into_the_kept_slots(family_checkpoints, tmp_path):

@@ -38,3 +38,14 @@ def test_a_mismatch_fails_unless_the_source_shows_the_engines_disagree_more(tmp_
 
 def test_a_vllm_error_on_an_export_fails(tmp_path):
     assert _write(tmp_path, {"error": "AssertionError: Tried to load weights"}, [-2.0, -2.0]) == 1
+
+
+def test_a_vllm_error_on_the_source_too_only_warns(tmp_path, capsys):
+    expected = {"m": {"path": "x", "rows": [_row([5], [-1.0], [0.5])]},
+                "m:source": {"path": "y", "rows": [_row([5], [-1.0], [0.5])]}}
+    err = {"error": "ValidationError: 1 validation error for ModelConfig\n  Value error, failed to be inspected"}
+    (tmp_path / "expected.json").write_text(json.dumps(expected))
+    (tmp_path / "vllm.json").write_text(json.dumps({"m": err, "m:source": err}))
+    assert vllm_check.compare(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "failed to be inspected" in out and "unpruned source too" in out

@@ -10,7 +10,14 @@ implementation skips: moeprune's torch and Triton kernels never compute it) and 
   see the token, divided by their number) times the L1 norm of the token's MoE input, which keep
   every routed expert. Attention probabilities are read from the eager attention (the model is
   switched to it while ODP protects tokens); a step of one token (decoding) has no protection, as
-  in the paper's code.
+  in the paper's code. ``drop_low`` (default 0): the least important share of each sequence runs no
+  expert at all, as MC-MoE's code (``DynamicRankMixtralSparseMoeBlockWrapper``) does with its
+  ``tau_l`` = 0.1. Deviations from the code: β is calibrated to a share F rather than fixed (0.5 there);
+  importance is the attention each token *receives*, which the code's divisor (the number of queries
+  that see the token, T - i) implies, where its ``torch.sum(mean_tensor, dim=1)`` sums each query's
+  attention row (1 for every query), leaving the L1 norm / (T - i); kept weights are not renormalised
+  (below). On both benchmark models the protection costs more than it saves at equal F (the naive
+  rule is better) and ``drop_low`` far more: BENCHMARKS.md "ODP variants".
 - ``naive`` — the same weight-ratio rule without protection (the baseline).
 - ``topany`` — MC#'s Online Top-any Pruning: a small per-layer head (:mod:`moeprune.methods.topany`) picks
   per token how many of its top-k experts run.
@@ -47,6 +54,7 @@ class DynamicPrune:
     threshold: float = 0.0  # odp/naive: β (ratio to the top weight); topany: the head's bias per extra expert
     fraction: float = 0.0  # the share of routed pairs it was calibrated to drop
     protect: float = 0.1  # odp: share of each sequence's tokens (the most important) keeping every expert
+    drop_low: float = 0.0  # odp: share of each sequence's tokens (the least important) skipping every expert
     renormalize: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)  # tokens, demos, achieved fraction
     heads: dict[int, dict[str, torch.Tensor]] | None = None  # topany: per MoE layer, the head's state
@@ -59,17 +67,28 @@ class DynamicPrune:
                                   "in [0, 1)")
         if not 0.0 <= self.protect < 1.0:
             raise InvalidArgument(f"protect {self.protect}: the share of important tokens must be in [0, 1)")
+        if not 0.0 <= self.drop_low < 1.0 or self.protect + self.drop_low > 1.0:
+            raise InvalidArgument(f"drop_low {self.drop_low}: the share of unimportant tokens must be in [0, 1) and, "
+                                  f"with protect {self.protect}, at most 1")
+        if self.drop_low > 0 and self.method != "odp":
+            raise InvalidArgument(f"drop_low is ODP's; {self.method} has no token importance")
         if self.method == "topany" and self.fraction > 0 and not self.heads:
             raise InvalidArgument("topany dynamic pruning needs its trained heads",
                                   hint="train them with moeprune.methods.topany.train_topany")
 
     @property
     def active(self) -> bool:
-        return self.method == "topany" and bool(self.heads) or self.threshold > 0
+        return self.method == "topany" and bool(self.heads) or self.threshold > 0 or self.low_active
+
+    @property
+    def low_active(self) -> bool:
+        """Whether the least important tokens skip their experts (odp with ``drop_low`` and a fraction)."""
+        return self.method == "odp" and self.drop_low > 0 and self.fraction > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method, "threshold": self.threshold, "fraction": self.fraction,
-             "protect": self.protect, "renormalize": self.renormalize, "calibration": self.calibration}
+             "protect": self.protect, "drop_low": self.drop_low, "renormalize": self.renormalize,
+             "calibration": self.calibration}
         if self.heads:
             d["heads"] = {str(layer): {k: v.tolist() for k, v in state.items()} for layer, state in self.heads.items()}
         return d
@@ -154,6 +173,7 @@ class DynamicPruner:
         self.adapter = get_adapter(model.config)
         self.blocks = moe_blocks(model, self.adapter)
         self.routed = self.dropped = 0
+        self.forced = 0  # pairs dropped whatever the threshold (odp's drop_low tokens)
         self.ratios: list[torch.Tensor] = []
         self._handles: list[Any] = []
         self._attention: dict[int, torch.Tensor | None] = {}
@@ -175,7 +195,8 @@ class DynamicPruner:
         self.remove()
 
     def attach(self) -> "DynamicPruner":
-        protects = self.spec.method == "odp" and self.spec.protect > 0 and (self.spec.active or self.record)
+        ranks_tokens = self.spec.protect > 0 or self.spec.drop_low > 0
+        protects = self.spec.method == "odp" and ranks_tokens and (self.spec.active or self.record)
         if protects and getattr(self.model.config, "_attn_implementation", None) != "eager":
             self._saved_impl["attn"] = self.model.config._attn_implementation
             self.model.set_attn_implementation("eager")
@@ -218,8 +239,8 @@ class DynamicPruner:
             self._attention[layer] = received
         return hook
 
-    def _protected(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Tokens keeping every routed expert (odp), or None."""
+    def _important(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tokens keeping every routed expert and tokens skipping every one (odp), each a mask or None."""
         received = self._attention.pop(layer, None)
         t_all = x.shape[0]
         if received is not None and received.numel() == t_all:
@@ -228,13 +249,19 @@ class DynamicPruner:
         else:  # no attention probabilities (a linear-attention layer): the input norm alone
             b, t = 1, t_all
             imp = x.detach().float().abs().sum(-1)
-        n = int(self.spec.protect * t)
-        if t <= 1 or n == 0:
-            return None
-        top = imp.view(b, t).topk(n, dim=-1).indices
-        mask = torch.zeros(b, t, dtype=torch.bool, device=x.device)
-        mask.scatter_(1, top, True)
-        return mask.reshape(-1)
+        if t <= 1:
+            return None, None
+        masks = []
+        for share, largest in ((self.spec.protect, True), (self.spec.drop_low if self.spec.low_active else 0, False)):
+            n = int(share * t)
+            if n == 0:
+                masks.append(None)
+                continue
+            pick = imp.view(b, t).topk(n, dim=-1, largest=largest).indices
+            mask = torch.zeros(b, t, dtype=torch.bool, device=x.device)
+            mask.scatter_(1, pick, True)
+            masks.append(mask.reshape(-1))
+        return masks[0], masks[1]
 
     def _experts_hook(self, layer: int):
         spec = self.spec
@@ -267,12 +294,22 @@ class DynamicPruner:
         top = wf.masked_fill(~valid, -math.inf).amax(-1, keepdim=True).clamp_min(1e-30)
         ratio = wf / top
         eligible = valid & (ranks > 0)
-        protected = self._protected(layer, x) if self.spec.method == "odp" and self.spec.protect > 0 else None
+        protected = low = None
+        if self.spec.method == "odp" and (self.spec.protect > 0 or self.spec.low_active):
+            protected, low = self._important(layer, x)
         if protected is not None:
             eligible = eligible & ~protected[:, None]
+        forced = None
+        if low is not None:  # MC-MoE's code: the least important tokens skip the block's experts
+            forced = valid & low[:, None]
+            if protected is not None:
+                forced = forced & ~protected[:, None]
+            eligible = eligible & ~forced
+            self.forced += int(forced.sum())
         if self.record:
             self.ratios.append(ratio[eligible].detach().cpu())
-        return ~(eligible & (ratio < self.spec.threshold))
+        drop = eligible & (ratio < self.spec.threshold)
+        return ~(drop | forced) if forced is not None else ~drop
 
     def _topany_keep(self, layer: int, x, w, valid, ranks) -> torch.Tensor:
         head = self.heads.get(layer)
@@ -319,16 +356,20 @@ def run_texts(model: Any, encoded: Sequence[Sequence[int]], progress: bool = Fal
 
 
 def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, method: str = "odp",
-              protect: float = 0.1, renormalize: bool = False, heads: dict | None = None,
-              iterations: int = 6, tolerance: float = 0.002, progress: bool = False) -> DynamicPrune:
+              protect: float = 0.1, renormalize: bool = False, heads: dict | None = None, drop_low: float = 0.0,
+              iterations: int = 6, tolerance: float = 0.002, progress: bool = False,
+              pruner_class: type[DynamicPruner] | None = None) -> DynamicPrune:
     """The threshold of ``method`` at which a share ``fraction`` of the routed pairs is dropped on
     ``encoded`` (token-id lists), as a :class:`DynamicPrune`.
 
     The ratio rules (odp, naive) cut the recorded weight ratios at the needed quantile, then repeat
     on the pass pruned with that cut (dropping at one layer moves the next layers' routing) until the
     share is within ``tolerance`` (at most ``iterations`` passes); topany bisects its bias.
+    ``pruner_class``: a :class:`DynamicPruner` subclass to calibrate through (a variant's hooks).
     """
-    spec = DynamicPrune(method, 0.0, fraction, protect if method == "odp" else 0.0, renormalize, heads=heads)
+    odp = method == "odp"
+    spec = DynamicPrune(method, 0.0, fraction, protect if odp else 0.0, drop_low if odp else 0.0, renormalize,
+                        heads=heads)
     tokens = sum(len(ids) for ids in encoded)
     if fraction == 0:
         spec.calibration = {"tokens": tokens, "texts": len(encoded), "achieved": 0.0}
@@ -339,7 +380,7 @@ def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, met
     best: tuple[float, float, float] | None = None  # (error, threshold, achieved)
     threshold = 0.0
     for _ in tqdm(range(iterations), desc="calibrating", unit="pass", disable=not progress):
-        pruner = DynamicPruner(model, dataclasses.replace(spec, threshold=threshold), record=True)
+        pruner = (pruner_class or DynamicPruner)(model, dataclasses.replace(spec, threshold=threshold), record=True)
         with pruner:
             run_texts(model, encoded)
         achieved = pruner.fraction
@@ -348,12 +389,19 @@ def calibrate(model: Any, encoded: Sequence[Sequence[int]], fraction: float, met
         if best is not None and best[0] <= tolerance:
             break
         ratios = torch.sort(torch.cat(pruner.ratios)).values if pruner.ratios else torch.zeros(0)
-        need = int(round(fraction * pruner.routed))
+        need = int(round(fraction * pruner.routed)) - pruner.forced
+        if need < 0:
+            raise InvalidArgument(f"dynamic_prune={fraction}: the {drop_low:.0%} least important tokens skipping "
+                                  f"their experts already drop {pruner.forced / max(pruner.routed, 1):.1%} of the "
+                                  "routed expert calls", hint="ask for more or lower drop_low")
         if need > ratios.numel():
             raise InvalidArgument(f"dynamic_prune={fraction}: only {ratios.numel() / max(pruner.routed, 1):.1%} of "
                                   f"the routed expert calls may be dropped by {method} (each token keeps its top "
                                   "expert" + (f", the {protect:.0%} most important tokens keep all"
                                               if method == "odp" else "") + ")", hint="ask for less")
+        if ratios.numel() == 0:  # nothing the ratio rule may drop: the forced drops are all there is
+            threshold = 1e-30
+            continue
         hi = float(ratios[need]) if need < ratios.numel() else float(ratios[-1]) * (1 + 1e-6) + 1e-12
         threshold = (float(ratios[need - 1]) + hi) / 2 if need > 0 else float(ratios[0]) / 2
     assert best is not None
