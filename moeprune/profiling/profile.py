@@ -12,7 +12,6 @@ g the routing weights the model actually used, k its top-k):
 - ``top1_logit[l,e]`` sum of z_{t,e} over those tokens (TCESS numerator);
 - ``out_aware[l,e]``  sum of g_{t,e} * ||E_e(x_t)|| * max(0, 1 - cos(h_t, h_t + r_t)), h_t the
   residual stream entering the MoE block, r_t the routed-experts output (EASY-EP);
-- ``logit_sum[l,e]``  sum of z_{t,e} (``logit_mean``: the mean raw logit);
 - ``ean[l,e]``        sum of ||E_e(x_t)||_2 over tokens routed to e (REAP's EAN baseline);
 - ``reap[l,e]``       sum of g_{t,e} * ||E_e(x_t)||_2 over tokens routed to e (REAP = reap / count);
 - ``max_act[l,e]``    the largest |activation| of E_e's output over routed tokens (super experts);
@@ -43,7 +42,7 @@ from moeprune.io.atomic import atomic_path
 
 PROFILE_FORMAT = "moeprune.profile"
 PROFILE_VERSION = 1
-LAYER_SIGNALS = ("count", "soft", "top1_count", "top1_logit", "out_aware", "logit_sum", "ean", "reap", "max_act")
+LAYER_SIGNALS = ("count", "soft", "top1_count", "top1_logit", "out_aware", "ean", "reap", "max_act")
 PAIR_SIGNALS = ("coact",)
 MAX_SIGNALS = ("max_act",)  # combined by max when profiles add
 # signals profiles written before them lack; a scorer that needs one names it (profile again)
@@ -75,16 +74,6 @@ class RouterProfile:
             raise IncompatibleError(f"{method} needs the profile signal {name!r}, which this profile (made by an "
                                     "older moeprune) lacks", hint="profile again with `moeprune profile`")
         return self.stats[name]
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        stats = self.__dict__.get("stats", {})
-        if name in stats:
-            return stats[name]
-        raise AttributeError(name)
-
-    @property
-    def logit_mean(self) -> torch.Tensor:
-        return self.stats["logit_sum"] / max(self.tokens, 1)
 
     @property
     def num_layers(self) -> int:
@@ -159,7 +148,8 @@ class RouterProfile:
         if (count < 0).any() or (count > tokens).any():
             raise InvalidFile(f"{path} is a corrupt moeprune profile: its token counts per expert are not within "
                               f"[0, {tokens}] (the profile's tokens); profile again")
-        stats = {k: v.double() for k, v in stats.items()}
+        # signals this moeprune no longer keeps (logit_sum: no scorer read it) are dropped
+        stats = {k: v.double() for k, v in stats.items() if k in LAYER_SIGNALS + PAIR_SIGNALS}
         return cls(fingerprint=fp, stats=stats, tokens=tokens, task=meta.get("task", ""),
                    demo_hash=meta.get("demo_hash", ""), num_demos=num_demos, model=meta.get("model", ""))
 
@@ -211,7 +201,7 @@ def expert_pair_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: 
 
 
 # pair-indexed first
-_SUM_ORDER = ("count", "soft", "out_aware", "ean", "reap", "top1_count", "top1_logit", "logit_sum")
+_SUM_ORDER = ("count", "soft", "out_aware", "ean", "reap", "top1_count", "top1_logit")
 _PAIR_SUMS = 5  # count, then the per-pair values of _LayerState.add
 assert sorted(_SUM_ORDER + MAX_SIGNALS) == sorted(LAYER_SIGNALS)
 PENDING_BYTES = 16 << 20  # router logits all layers may hold before they are reduced into the totals
@@ -259,7 +249,6 @@ class _LayerState:
         sums = torch.zeros(len(_SUM_ORDER), E, dtype=torch.float64, device=z.device)
         sums[:P].index_add_(1, flat, torch.cat((torch.ones_like(values[:, :1]), values), dim=1).T)
         sums[P:P + 2].index_add_(1, top1, torch.stack((torch.ones_like(top1_logit), top1_logit)))
-        sums[P + 2] = z.sum(0)
         self.sums[:, :E] += sums.cpu()
         k = idx.shape[-1]  # co-selected pairs (e, f) of each token, e == f included: the diagonal is count
         pairs = (idx.unsqueeze(-1) * E + idx.unsqueeze(-2)).reshape(-1) if k > 1 else flat * (E + 1)
