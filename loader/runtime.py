@@ -28,7 +28,7 @@ from moeprune.arch import moe_blocks
 from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.loader.reader import TensorReader
+from moeprune.io.reader import TensorReader
 from moeprune.loader.selective import (
     assemble_expert,
     attach_full_routers,
@@ -138,7 +138,7 @@ class TaskAdaptiveModel:
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = context if isinstance(context, int) else None
         # fewer active experts per token (moeprune.methods.dynamic): a rule, or a fraction calibrated on ``demos``
-        from moeprune.api import apply_dynamic
+        from moeprune.methods.dynamic import apply_dynamic
 
         self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
 

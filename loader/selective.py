@@ -9,24 +9,20 @@ never read, and the full model never exists in memory.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-from accelerate import init_empty_weights
 
 from moeprune.arch import MoEAdapter, get_path, layer_of, moe_blocks
 from moeprune.errors import IncompatibleError
 from moeprune.io.checkpoint import Checkpoint, CheckpointError
 from moeprune.io.export import plan_tensors, pruned_config
-from moeprune.loader.reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
+from moeprune.io.reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
 from moeprune.methods.merge import merge_transform, merged_expert
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.quantization.stored_formats import drop_dequantized_config, float_dtype
-
-# config fields a pattern may override -> the router attribute transformers reads them from
-ROUTER_ATTRS = {"n_group": "num_group", "topk_group": "topk_group"}
+from moeprune.skeleton import config_object, empty_model, resize_block, resize_router, set_tensor
 
 
 @dataclass
@@ -132,75 +128,6 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
     return out
 
 
-def empty_model(config: Any, dtype: torch.dtype | None = None):
-    """The transformers model for ``config`` with parameters on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def _config_object(config_dict: dict[str, Any]):
-    from transformers import AutoConfig
-
-    d = dict(config_dict)
-    return AutoConfig.for_model(d.pop("model_type"), **d)
-
-
-def kept_in_float32(model: Any, dtype: torch.dtype | None) -> re.Pattern | None:
-    """The tensors transformers keeps in float32 when it loads ``model`` in ``dtype`` (the model's
-    keep-in-fp32 lists, e.g. DeepSeek-V3's ``e_score_correction_bias`` in bfloat16), or None."""
-    if dtype not in (torch.float16, torch.bfloat16) or not hasattr(model, "_get_dtype_plan"):
-        return None
-    cache = model.__dict__.setdefault("_moeprune_fp32", {})
-    if dtype not in cache:
-        plan = model._get_dtype_plan(dtype)  # {glob: torch.float32}, matched as transformers' loader does
-        cache[dtype] = re.compile("|".join(g.replace("*", ".*") for g in plan)) if plan else None
-    return cache[dtype]
-
-
-def set_tensor(model: Any, name: str, value: torch.Tensor, device: str | torch.device,
-               dtype: torch.dtype | None) -> None:
-    """Replace parameter or buffer ``name`` by ``value`` (any shape: expert counts change), in the dtype
-    transformers would load it in: the skeleton's (built in the load dtype), or float32 where the
-    model keeps it so in ``dtype``."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    old = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
-    if old is None and attr not in module._buffers:
-        raise AttributeError(f"{type(module).__name__} {module_name!r} has no parameter or buffer {attr!r}")
-    if value.is_floating_point():  # the dtype transformers' loader would give it:
-        fp32 = kept_in_float32(model, dtype)
-        if fp32 is not None and fp32.search(name):  # kept in float32 by the model's lists
-            dtype = torch.float32
-        elif old is not None and old.is_floating_point():  # the skeleton's: ``dtype``, or one the module
-            dtype = old.dtype  # fixed itself (HunYuan's float32 router)
-        value = value.to(dtype or value.dtype)
-    value = value.to(device)
-    if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[attr] = value
-
-
-def resize_block(block: Any, adapter: MoEAdapter, num_experts: int, routing: dict[str, Any],
-                 base_config: dict[str, Any]) -> None:
-    """Tell a MoE block's router and experts how many experts they now hold, and the routing groups."""
-    resize_router(getattr(block, adapter.router), num_experts, routing, base_config)
-    if hasattr(block.experts, "num_experts"):
-        block.experts.num_experts = num_experts
-
-
-def resize_router(router: Any, num_experts: int, routing: dict[str, Any], base_config: dict[str, Any]) -> None:
-    """Set a router's expert count and routing groups (a pattern's override, else the checkpoint's)."""
-    if hasattr(router, "num_experts"):
-        router.num_experts = num_experts
-    for cfg_key, attr in ROUTER_ATTRS.items():
-        if hasattr(router, attr):
-            setattr(router, attr, routing.get(cfg_key, base_config.get(cfg_key, getattr(router, attr))))
-
-
 def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict[str, torch.Tensor]],
                  device: str | torch.device, dtype: torch.dtype | None) -> None:
     """Set a layer's expert parameters to the stack of the given per-expert slices."""
@@ -222,7 +149,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     load, in the export's format (``group_size`` along the input dimension).
     """
     adapter = ckpt.adapter
-    config = _config_object(_load_config(ckpt, pattern, num_layers))
+    config = config_object(_load_config(ckpt, pattern, num_layers))
     dtype = dtype if dtype is not None else _config_dtype(config)
     model = empty_model(config, dtype)
     reader = TensorReader(ckpt)

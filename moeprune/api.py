@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from moeprune.errors import InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
+from moeprune.methods.dynamic import apply_dynamic, resolve_dynamic
 from moeprune.modeling import parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 
@@ -68,41 +68,6 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
                                     keep_quantized=keep_quantized, bits=bits, group_size=group_size)
     apply_dynamic(net, ckpt, dynamic_prune, demos)
     return (net, report) if return_report else net
-
-
-def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None,
-                    max_tokens: int | None = None, progress: bool = False) -> Any:
-    """The :class:`~moeprune.methods.dynamic.DynamicPrune` to apply to a loaded model (None for none):
-    ``dynamic_prune`` given as a spec, a dict, or a fraction calibrated (ODP) on ``demos``; by default
-    (None) the one stored in the checkpoint's ``moeprune`` config section; False: none."""
-    from moeprune.methods.dynamic import DynamicPrune, calibrate
-
-    if dynamic_prune is False:
-        return None
-    if dynamic_prune is None:
-        stored = (ckpt.config.get("moeprune") or {}).get("dynamic_prune")
-        return DynamicPrune.from_dict(stored) if stored else None
-    if isinstance(dynamic_prune, DynamicPrune):
-        return dynamic_prune
-    if isinstance(dynamic_prune, dict):
-        return DynamicPrune.from_dict(dynamic_prune)
-    fraction = float(dynamic_prune)
-    if demos is None:
-        raise InvalidArgument(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos",
-                              hint="give them (demos=FILE)")
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.modeling import load_tokenizer, max_context
-
-    encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), max_length=max_context(net),
-                           max_tokens=max_tokens, vocab_size=getattr(net.config, "vocab_size", None))
-    return calibrate(net, encoded, fraction, progress=progress)
-
-
-def apply_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None) -> Any:
-    from moeprune.methods.dynamic import attach
-
-    spec = resolve_dynamic(net, ckpt, dynamic_prune, demos)
-    return attach(net, spec) if spec is not None and spec.active else None
 
 
 def evaluate_checkpoint(model: str | Path, texts: str | Path, pattern: ExpertPattern | str | Path | None = None,

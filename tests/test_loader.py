@@ -8,7 +8,7 @@ import torch
 
 import moeprune
 from moeprune.arch import get_adapter
-from moeprune.loader.reader import TensorReader
+from moeprune.io.reader import TensorReader
 from moeprune.loader.runtime import ExpertCache, TaskAdaptiveModel
 from moeprune.methods.select import make_pattern
 from moeprune.pipeline import profile_checkpoint, select_pattern

@@ -94,7 +94,7 @@ def test_top_k_from_the_family_field():
 
 def test_export_reads_only_kept_experts(family_checkpoints, tmp_path, monkeypatch):
     """No pruned expert tensor is ever read from the shards."""
-    from moeprune.loader.reader import TensorReader
+    from moeprune.io.reader import TensorReader
 
     _, src = family_checkpoints["qwen3_moe"]
     pattern, _ = _least_used_pattern(src, write_token_demos(tmp_path / "d.jsonl"), keep=0.25)

@@ -308,8 +308,8 @@ def test_pick_policy_bounded_wait(runtime):
 
 def test_prefetch_ranges_hold_the_experts_a_switch_reads(family_checkpoints, runtime):
     from moeprune.io.checkpoint import open_checkpoint
+    from moeprune.io.reader import TensorReader
     from moeprune.loader.prefetch import byte_ranges, read_ranges
-    from moeprune.loader.reader import TensorReader
     from moeprune.loader.selective import expert_requests
 
     for family in ("mixtral", "gpt_oss", "qwen3_moe"):

@@ -27,7 +27,7 @@ from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.atomic import atomic_dir
 from moeprune.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, open_checkpoint
-from moeprune.loader.reader import TensorReader
+from moeprune.io.reader import TensorReader
 from moeprune.methods.merge import merge_transform
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.quantization.experts import StoredQuantized, export_quantization_config, packed_state_dict, quantized_key

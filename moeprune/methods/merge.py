@@ -50,7 +50,7 @@ def merge_transform(ckpt: Checkpoint, pattern: ExpertPattern, reader=None) -> Ca
     overrides = pattern.router_overrides or {}
     if not pattern.merges and not overrides:
         return None
-    from moeprune.loader.reader import TensorReader
+    from moeprune.io.reader import TensorReader
 
     reader = reader or TensorReader(ckpt)
     adapter: MoEAdapter = ckpt.adapter
@@ -94,7 +94,7 @@ def merged_expert(reader, adapter: MoEAdapter, layer: int, members: list[int],
                   weights: list[float] | None = None) -> dict[str, torch.Tensor]:
     """The in-memory parameters (``param -> tensor`` without the expert axis) averaging ``members``
     (weighted by ``weights`` when given)."""
-    from moeprune.loader.reader import read_layer_experts
+    from moeprune.io.reader import read_layer_experts
 
     stacks = read_layer_experts(reader, adapter, layer, members, torch.float32)
     if weights is None:

@@ -142,7 +142,7 @@ def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
     flattened weights does not depend on it."""
     from dataclasses import replace
 
-    from moeprune.loader.reader import TensorReader
+    from moeprune.io.reader import TensorReader
     from moeprune.quantization.quant import dequantize
 
     got = TensorReader(ckpt, packed=True).read((k, None) for k in keys)

@@ -24,9 +24,9 @@ from moeprune.profiling.profile import RouterProfile, RouterProfiler
 
 def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dtype: torch.dtype) -> None:
     from moeprune.arch import moe_blocks
-    from moeprune.loader.reader import TensorReader, read_layer_experts
-    from moeprune.loader.selective import resize_block, set_tensor
+    from moeprune.io.reader import TensorReader, read_layer_experts
     from moeprune.quantization.stored_formats import logical_key
+    from moeprune.skeleton import resize_block, set_tensor
 
     adapter = ckpt.adapter
     reader = TensorReader(ckpt)
@@ -61,12 +61,12 @@ def profile_offloaded(ckpt: Checkpoint, encoded: Sequence[Sequence[int]], finger
 
 def _skeleton(ckpt: Checkpoint, dtype: torch.dtype | None) -> tuple[Any, torch.dtype]:
     """The model on the meta device (float experts) and the dtype it loads in (``dtype``, else the config's)."""
-    from moeprune.loader.selective import _config_object, empty_model
     from moeprune.quantization.stored_formats import drop_dequantized_config
+    from moeprune.skeleton import config_object, empty_model
 
     config_dict = dict(ckpt.config)
     drop_dequantized_config(config_dict)
-    config = _config_object(config_dict)
+    config = config_object(config_dict)
     dtype = dtype or (getattr(torch, config.dtype) if isinstance(getattr(config, "dtype", None), str)
                       else getattr(config, "dtype", None)) or torch.float32
     return empty_model(config, dtype), dtype

@@ -28,7 +28,7 @@ def _relative_error(m, bits: int, group: int) -> float:
 
 def expert_errors(ckpt: Checkpoint, pattern: ExpertPattern, bits: Sequence[int], group_size: int) -> np.ndarray:
     """``eps[N, B]`` for the kept experts in pattern order (layer by layer), streamed one expert at a time."""
-    from moeprune.loader.reader import TensorReader, read_layer_experts
+    from moeprune.io.reader import TensorReader, read_layer_experts
 
     reader = TensorReader(ckpt)
     adapter = ckpt.adapter
