@@ -72,7 +72,7 @@ if mode == "plain":
     m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 elif mode == "export":
     import tempfile
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
     with tempfile.TemporaryDirectory(dir=sys.argv[6]) as tmp:
         out.update(export_pruned(path, sys.argv[3], tmp + "/out", max_shard_size="500MB", progress=False))
 else:

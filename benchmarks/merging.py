@@ -17,8 +17,8 @@ import time
 import torch
 
 from moeprune.evaluate import perplexity
-from moeprune.methods.recalibrate import recalibrate_pattern
 from moeprune.pipeline import select_pattern
+from moeprune.recalibrate import recalibrate_pattern
 from moeprune.showcase import EmbeddedBench
 
 

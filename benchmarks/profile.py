@@ -19,7 +19,7 @@ from moeprune import embedded  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.fingerprint import checkpoint_fingerprint  # noqa: E402
 from moeprune.io.checkpoint import open_checkpoint  # noqa: E402
-from moeprune.modeling import load_model  # noqa: E402
+from moeprune.loader.selective import load_model  # noqa: E402
 from moeprune.profiling.profile import RouterProfiler, profile_model  # noqa: E402
 
 

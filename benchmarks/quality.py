@@ -134,7 +134,7 @@ def main() -> None:
                + (", ".join(args.exclude) + " (--exclude)" if args.exclude else "nothing else")) + ".\n\n"
             + ("+ recal: the same selection with its kept router rows (and selection bias) re-calibrated on "
                "the domain's demos to match the full model's next-token distribution (KL; "
-               "`moeprune.methods.recalibrate`); s/domain includes it.\n\n" if args.recalibrate else "")
+               "`moeprune.recalibrate`); s/domain includes it.\n\n" if args.recalibrate else "")
             + table(rows, ["keep", "method", "in-domain ppl ratio", *(["+ recal"] if args.recalibrate else []),
                            "cross-domain ppl ratio", "passes", "s/domain"])
             + ("" if not qrows else "\n\nQuantized kept experts (tcess, keep 0.5; compressed-tensors, "

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from benchmarks.report import machine, table, write_section  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
-from moeprune.io.export import export_pruned  # noqa: E402
+from moeprune.export import export_pruned  # noqa: E402
 from moeprune.pipeline import select_pattern  # noqa: E402
 from moeprune.showcase import EmbeddedBench  # noqa: E402
 

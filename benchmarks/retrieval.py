@@ -38,11 +38,8 @@ from moeprune.arch import get_adapter, moe_blocks
 from moeprune.demos import encode_demos, read_demos
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.modeling import load_model
-from moeprune.patterns.retrieval import (
-    load_signature_model,
-    query_signatures,
-)
+from moeprune.loader.selective import load_model, load_signature_model
+from moeprune.patterns.retrieval import query_signatures
 from moeprune.patterns.windows import WINDOW_CHARS, WindowClassifier, demo_windows, record_text
 from moeprune.profiling.profile import profile_model
 

@@ -28,7 +28,7 @@ from moeprune import embedded  # noqa: E402
 from moeprune.arch import get_adapter, moe_blocks  # noqa: E402
 from moeprune.demos import encode_demos, read_demos  # noqa: E402
 from moeprune.io.checkpoint import open_checkpoint  # noqa: E402
-from moeprune.modeling import load_model  # noqa: E402
+from moeprune.loader.selective import load_model  # noqa: E402
 
 # the generic openings some queries start with: used only to break the accuracy down, never by a method
 # the instruction openings of the embedded model's held-out queries (profiles/queries)

@@ -69,9 +69,9 @@ def main() -> None:
     py = vllm_python()
     path = Path(args.dir)
     ensure_built(path)
+    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
     from moeprune.patterns.pattern import ExpertPattern
 
     ckpt = open_checkpoint(path)

@@ -16,10 +16,12 @@ import torch
 
 from moeprune.arch import MoEAdapter, get_path, layer_of, moe_blocks
 from moeprune.errors import IncompatibleError
-from moeprune.io.checkpoint import Checkpoint, CheckpointError
-from moeprune.io.export import plan_tensors, pruned_config
+from moeprune.fingerprint import checkpoint_fingerprint
+from moeprune.io.checkpoint import Checkpoint, CheckpointError, local_model_dir, open_checkpoint
+from moeprune.io.plan import plan_tensors, pruned_config
 from moeprune.io.reader import ReadStats, TensorReader, read_layer_experts  # noqa: F401  (re-exported)
 from moeprune.methods.merge import merge_transform, merged_expert
+from moeprune.modeling import every_expert, load_tokenizer, parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.quantization.stored_formats import drop_dequantized_config, float_dtype
 from moeprune.skeleton import config_object, empty_model, resize_block, resize_router, set_tensor
@@ -293,3 +295,43 @@ def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | Non
         resize_router(getattr(holder, adapter.router), num_experts, {}, ckpt.config)
         object.__setattr__(router, "moeprune_full_router", holder)  # not a submodule: no state-dict entry
     return full
+
+
+def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
+    """The full transformers model and its tokenizer (None when the checkpoint ships none)."""
+    return load_as_is(ckpt, device, dtype)[0], load_tokenizer(ckpt)
+
+
+def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
+               keep_quantized: bool = True) -> tuple[Any, Any]:
+    """``ckpt``'s model with every expert it stores, and the loader's read report (None from plain
+    transformers): plain transformers, except for what it cannot read, a moeprune export with
+    per-layer expert counts or packed quantized experts (moeprune's loader)."""
+    section = ckpt.config.get("moeprune", {})
+    if section.get("uniform", True) and not section.get("quantization"):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
+                                                        device_map=device).eval(), None
+        except Exception as exc:
+            ckpt.verify()  # name a missing or corrupt shard rather than transformers' error
+            if type(exc) is RuntimeError:  # e.g. a size mismatch: one line naming the checkpoint
+                raise CheckpointError(f"transformers cannot load {ckpt.path}: {exc}") from exc
+            raise
+    torch_dtype = parse_dtype(dtype)
+    model, report = load_with_pattern(ckpt, every_expert(ckpt), device=device,
+                                      dtype=None if torch_dtype == "auto" else torch_dtype,
+                                      keep_quantized=keep_quantized)
+    return model.eval(), report
+
+
+def load_signature_model(model: Any, device: str = "cpu"):
+    """The smallest model that computes first-MoE-layer signatures: the decoder layers up to the first
+    MoE layer, the router of that layer whole, and only top-k experts per layer (never run)."""
+    ckpt = open_checkpoint(model)
+    fp = checkpoint_fingerprint(ckpt)
+    minimal = ExpertPattern(fp, {layer: list(range(fp.top_k)) for layer in fp.moe_layers}, task="signature")
+    net, _ = load_with_pattern(ckpt, minimal, device, num_layers=fp.moe_layers[0] + 1)
+    attach_full_routers(net, ckpt)
+    return net, load_tokenizer(ckpt), fp

@@ -22,7 +22,7 @@ _EXPORTS = {
     "profile_checkpoint": "moeprune.pipeline",
     "select_pattern": "moeprune.pipeline",
     "prune": "moeprune.pipeline",
-    "export_pruned": "moeprune.io.export",
+    "export_pruned": "moeprune.export",
     "RouterProfile": "moeprune.profiling.profile",
     "profile_model": "moeprune.profiling.profile",
     "ExpertPattern": "moeprune.patterns.pattern",

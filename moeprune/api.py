@@ -52,7 +52,7 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     ckpt = open_checkpoint(model)
     if pattern is None and bits is None:
-        from moeprune.modeling import load_as_is
+        from moeprune.loader.selective import load_as_is
 
         net, report = load_as_is(ckpt, device, torch_dtype or "auto", keep_quantized=keep_quantized)
         apply_dynamic(net, ckpt, dynamic_prune, demos)

@@ -10,13 +10,14 @@ import torch
 
 from moeprune.demos import demo_hash, encode_demos, read_demos
 from moeprune.errors import InvalidArgument
+from moeprune.export import export_pruned
 from moeprune.fingerprint import Fingerprint, checkpoint_fingerprint
 from moeprune.io.atomic import check_dir_target
 from moeprune.io.checkpoint import Checkpoint, open_checkpoint
-from moeprune.io.export import export_pruned
+from moeprune.loader.selective import load_model, load_with_pattern
 from moeprune.methods.scoring import default_budget, needs_checkpoint, score_merging
 from moeprune.methods.select import make_pattern
-from moeprune.modeling import load_model, load_tokenizer, max_context, parse_dtype
+from moeprune.modeling import load_tokenizer, max_context, parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.profiling.profile import RouterProfile, profile_model
 
@@ -154,7 +155,6 @@ def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[
                       device: str = "cpu", dtype: str | torch.dtype | None = "auto", progress: bool = False):
     """MC-MoE's online dynamic pruning calibrated on ``demos`` for ``ckpt`` pruned to ``pattern`` (loaded
     with only the kept experts, as the export will run)."""
-    from moeprune.loader.selective import load_with_pattern
     from moeprune.methods.dynamic import calibrate
 
     torch_dtype = parse_dtype(dtype)
@@ -205,7 +205,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
     ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.io.engines``).
     ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most
-    ``recalibrate_steps`` steps; :mod:`moeprune.methods.recalibrate`) and exports them in the router's place.
+    ``recalibrate_steps`` steps; :mod:`moeprune.recalibrate`) and exports them in the router's place.
     ``quant_method`` ``"gptq"`` quantizes with GPTQ calibrated on the demos (:mod:`moeprune.quantization.gptq_experts`).
     """
     check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
@@ -223,7 +223,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
     if recalibrate_router:
-        from moeprune.methods.recalibrate import recalibrate_pattern
+        from moeprune.recalibrate import recalibrate_pattern
 
         recalibrate_pattern(ws.ckpt, pattern, ws.model, ws.demos, steps=recalibrate_steps, device=device,
                             seed=params.get("seed") or 0, progress=progress)
@@ -245,11 +245,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
         allot_bits(pattern, profile, ckpt, avg_bits, group_size=group_size)
     calibrated = None
     if quant_method == "gptq":
-        from moeprune.quantization.gptq_experts import calibrate
-
-        calibrated = calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
-                               progress=progress,
-                               device=device)
+        calibrated = _gptq_codes(ckpt, pattern, encoded, bits, group_size, symmetric, progress, device)
     summary = export_pruned(ckpt, pattern, out, overwrite=overwrite, progress=progress,
                             max_shard_size=max_shard_size, transform=transform, extra_config=extra, bits=bits,
                             group_size=group_size, symmetric=symmetric, calibrated=calibrated)
@@ -279,7 +275,7 @@ def select_from_profiles(profiles: Sequence[str | Path | RouterProfile], method:
 
     ``model`` is the checkpoint for methods that read weights (default: the profiled one). With ``demos``
     (a demo file), methods that run the model get it loaded on ``device`` in ``dtype`` with the demos
-    encoded; ``recalibrate_router`` then fits the kept router rows on them (:mod:`moeprune.methods.recalibrate`).
+    encoded; ``recalibrate_router`` then fits the kept router rows on them (:mod:`moeprune.recalibrate`).
     ``params`` are the method's own parameters.
     """
     from moeprune.methods.scoring import runs_model
@@ -303,7 +299,7 @@ def select_from_profiles(profiles: Sequence[str | Path | RouterProfile], method:
     pattern = select_pattern(prof, method, keep, task=task, budget=budget, min_per_layer=min_per_layer,
                              checkpoint=ckpt, model=net, demos=encoded, progress=progress, **params)
     if recalibrate_router:
-        from moeprune.methods.recalibrate import recalibrate_pattern
+        from moeprune.recalibrate import recalibrate_pattern
 
         recalibrate_pattern(ckpt, pattern, net, encoded, steps=recalibrate_steps, device=device,
                             seed=params.get("seed") or 0, progress=progress)
@@ -354,10 +350,19 @@ def _gptq_for_export(model: str | Path, pattern: ExpertPattern, quant_method: st
         return None
     if not demos:
         raise InvalidArgument("quant_method=gptq calibrates on demos: give demos=FILE (the pattern's demos)")
-    from moeprune.quantization.gptq_experts import calibrate
-
     ckpt = open_checkpoint(model)
     encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), ckpt.config.get("max_position_embeddings"),
                            max_tokens, vocab_size=ckpt.config.get("vocab_size"))
-    return calibrate(ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
+    return _gptq_codes(ckpt, pattern, encoded, bits, group_size, symmetric, progress)
+
+
+def _gptq_codes(ckpt: Any, pattern: ExpertPattern, encoded: list[list[int]], bits: int | None, group_size: int,
+                symmetric: bool, progress: bool, device: str = "cpu") -> Any:
+    """GPTQ codes for ``pattern``'s experts, calibrated through the pruned model in the export's float dtype."""
+    from moeprune.quantization.gptq_experts import calibrate, check_gptq
+    from moeprune.quantization.stored_formats import float_dtype
+
+    check_gptq(ckpt)  # before the model loads
+    net, _ = load_with_pattern(ckpt, pattern, device=device, dtype=float_dtype(ckpt.config))
+    return calibrate(net, ckpt, pattern, encoded, bits=bits, group_size=group_size, symmetric=symmetric,
                      progress=progress)

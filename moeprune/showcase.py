@@ -11,10 +11,11 @@ from typing import Any, Iterable
 from moeprune import embedded
 from moeprune.demos import demo_hash, encode_demos, read_demos
 from moeprune.evaluate import perplexity
+from moeprune.export import export_pruned
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
-from moeprune.modeling import load_model, max_context
+from moeprune.loader.selective import load_model
+from moeprune.modeling import max_context
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.pipeline import select_pattern
 from moeprune.profiling.profile import RouterProfile, profile_model
@@ -98,7 +99,7 @@ class EmbeddedBench:
             others = {d: perplexity(pruned, self.evals[d]) / self.full_ppl[d] for d in self.domains if d != domain}
         ppl_pruned, ppl_recal = perplexity(pruned, self.evals[domain]), None
         if recalibrate:
-            from moeprune.methods.recalibrate import recalibrate_pattern
+            from moeprune.recalibrate import recalibrate_pattern
 
             recalibrate_pattern(self.ckpt, pattern, self.model, self.demos[domain], progress=False)
             ppl_recal = perplexity(self.pruned_model(pattern, bits), self.evals[domain])

@@ -34,7 +34,7 @@ def add_to_store(store: str | Path | PatternStore, model: str | Path | None = No
                                   "not to pattern=...")
         pattern = pattern if isinstance(pattern, ExpertPattern) else ExpertPattern.load(pattern)
         if demos:  # a pattern made elsewhere: its retrieval windows from these demos
-            from moeprune.patterns.retrieval import load_signature_model
+            from moeprune.loader.selective import load_signature_model
 
             net, tokenizer, fp = load_signature_model(model or pattern.meta.get("model"), device)
             pattern.fingerprint.check_compatible(fp)
@@ -155,12 +155,12 @@ def _signature_model(model: str | Path, layers: str, device: str, dtype: str) ->
     """The model computing query signatures (the partial first-layer one for ``layers="first"``), its
     tokenizer and the checkpoint's fingerprint."""
     if layers == "first":
-        from moeprune.patterns.retrieval import load_signature_model
+        from moeprune.loader.selective import load_signature_model
 
         return load_signature_model(model, device)
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.modeling import load_model
+    from moeprune.loader.selective import load_model
 
     ckpt = open_checkpoint(model)
     fp = checkpoint_fingerprint(ckpt)

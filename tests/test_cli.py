@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moeprune.cli import main
+from moeprune.export import export_pruned
 from moeprune.io.checkpoint import CheckpointError, open_checkpoint
-from moeprune.io.export import export_pruned
 from moeprune.patterns.pattern import ExpertPattern
 from tiny_models import write_token_demos
 
@@ -157,7 +157,7 @@ def test_bad_requests_are_refused_before_profiling(family_checkpoints, tmp_path,
 
 
 def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monkeypatch):
-    import moeprune.io.export as export_mod
+    import moeprune.export as export_mod
 
     _, src = family_checkpoints["mixtral"]
     pattern = _any_pattern(src, tmp_path)
@@ -179,7 +179,7 @@ def test_export_failure_midway_leaves_nothing(family_checkpoints, tmp_path, monk
 
 KILL_SCRIPT = """
 import sys, time
-import moeprune.io.export as e
+import moeprune.export as e
 from safetensors.torch import save_file
 def slow(t, p, metadata=None):
     save_file(t, p, metadata=metadata); print("shard", flush=True); time.sleep(0.5)
@@ -297,7 +297,7 @@ def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, mo
 
     def interrupted(*args, **kwargs):  # Ctrl-C (or SIGTERM, turned into the same) in the middle of a run
         raise KeyboardInterrupt
-    monkeypatch.setattr("moeprune.io.export._ShardWriter.add", interrupted)
+    monkeypatch.setattr("moeprune.export._ShardWriter.add", interrupted)
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == [] and not (tmp_path / "o").exists()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import moeprune
+from moeprune.export import export_pruned
 from moeprune.io.engines import check_vllm_target
-from moeprune.io.export import export_pruned
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.quantization import compressed as ct

@@ -117,7 +117,7 @@ def test_uncurl_clusters_by_task_routing_and_merges(finetuned, tmp_path, capsys)
 
 
 def test_uncurl_paper_variant_is_plain_spectral_clustering_and_plain_averages(finetuned, tmp_path):
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
     from moeprune.methods.uncurl import cluster_experts, task_router_logits
     from moeprune.pipeline import profile_checkpoint, select_pattern
 

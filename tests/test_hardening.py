@@ -31,7 +31,7 @@ def test_disk_full_during_export_and_profile_save(family_checkpoints, tmp_path, 
     monkeypatch.setattr("moeprune.profiling.profile.save_file", full)
     code, _, err = run(capsys, "profile", src, "--demos", demos, "--out", tmp_path / "p.safetensors", "-q")
     _one_line_error(code, err, f"cannot write {tmp_path / 'p.safetensors'}: No space left on device")
-    monkeypatch.setattr("moeprune.io.export.save_file", full)
+    monkeypatch.setattr("moeprune.export.save_file", full)
     code, _, err = run(capsys, "prune", src, "--demos", demos, "--keep", "4", "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, f"error: cannot write {tmp_path / 'o'}: No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
@@ -322,7 +322,7 @@ def test_export_verifies_what_it_wrote_against_its_plan(family_checkpoints, tmp_
             tensors = {k: v for k, v in tensors.items() if k != dropped[0]}
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr("moeprune.io.export.save_file", lossy)
+    monkeypatch.setattr("moeprune.export.save_file", lossy)
     code, _, err = run(capsys, "export", src, "--pattern", pattern, "--out", tmp_path / "o", "-q")
     _one_line_error(code, err, "the export's shards do not match its index and plan")
     assert dropped and dropped[0] in err and not (tmp_path / "o").exists()

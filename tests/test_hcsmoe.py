@@ -6,10 +6,10 @@ from transformers import AutoModelForCausalLM
 
 import moeprune
 from moeprune.demos import encode_demos, read_demos
+from moeprune.export import export_pruned
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
+from moeprune.loader.selective import load_model
 from moeprune.methods.hcsmoe import cluster_features, expert_features
-from moeprune.modeling import load_model
 from moeprune.patterns.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from tiny_models import make_model, save_model, write_token_demos

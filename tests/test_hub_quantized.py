@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeprune
+from moeprune.export import export_pruned
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
 from moeprune.loader.runtime import TaskAdaptiveModel
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from moeprune.profiling.offload import profile_offloaded

@@ -79,7 +79,7 @@ def test_loaded_model_equals_masked_full_model(family, family_checkpoints, tmp_p
 
 
 def test_exported_checkpoint_loads_as_is(family_checkpoints, tmp_path):
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
 
     full, src = family_checkpoints["qwen2_moe"]
     pattern = _patterns(src, tmp_path, 1)[0]
@@ -99,9 +99,9 @@ def test_deepseek_mtp_layer_is_left_out(family_checkpoints, tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
 
     full, src = family_checkpoints["deepseek_v3"]
     mtp = tmp_path / "mtp"
@@ -144,8 +144,8 @@ def test_mtp_head_is_left_out(family, head, proj, count, family_checkpoints, tmp
 
     from safetensors.torch import save_file
 
+    from moeprune.export import export_pruned
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
 
     full, src = family_checkpoints[family]
     mtp = tmp_path / "mtp"
@@ -339,7 +339,7 @@ def test_hub_load_downloads_only_the_shards_it_needs(family_checkpoints, tmp_pat
     prof = profile_checkpoint(src, write_token_demos(tmp_path / "d.jsonl"), progress=False)
     pattern = make_pattern(-prof.stats["count"], prof.fingerprint, 2)
     model = moeprune.from_pretrained("org/tiny-mixtral", pattern)
-    from moeprune.io.export import plan_tensors
+    from moeprune.io.plan import plan_tensors
 
     needed = {ckpt.weight_map[p.source] for p in plan_tensors(ckpt, pattern)}
     assert set(fetched) == needed and len(needed) < len(set(ckpt.weight_map.values()))

@@ -5,8 +5,8 @@ import torch
 
 import moeprune
 from moeprune.arch import get_adapter
+from moeprune.export import export_pruned
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
 from moeprune.methods.stun import expert_gram
 from moeprune.patterns.pattern import ExpertPattern, PatternError
 from moeprune.pipeline import profile_checkpoint, select_pattern
@@ -305,8 +305,8 @@ def test_expert_gram_of_a_quantized_export(family, family_checkpoints, tmp_path,
 def test_enumerate_on_a_non_uniform_export(family_checkpoints, tmp_path):
     """Each layer enumerates its own experts: a layer holding exactly K keeps them all, error 0."""
     from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.loader.selective import load_model
     from moeprune.methods.exact import best_subsets
-    from moeprune.modeling import load_model
 
     _, src = family_checkpoints["mixtral"]
     fp = checkpoint_fingerprint(open_checkpoint(src))

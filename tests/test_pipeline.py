@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from moeprune.export import export_pruned
 from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
 from moeprune.methods.select import make_pattern
 from moeprune.pipeline import profile_checkpoint, select_pattern
 from tiny_models import FAMILIES, VOCAB, masked_routers, write_token_demos
@@ -113,7 +113,7 @@ def test_export_reads_only_kept_experts(family_checkpoints, tmp_path, monkeypatc
 def test_export_streams_holding_at_most_one_output_shard(family_checkpoints, tmp_path, monkeypatch):
     """Tensors are read one at a time and written out shard by shard: what the export holds at once is
     bounded by the output shard size (plus one tensor), not by the model."""
-    import moeprune.io.export as export
+    import moeprune.export as export
 
     _, src = family_checkpoints["gpt_oss"]
     ckpt = open_checkpoint(src)

@@ -181,10 +181,10 @@ def test_profile_of_a_moeprune_export(family, bits, family_checkpoints, tmp_path
     """A non-uniform or quantized export (which plain transformers cannot read) profiles, in memory and
     layer by layer, as its pattern's selective load of the source does."""
     import moeprune
+    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint, model_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
-    from moeprune.modeling import load_model
+    from moeprune.loader.selective import load_model
     from moeprune.patterns.pattern import ExpertPattern
     from moeprune.profiling.offload import profile_offloaded
 

@@ -354,8 +354,8 @@ def test_constraints_at_deepseek_v3_scale_are_small():
 def test_avg_bits_on_fused_experts_gives_one_width_per_layer(family_checkpoints, tmp_path):
     """GPT-OSS stores a layer's experts in one tensor: the integer program gives each layer one width."""
     import moeprune
+    from moeprune.export import export_pruned
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from moeprune.quantization.mixed import allot_bits
     from tiny_models import write_token_demos
@@ -437,7 +437,7 @@ def test_public_api():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_export_loads_and_matches_dequantized_reference(family, bits, family_checkpoints, tmp_path):
     import moeprune
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
 
@@ -497,7 +497,7 @@ def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, c
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_packed_quantized_experts_equal_the_dequantized_load(family, family_checkpoints, tmp_path):
     import moeprune
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
     from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
@@ -521,7 +521,7 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     """from_pretrained(MODEL, pattern, bits=4) quantizes while loading: the same packed weights (and
     logits) as exporting with --bits 4 and loading that; mixed widths per layer stay packed too."""
     import moeprune
-    from moeprune.io.export import export_pruned
+    from moeprune.export import export_pruned
     from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
@@ -567,9 +567,9 @@ def test_pruning_a_quantized_export_again(family, family_checkpoints, tmp_path):
     import json
 
     import moeprune
+    from moeprune.export import export_pruned
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.io.export import export_pruned
     from moeprune.patterns.pattern import ExpertPattern
 
     _, src = family_checkpoints[family]

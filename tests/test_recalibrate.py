@@ -7,12 +7,12 @@ from transformers import AutoModelForCausalLM
 
 import moeprune
 from moeprune.demos import encode_demos, read_demos
+from moeprune.export import export_pruned
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.io.export import export_pruned
-from moeprune.methods.recalibrate import demo_kl, recalibrate_pattern
-from moeprune.modeling import load_model
+from moeprune.loader.selective import load_model
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.pipeline import profile_checkpoint, select_pattern
+from moeprune.recalibrate import demo_kl, recalibrate_pattern
 from tiny_models import write_token_demos
 
 

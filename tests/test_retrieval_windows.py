@@ -23,7 +23,7 @@ from moeprune.patterns.windows import (
 def emb():
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.modeling import load_model
+    from moeprune.loader.selective import load_model
 
     torch.manual_seed(0)
     ckpt = open_checkpoint(embedded.model_dir())
@@ -91,7 +91,7 @@ def test_uniform_signature_is_additive_over_tokens(emb):
 def test_retrieval_in_store_and_fallback_out_of_store(patterns):
     """Held-out openings go to their task; a domain the store lacks goes mostly to the general pattern,
     at little in-store cost."""
-    from moeprune.patterns.retrieval import load_signature_model
+    from moeprune.loader.selective import load_signature_model
 
     net, tok, _ = load_signature_model(embedded.model_dir())
     inside = [patterns[d] for d in ("math", "code", "legal")]

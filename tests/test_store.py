@@ -146,8 +146,8 @@ def test_query_signature_routes_as_the_profile_did(family, family_checkpoints, t
     minimal signature model and from a runtime holding a pattern whose routing falls back to ungrouped."""
     from moeprune.io.checkpoint import open_checkpoint
     from moeprune.loader.runtime import TaskAdaptiveModel
-    from moeprune.modeling import load_model
-    from moeprune.patterns.retrieval import load_signature_model, query_signatures
+    from moeprune.loader.selective import load_model, load_signature_model
+    from moeprune.patterns.retrieval import query_signatures
     from moeprune.pipeline import profile_checkpoint, select_pattern
 
     _, src = family_checkpoints[family]

@@ -27,7 +27,8 @@ def test_add_to_store_and_retrieve_as_the_cli_does(family_checkpoints, tmp_path,
     assert len(found) == 6 and {m.task for m, _ in found} <= {"low", "high", "general"}
     # the reference: the retrieval primitives composed by hand
     from moeprune.demos import encode_demos, read_demos
-    from moeprune.patterns.retrieval import Retriever, load_signature_model, query_signatures
+    from moeprune.loader.selective import load_signature_model
+    from moeprune.patterns.retrieval import Retriever, query_signatures
 
     net, tokenizer, _ = load_signature_model(src)
     ref = Retriever(PatternStore(tmp_path / "s").patterns(), "first", "auto").match(

@@ -113,12 +113,8 @@ def diep_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seque
     """Learned keep-gate times layer scale, ``2*sigmoid(alpha) * beta``; higher = keep."""
     if demos is None:
         raise InvalidArgument("diep trains on the demos", hint="give demos=... (or use `moeprune prune`)")
-    if model is None:
-        if checkpoint is None:
-            raise InvalidArgument("diep runs the model", hint="give the checkpoint (model=...)")
-        from moeprune.modeling import load_model
-
-        model, _ = load_model(checkpoint, "cpu", "float32")
+    if model is None:  # the caller loads it (moeprune.loader.selective.load_model): scorers sit below the loader
+        raise InvalidArgument("diep runs the model on the demos", hint="give the loaded model (model=...)")
     alpha, beta = train_gates(model, demos, steps=steps, lam=lam, rho=rho, seed=seed, progress=progress)
     scores = 2 * torch.sigmoid(alpha.double()) * beta.double()[:, None]
     return scores[:, : profile.num_experts]

@@ -125,12 +125,8 @@ def enumerate_scores(profile: RouterProfile, model: Any = None, demos: Sequence[
         raise InvalidArgument("enumerate runs the model on the demos", hint="give demos=... and keep=...")
     fp = profile.fingerprint
     k = dict(zip(fp.moe_layers, keep_per_layer(keep, fp.num_experts, fp.top_k)))  # as the uniform cut keeps
-    if model is None:
-        if checkpoint is None:
-            raise InvalidArgument("enumerate runs the model", hint="give the checkpoint (model=...)")
-        from moeprune.modeling import load_model
-
-        model, _ = load_model(checkpoint, "cpu", "float32")
+    if model is None:  # the caller loads it (moeprune.loader.selective.load_model): scorers sit below the loader
+        raise InvalidArgument("enumerate runs the model on the demos", hint="give the loaded model (model=...)")
     best = best_subsets(model, demos, k, max_subsets, progress=progress)
     freq = profile.stats["count"] / profile.stats["count"].sum(1, keepdim=True).clamp_min(1)
     scores = 0.5 * freq.clone()

@@ -141,22 +141,6 @@ def _chosen_experts(output: Any, top_k: int) -> torch.Tensor:
     return z.topk(min(top_k, z.shape[-1]), dim=-1).indices
 
 
-def load_signature_model(model: Any, device: str = "cpu"):
-    """The smallest model that computes first-MoE-layer signatures: the decoder layers up to the first
-    MoE layer, the router of that layer whole, and only top-k experts per layer (never run)."""
-    from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.io.checkpoint import open_checkpoint
-    from moeprune.loader.selective import attach_full_routers, load_with_pattern
-    from moeprune.modeling import load_tokenizer
-
-    ckpt = open_checkpoint(model)
-    fp = checkpoint_fingerprint(ckpt)
-    minimal = ExpertPattern(fp, {layer: list(range(fp.top_k)) for layer in fp.moe_layers}, task="signature")
-    net, _ = load_with_pattern(ckpt, minimal, device, num_layers=fp.moe_layers[0] + 1)
-    attach_full_routers(net, ckpt)
-    return net, load_tokenizer(ckpt), fp
-
-
 def pattern_signature(pattern: ExpertPattern, layers: str | Sequence[int] = "first") -> np.ndarray:
     if pattern.signature is None:
         raise InvalidArgument(f"pattern {pattern.task!r} has no retrieval signature: make it from a profile "

@@ -88,24 +88,24 @@ def _quantize(w: torch.Tensor, h: torch.Tensor | None, n: int, bits: int, group_
     return gptq_quantize(w, h, bits, group_size, symmetric=symmetric, **kw), False
 
 
-@torch.no_grad()
-def calibrate(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], bits: int | None = None,
-              group_size: int = 128, symmetric: bool = True, progress: bool = True, device: str = "cpu",
-              **kw: Any) -> GPTQCodes:
-    """GPTQ codes for every kept expert of ``pattern`` (widths: ``bits`` or the pattern's), calibrated on
-    ``demos`` (token ids) through the pruned model; ``kw`` go to :func:`calibrate_model`."""
-    from moeprune.loader.selective import load_with_pattern
-
+def check_gptq(ckpt: Checkpoint) -> None:
+    """Refuse GPTQ for a family whose experts it does not support yet."""
     adapter = ckpt.adapter
     if adapter.experts_transposed or adapter.fused_experts:
         raise IncompatibleError(f"quant_method=gptq does not support {adapter.family}'s fused [in, out] experts "
                                 "yet", hint="use quant_method=rtn")
-    from moeprune.quantization.stored_formats import float_dtype
 
+
+@torch.no_grad()
+def calibrate(model: Any, ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]],
+              bits: int | None = None, group_size: int = 128, symmetric: bool = True, progress: bool = True,
+              **kw: Any) -> GPTQCodes:
+    """GPTQ codes for every kept expert of ``pattern`` (widths: ``bits`` or the pattern's), calibrated on
+    ``demos`` (token ids) through ``model``, ``ckpt`` pruned to ``pattern`` (loaded in the dtype the export
+    writes float experts in, so GPTQ's codes come from the very weights the export quantizes; it is
+    quantized in place); ``kw`` go to :func:`calibrate_model`."""
+    check_gptq(ckpt)
     widths = _bits_of(pattern, bits)
-    # in the dtype the export writes float experts in (an FP8 source's dequantized experts are rounded to it
-    # there too): GPTQ's codes are then made from the very weights the export quantizes
-    model, _ = load_with_pattern(ckpt, pattern, device=device, dtype=float_dtype(ckpt.config))
     by_slot = calibrate_model(model.eval(), widths, demos, group_size, symmetric=symmetric, progress=progress, **kw)
     out = GPTQCodes(matrices=by_slot.matrices, fallback=by_slot.fallback, tokens=by_slot.tokens)
     for (layer, i), results in by_slot.codes.items():

@@ -38,7 +38,7 @@ TEACHER_CACHE_BYTES = 1 << 30  # full-model log-probabilities kept in memory (el
 
 def router_keys(ckpt: Checkpoint, pattern: ExpertPattern) -> list[str]:
     """Checkpoint keys of the router tensors of the pattern's MoE layers (sliced to the kept rows on export)."""
-    from moeprune.io.export import plan_tensors
+    from moeprune.io.plan import plan_tensors
 
     adapter = ckpt.adapter
     return [p.source for p in plan_tensors(ckpt, pattern, dequantize=True) if p.rows is not None
