@@ -98,6 +98,26 @@ def speed(bench, repeats):
     return times, kt, float(drop.float().mean() / 2)
 
 
+def finegrained_curve(args, t0: float) -> None:
+    """The quality x active fraction curve on the fine-grained benchmark model (64 experts, top-6)."""
+    import os
+
+    from moeprune import embedded
+
+    os.environ["MOEPRUNE_PROFILES"] = str(embedded.finegrained_dir())
+    bench = EmbeddedBench()
+    rows = curve(bench, {d: (bench.model, bench.full_ppl[d]) for d in bench.domains}, args.fractions, args.methods,
+                 args.demos, args.steps)
+    body = (f"Machine: {machine()}. Fine-grained benchmark model `fine-moe` (top-6 of 64 routed experts and a "
+            f"shared expert), domains {', '.join(bench.domains)}; rules, calibration ({args.demos} demos per "
+            f"domain), evaluation and top-any ({args.steps} steps) as in \"Dynamic pruning\". Total run "
+            f"{time.perf_counter() - t0:.0f} s. Reproduce: `python benchmarks/dynamic.py --finegrained`.\n\n"
+            + curve_table(rows) + "\n")
+    print(body)
+    if not args.no_write:
+        write_section("Dynamic pruning: finegrained", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3])
@@ -106,9 +126,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="top-any training steps")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--finegrained", action="store_true",
+                    help="the curve (all experts) on the fine-grained benchmark model instead (its own section)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    if args.finegrained:
+        return finegrained_curve(args, t0)
     bench = EmbeddedBench()
     rows = curve(bench, {d: (bench.model, bench.full_ppl[d]) for d in bench.domains}, args.fractions, args.methods,
                  args.demos, args.steps)

@@ -133,7 +133,7 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
 def fill_experts(model: Any, adapter: MoEAdapter, layer: int, experts: list[dict[str, torch.Tensor]],
                  device: str | torch.device, dtype: torch.dtype | None) -> None:
     """Set a layer's expert parameters to the stack of the given per-expert slices."""
-    prefix = f"model.layers.{layer}.{adapter.memory_block}.experts."
+    prefix = adapter.memory_experts_prefix(layer)
     for param in experts[0]:
         set_tensor(model, prefix + param, torch.stack([e[param] for e in experts]), device, dtype)
 
@@ -162,7 +162,7 @@ def load_with_pattern(ckpt: Checkpoint, pattern: ExpertPattern, device: str | to
     packed_layers = 0
     for layer, kept in kept_layers.items():
         values, packed = _layer_experts(ckpt, pattern, layer, kept, reader, dtype, keep_quantized, bits, group_size)
-        _set_experts(model, blocks[layer], f"model.layers.{layer}.{adapter.memory_block}.experts.", values,
+        _set_experts(model, blocks[layer], adapter.memory_experts_prefix(layer), values,
                      device, dtype)
         packed_layers += packed is not None
         resize_block(blocks[layer], adapter, len(kept), pattern.routing, ckpt.config)
@@ -284,7 +284,7 @@ def attach_full_routers(model: Any, ckpt: Checkpoint, reader: TensorReader | Non
         router = getattr(block, adapter.router)
         holder = torch.nn.Module()
         holder.add_module(adapter.router, copy.deepcopy(router))
-        prefix = f"model.layers.{layer}.{adapter.memory_block}."
+        prefix = adapter.memory_block_prefix(layer)
         for key in keys[layer]:
             name = adapter.memory_name(key)[len(prefix):]
             live = get_path(block, name)

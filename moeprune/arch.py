@@ -72,6 +72,13 @@ class MoEAdapter:
     def block_prefix(self, layer: int) -> str:
         return f"{LAYERS_PREFIX}.{layer}.{self.checkpoint_block}."
 
+    def memory_block_prefix(self, layer: int) -> str:
+        """The in-memory MoE block's parameter-name prefix (``model.layers.{layer}.{memory_block}.``)."""
+        return f"{LAYERS_PREFIX}.{layer}.{self.memory_block}."
+
+    def memory_experts_prefix(self, layer: int) -> str:
+        return f"{self.memory_block_prefix(layer)}experts."
+
     def layer_of(self, key: str) -> int | None:
         """The decoder layer of checkpoint key ``key`` (None outside the decoder layers)."""
         return layer_of(key)

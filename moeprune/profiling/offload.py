@@ -40,7 +40,7 @@ def _load_tensors(model: Any, ckpt: Checkpoint, keys: list[str], device: str, dt
         if any(k.startswith(prefix) for k in keys):
             stacked = read_layer_experts(reader, adapter, layer, list(range(moe[layer])), dtype)
             for param, tensor in stacked.items():
-                set_tensor(model, f"model.layers.{layer}.{adapter.memory_block}.experts.{param}", tensor, device, dtype)
+                set_tensor(model, adapter.memory_experts_prefix(layer) + param, tensor, device, dtype)
             # a non-uniform export stores fewer experts in some layers than its config's count
             resize_block(moe_blocks(model, adapter)[layer], adapter, moe[layer], {}, ckpt.config)
 
