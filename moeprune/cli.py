@@ -422,12 +422,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0)):
         raise InvalidArgument("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite "
                               "and >= 0, --max-body-kb > 0")
+    if args.dynamic_prune is not None and not args.demos:
+        raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
     threshold = _threshold(args.threshold)
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
-                                threshold=threshold,
-                                max_new_tokens_limit=args.max_tokens_cap)
+                                threshold=threshold, max_new_tokens_limit=args.max_tokens_cap,
+                                dynamic_prune=args.dynamic_prune, demos=args.demos)
     app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
                      prefetch=not args.no_prefetch)
@@ -616,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read the next queued task's experts into the page cache during a batch")
     c.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (1024)")
     c.add_argument("--max-body-kb", type=float, default=1024, help="largest request body in KiB (default 1024)")
+    c.add_argument("--dynamic-prune", type=float, metavar="F",
+                   help="also skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
+                        "threshold calibrated on --demos; default: the one an export stores, if any)")
+    c.add_argument("--demos", help="(--dynamic-prune) demos the threshold is calibrated on")
     runtime(c)
     c.set_defaults(func=cmd_serve)
 

@@ -391,3 +391,18 @@ def test_hooks_example(runtime):
     out = mod.route_and_run(runtime, QUERIES["math"][1])
     assert out["task"] == runtime.retrieve(QUERIES["math"][1]).task == runtime.active.task
     assert out["experts_loaded"] == {layer: len(k) for layer, k in runtime.active.kept.items()}
+
+
+def test_cli_serve_dynamic_prune_reaches_the_runtime(monkeypatch, capsys):
+    import moeprune.serve.app as app_module
+    from moeprune.cli import main
+
+    served = {}
+    monkeypatch.setattr(app_module, "run", lambda app, sock, quiet=False: served.update(app=app) or sock.close())
+    assert main(["serve", str(EMBEDDED), "--store", str(STORE), "--port", "0", "--dynamic-prune", "0.2"]) == 2
+    assert "--demos" in capsys.readouterr().err  # refused before the model loads
+    demos = ROOT / "profiles" / "demos" / "math.jsonl"
+    assert main(["serve", str(EMBEDDED), "--store", str(STORE), "--port", "0", "--dynamic-prune", "0.2",
+                 "--demos", str(demos), "-q"]) in (0, None)
+    runtime = served["app"].state.served.runtime
+    assert runtime.dynamic is not None and runtime.dynamic.spec.fraction == 0.2 and runtime.dynamic.spec.threshold > 0
