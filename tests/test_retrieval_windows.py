@@ -153,3 +153,45 @@ def test_cli_store_add_makes_windows_and_retrieve_uses_them(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert [m["task"] for m in out] == ["math", "code"] and all(m["threshold"] is not None for m in out)
     assert main(["retrieve", str(store), "--query", "x", "--threshold", "banana"]) == 2
+
+
+def _windows(patterns, tasks):
+    return [patterns[t].meta["retrieval"]["windows"] for t in tasks]
+
+
+def test_learned_novelty_is_fitted_from_the_store_alone(patterns):
+    """The learned detector: deterministic; its cut flags the chosen share of the known (leave-one-demo-out)
+    examples it was fitted on; a direct recomputation of one query's features gives its score; a store of
+    two tasks falls back on the similarity floor; an unknown rule is refused."""
+    from moeprune.patterns.windows import WindowClassifier, _l2_rows, _sqrt_rows
+
+    tasks = ["math", "code", "legal"]
+    a = WindowClassifier(tasks, _windows(patterns, tasks))
+    b = WindowClassifier(tasks, _windows(patterns, tasks))
+    texts = _eval_openings("recipes")[:5] + _eval_openings("math")[:5]
+    net_sigs = np.asarray([w[2] for w in patterns["math"].meta["retrieval"]["windows"][:10]])
+    np.testing.assert_array_equal(a.novelty(texts, net_sigs), b.novelty(texts, net_sigs))
+    # the features of one query, recomputed by hand: per task, the best cosine similarity to its windows
+    q, s = texts[0], net_sigs[0]
+    lex = [(a.tfidf.transform([q]) @ a.X_lex[a.y == t].T).toarray().max() for t in range(3)]
+    r = _l2_rows(_sqrt_rows(s[None].astype(float)))[0]
+    rout = [(a.R[a.y == t] @ r).max() for t in range(3)]
+    lo, ro = np.sort(lex), np.sort(rout)
+    x = [lo[-1], lo[-1] - lo[-2], ro[-1], ro[-1] - ro[-2], rout[int(np.argmax(lex))]]
+    onehot = np.eye(len(WINDOW_CHARS))[a._bucket(np.asarray([len(q)]))[0]]
+    feats = np.concatenate([x, onehot, x[0] * onehot])
+    model, cut = a.novelty_model
+    assert a.novelty([q], s[None])[0] == pytest.approx(float(model.decision_function(feats[None])[0] - cut), abs=1e-9)
+    # the cut: `quantile` of the known examples (each scored without its own demo) lie above it
+    X, novel = a.novelty_examples()
+    assert novel.sum() == len(a.y) and (~novel).sum() == 2 * len(a.y)  # each window: once novel, twice known
+    above = (model.decision_function(X[~novel]) > cut).mean()
+    assert abs(above - a.quantile) <= 2.0 / (~novel).sum()
+    two = WindowClassifier(tasks[:2], _windows(patterns, tasks[:2]))
+    assert two.novelty_model is None
+    dec = two.decide(texts[:2], net_sigs[:2])
+    assert all(d.novelty is None and np.isfinite(d.threshold) for d in dec)
+    floor = WindowClassifier(tasks, _windows(patterns, tasks), novelty="floor")
+    assert floor.novelty_model is None and all(d.novelty is None for d in floor.decide(texts, net_sigs))
+    with pytest.raises(ValueError, match="novelty rule 'magic'"):
+        WindowClassifier(tasks, _windows(patterns, tasks), novelty="magic")

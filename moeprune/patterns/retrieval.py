@@ -168,9 +168,11 @@ class Match:
     pattern: ExpertPattern
     nearest: str  # nearest stored task, even when the general pattern was chosen
     threshold: float | None = None  # the distance beyond which this query would go to the general pattern
+    novelty: float | None = None  # learned novelty score minus its cut (> 0: general pattern); windowed, auto
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "distance": self.distance, "nearest": self.nearest, "threshold": self.threshold}
+        return {"task": self.task, "distance": self.distance, "nearest": self.nearest, "threshold": self.threshold,
+                "novelty": self.novelty}
 
 
 class Retriever:
@@ -242,11 +244,12 @@ class Retriever:
         out = []
         for dec in self.classifier.decide(list(texts), signatures, th):
             p = self.patterns[dec.task_index]
-            dist, limit = 1.0 - dec.similarity, (None if self.threshold is None else 1.0 - dec.threshold)
-            if limit is not None and dist > limit:
-                out.append(Match(GENERAL_TASK, dist, self.general, p.task, limit))
+            dist = 1.0 - dec.similarity
+            limit = None if self.threshold is None or dec.novelty is not None else 1.0 - dec.threshold
+            if self.threshold is not None and dec.novel:
+                out.append(Match(GENERAL_TASK, dist, self.general, p.task, limit, dec.novelty))
             else:
-                out.append(Match(p.task, dist, p, p.task, limit))
+                out.append(Match(p.task, dist, p, p.task, limit, dec.novelty))
         return out
 
 

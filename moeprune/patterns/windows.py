@@ -12,11 +12,17 @@ At retrieval two classifiers are fitted on the store's windows (scikit-learn, ab
 
 Their class probabilities are multiplied (a product of experts) and the largest wins.
 
-Novelty: a query whose best lexical cosine similarity to the chosen task's windows is below that task's
-threshold goes to the general (union) pattern. ``threshold="auto"`` sets the threshold per task and
-window length from the demos alone: the ``NOVELTY_QUANTILE`` quantile of each window's similarity to the
-task's windows cut from *other* demos (leave one demo out), i.e. the share of in-store queries expected
-to be sent to the fallback. Numbers are in BENCHMARKS.md ("Retrieval").
+Novelty (``threshold="auto"``, the default): a query no stored task fits goes to the general (union)
+pattern. Its features are, per stored task, the query's best lexical and best routing cosine similarity to
+the task's windows (the top task's similarity, its margin over the second, the routing similarity at the
+lexical top task), by window length. A logistic regression on them is fitted on the store's own windows:
+each task in turn plays the unseen domain (leave one task out: its windows are the novel examples, scored
+against the other tasks), every other window is a known example scored against the store without its own
+demo (leave one demo out). The cut is the ``NOVELTY_QUANTILE`` upper quantile of the known examples' scores,
+i.e. the share of in-store queries expected to go to the fallback. A store of fewer than three tasks has
+too few to leave out: it falls back on a per-task similarity floor (the same quantile of each window's
+best similarity to its task's other demos). Nothing is tuned by hand; numbers and every alternative tried
+are in BENCHMARKS.md ("Retrieval").
 
 A store mixing this spec with another is refused: the spec id is saved in every pattern.
 """
@@ -118,12 +124,35 @@ def _sqrt_rows(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(x, 0.0, None))
 
 
+def _l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def best_per_task(sim_rows: Any, y: np.ndarray, n_tasks: int, block: int = 1024) -> np.ndarray:
+    """``[n, n_tasks]`` row-wise maxima of a similarity matrix over each task's columns, computed in row
+    blocks (``sim_rows(lo, hi)`` gives rows ``lo:hi`` densely), so a big store never holds ``N x N``."""
+    out, lo = [], 0
+    while True:
+        S = sim_rows(lo, lo + block)
+        if S is None or not len(S):
+            break
+        out.append(np.column_stack([S[:, y == t].max(1) if (y == t).any() else np.full(len(S), -1.0)
+                                    for t in range(n_tasks)]))
+        lo += block
+    return np.vstack(out) if out else np.zeros((0, n_tasks))
+
+
 @dataclass
 class Decision:
     task_index: int
     proba: np.ndarray
     similarity: float  # best lexical cosine similarity to the chosen task's windows
-    threshold: float  # the similarity under which the query is novel (auto or fixed)
+    threshold: float  # the similarity floor (fixed, or the small-store auto one); -inf under the learned detector
+    novelty: float | None = None  # learned detector: score minus its cut (> 0: no stored task fits)
+
+    @property
+    def novel(self) -> bool:
+        return self.novelty > 0 if self.novelty is not None else self.similarity < self.threshold
 
 
 class WindowClassifier:
@@ -132,7 +161,7 @@ class WindowClassifier:
     def __init__(self, tasks: Sequence[str], windows: Sequence[Sequence[tuple[int, str, Sequence[float]]]],
                  lexical: bool = True, routing: bool = True, lexical_c: float = LEXICAL_C,
                  routing_c: float = ROUTING_C, quantile: float = NOVELTY_QUANTILE,
-                 lengths: Sequence[int] = WINDOW_CHARS):
+                 lengths: Sequence[int] = WINDOW_CHARS, novelty: str = "learned"):
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
@@ -158,8 +187,12 @@ class WindowClassifier:
                     else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y))
         X_r = _sqrt_rows(np.asarray(sigs, dtype=np.float64))
         self.rout = None if single or not routing else LogisticRegression(C=routing_c, max_iter=3000).fit(X_r, self.y)
+        self.R = _l2_rows(X_r)
         self.quantile = quantile
         self.auto = self._loo_thresholds()
+        if novelty not in ("learned", "floor"):
+            raise InvalidArgument(f"novelty rule {novelty!r} is neither 'learned' nor 'floor'")
+        self.novelty_model = self._fit_novelty() if novelty == "learned" and len(self.tasks) >= 3 else None
 
     # --- novelty ----------------------------------------------------------------------
     def _bucket(self, n_chars: np.ndarray) -> np.ndarray:
@@ -184,6 +217,65 @@ class WindowClassifier:
                 th[t, b] = float(np.quantile(vals, self.quantile)) if len(vals) else 0.0
         return th
 
+    def _features(self, lex_best: np.ndarray, rout_best: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
+        """Novelty features from per-task best similarities (``[n, tasks]`` each)."""
+        n = np.arange(len(lex_best))
+        cols = []
+        for best, used in ((lex_best, self.use_lexical), (rout_best, self.use_routing)):
+            if used:
+                top = np.sort(best, 1)
+                cols += [top[:, -1], top[:, -1] - top[:, -2]]
+        if self.use_lexical and self.use_routing:
+            cols.append(rout_best[n, lex_best.argmax(1)])
+        X = np.column_stack(cols)
+        onehot = np.eye(len(self.lengths))[self._bucket(n_chars)]
+        return np.column_stack([X, onehot, X[:, :1] * onehot])
+
+    def novelty_examples(self) -> tuple[np.ndarray, np.ndarray]:
+        """The detector's training set from the stored windows: features, and whether each example is novel
+        (its task left out of the store) or known (scored without its own demo)."""
+        T, y = len(self.tasks), self.y
+
+        def masked(sim):
+            def rows(lo, hi):
+                if lo >= len(y):
+                    return None
+                S = sim(lo, hi)
+                same = (y[lo:hi, None] == y[None, :]) & (self.demo[lo:hi, None] == self.demo[None, :])
+                S[same] = -1.0  # leave one demo out
+                return S
+            return rows
+
+        lex = best_per_task(masked(lambda lo, hi: (self.X_lex[lo:hi] @ self.X_lex.T).toarray()), y, T)
+        rout = best_per_task(masked(lambda lo, hi: self.R[lo:hi] @ self.R.T), y, T)
+        X, novel = [], []
+        for u in range(T):  # task u plays the domain the store lacks
+            others = np.arange(T) != u
+            X.append(self._features(lex[:, others], rout[:, others], self.lens))
+            novel.append(y == u)
+        return np.vstack(X), np.concatenate(novel)
+
+    def _fit_novelty(self) -> tuple[Any, float]:
+        """The learned detector (module docstring): ``(logistic regression, cut)``."""
+        from sklearn.linear_model import LogisticRegression
+
+        X, novel = self.novelty_examples()
+        model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(X, novel)
+        return model, float(np.quantile(model.decision_function(X[~novel]), 1.0 - self.quantile))
+
+    def novelty(self, texts: Sequence[str], signatures: np.ndarray) -> np.ndarray:
+        """Learned novelty scores minus the cut (> 0: no stored task fits); stores of >= 3 tasks."""
+        if self.novelty_model is None:
+            raise InvalidArgument("the learned novelty detector needs a store of at least three tasks")
+        T = len(self.tasks)
+        Q = self.tfidf.transform(texts)
+        lex = best_per_task(lambda lo, hi: (Q[lo:hi] @ self.X_lex.T).toarray() if lo < Q.shape[0] else None,
+                            self.y, T)
+        Rq = _l2_rows(_sqrt_rows(np.atleast_2d(np.asarray(signatures, dtype=np.float64))))
+        rout = best_per_task(lambda lo, hi: Rq[lo:hi] @ self.R.T if lo < len(Rq) else None, self.y, T)
+        model, cut = self.novelty_model
+        return model.decision_function(self._features(lex, rout, np.asarray([len(t) for t in texts]))) - cut
+
     # --- prediction ---------------------------------------------------------------------
     def proba(self, texts: Sequence[str], signatures: np.ndarray) -> np.ndarray:
         n = len(texts)
@@ -200,15 +292,20 @@ class WindowClassifier:
 
     def decide(self, texts: Sequence[str], signatures: np.ndarray,
                threshold: float | str | None = "auto") -> list[Decision]:
-        """Per query, the chosen task, its probabilities, its lexical similarity and the threshold
-        (``"auto"``: the demos' leave-one-out one; a number: a fixed minimum similarity; None: none)."""
+        """Per query, the chosen task, its probabilities, its lexical similarity and the novelty rule
+        (``"auto"``: learned from the demos, see the module docstring; a number: a fixed minimum lexical
+        similarity; None: no fallback)."""
         p = self.proba(texts, signatures)
         choice = p.argmax(1)
         S = (self.tfidf.transform(texts) @ self.X_lex.T).toarray()  # cosine similarities (rows are l2-normed)
         buckets = self._bucket(np.asarray([len(t) for t in texts]))
+        learned = self.novelty(texts, signatures) if threshold == "auto" and self.novelty_model else None
         out = []
         for q, t in enumerate(choice):
             sim = float(S[q, self.y == t].max())
+            if learned is not None:
+                out.append(Decision(int(t), p[q], sim, -np.inf, float(learned[q])))
+                continue
             th = (float(self.auto[t, buckets[q]]) if threshold == "auto"
                   else -np.inf if threshold is None else float(threshold))
             out.append(Decision(int(t), p[q], sim, th))
