@@ -138,7 +138,7 @@ class TaskAdaptiveModel:
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.max_prompt_tokens: int | None = context if isinstance(context, int) else None
         # fewer active experts per token (moeprune.methods.dynamic): a rule, or a fraction calibrated on ``demos``
-        from moeprune.methods.dynamic import apply_dynamic
+        from moeprune.methods.dynamic_setup import apply_dynamic
 
         self.dynamic = apply_dynamic(self.model, self.ckpt, dynamic_prune, demos)
 

@@ -9,7 +9,7 @@ import torch
 
 from moeprune.fingerprint import checkpoint_fingerprint
 from moeprune.io.checkpoint import open_checkpoint
-from moeprune.methods.dynamic import apply_dynamic, resolve_dynamic
+from moeprune.methods.dynamic_setup import apply_dynamic, resolve_dynamic
 from moeprune.modeling import parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 
@@ -43,8 +43,9 @@ def from_pretrained(model: str | Path, pattern: ExpertPattern | str | Path | Non
     ``bits`` (8, 4, 3 or 2; or a pattern carrying per-expert ``bits``, e.g. from ``--avg-bits``)
     quantizes a float checkpoint's kept experts while loading, exactly as an export would.
     ``dynamic_prune`` skips routed token-expert pairs at run time (:mod:`moeprune.methods.dynamic`): a
-    :class:`~moeprune.methods.dynamic.DynamicPrune` (or its dict), or a fraction F to calibrate MC-MoE's ODP on
-    ``demos`` (a demo file); an export carrying a ``dynamic_prune`` config entry applies it unless
+    :class:`~moeprune.methods.dynamic.DynamicPrune` (or its dict), a fraction F to calibrate MC-MoE's ODP on
+    ``demos`` (a demo file), or ``{"method": "odp" | "naive" | "topany", "fraction": F}`` to calibrate that rule
+    (:mod:`moeprune.methods.dynamic_setup`); an export carrying a ``dynamic_prune`` config entry applies it unless
     ``dynamic_prune=False``.
     """
     from moeprune.loader.selective import load_with_pattern

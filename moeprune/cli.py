@@ -242,6 +242,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     _emit(args, summary, _export_human(summary))
 
 
+def _dynamic_request(args: argparse.Namespace) -> Any:
+    """``--dynamic-prune F [--dynamic-method M]`` as the API's ``dynamic_prune`` (None when not asked)."""
+    method = getattr(args, "dynamic_method", None)
+    if args.dynamic_prune is None:
+        if method is not None:
+            raise InvalidArgument("--dynamic-method picks the rule of --dynamic-prune F: give F too")
+        return None
+    return {"method": method or "odp", "fraction": args.dynamic_prune}
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from moeprune.pipeline import prune
 
@@ -252,7 +262,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
                              bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
-                             dynamic_prune=args.dynamic_prune, symmetric=not args.asym, target=args.target,
+                             dynamic_prune=_dynamic_request(args), symmetric=not args.asym, target=args.target,
                              recalibrate_router=args.recalibrate_router,
                              recalibrate_steps=args.recalibrate_steps, quant_method=args.quant_method, **params)
     if args.save_pattern:
@@ -336,7 +346,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.dynamic_prune is not None and not args.demos:
         raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
-    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=args.dynamic_prune,
+    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=_dynamic_request(args),
                               demos=args.demos, max_tokens=args.max_tokens, device=args.device,
                               dtype=None if args.dtype == "auto" else args.dtype, progress=_progress(args))
     rows = [("perplexity", res["perplexity"]), ("tokens", res["tokens"]), ("texts", res["texts"]),
@@ -429,7 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
                                 threshold=threshold, max_new_tokens_limit=args.max_tokens_cap,
-                                dynamic_prune=args.dynamic_prune, demos=args.demos)
+                                dynamic_prune=_dynamic_request(args), demos=args.demos)
     app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
                      prefetch=not args.no_prefetch)
@@ -548,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
                         "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
+    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
+                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
+                        "heads trained on the demos)")
     runtime(c)
     _add_method_options(c)
     c.set_defaults(func=cmd_prune)
@@ -564,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
                         "threshold calibrated on --demos)")
+    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
+                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
+                        "heads trained on the demos)")
     c.add_argument("--demos", help="(--dynamic-prune) the task's demos the threshold is calibrated on")
     c.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the texts")
     runtime(c)
@@ -621,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="also skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
                         "threshold calibrated on --demos; default: the one an export stores, if any)")
+    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
+                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
+                        "heads trained on the demos)")
     c.add_argument("--demos", help="(--dynamic-prune) demos the threshold is calibrated on")
     runtime(c)
     c.set_defaults(func=cmd_serve)

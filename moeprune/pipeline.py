@@ -15,6 +15,7 @@ from moeprune.fingerprint import Fingerprint, checkpoint_fingerprint
 from moeprune.io.atomic import check_dir_target
 from moeprune.io.checkpoint import Checkpoint, open_checkpoint
 from moeprune.loader.selective import load_model, load_with_pattern
+from moeprune.methods.dynamic_setup import calibrate_rule, calibration_request
 from moeprune.methods.scoring import default_budget, needs_checkpoint, score_merging
 from moeprune.methods.select import make_pattern
 from moeprune.modeling import load_tokenizer, max_context, parse_dtype
@@ -151,15 +152,18 @@ def merge_weights_for(merges: dict[int, dict[int, list[int]]] | None,
     return out
 
 
-def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], fraction: float,
+def calibrate_dynamic(ckpt: Checkpoint, pattern: ExpertPattern, demos: Sequence[Sequence[int]], request: Any,
                       device: str = "cpu", dtype: str | torch.dtype | None = "auto", progress: bool = False):
-    """MC-MoE's online dynamic pruning calibrated on ``demos`` for ``ckpt`` pruned to ``pattern`` (loaded
-    with only the kept experts, as the export will run)."""
-    from moeprune.methods.dynamic import calibrate
-
+    """The run-time dynamic pruning ``request`` asks for (a fraction: MC-MoE's online dynamic pruning; or
+    ``{"method", "fraction", ...}``, :mod:`moeprune.methods.dynamic_setup`) calibrated on ``demos`` for
+    ``ckpt`` pruned to ``pattern`` (loaded with only the kept experts, as the export will run)."""
+    req = calibration_request(request)
+    if req is None:
+        raise InvalidArgument(f"dynamic_prune={request!r} is no calibration request",
+                              hint="give a fraction, or {'method': ..., 'fraction': ...}")
     torch_dtype = parse_dtype(dtype)
     net, _ = load_with_pattern(ckpt, pattern, device=device, dtype=None if torch_dtype == "auto" else torch_dtype)
-    return calibrate(net.eval(), demos, fraction, progress=progress)
+    return calibrate_rule(net.eval(), demos, req, progress=progress)
 
 
 def merges_for(kept: dict[int, list[int]],
@@ -192,7 +196,7 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
           dtype: str | torch.dtype | None = "auto", overwrite: bool = False, progress: bool = True,
           max_shard_size: str | int = "2GB", budget: str | None = None, min_per_layer: int | None = None,
           unstructured: float | None = None, nm: str | None = None, bits: int | None = None,
-          avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | None = None,
+          avg_bits: float | None = None, group_size: int = 128, dynamic_prune: float | dict | None = None,
           symmetric: bool = True, target: str | None = None, recalibrate_router: bool = False,
           recalibrate_steps: int | None = None, quant_method: str = "rtn",
           **params: Any) -> tuple[ExpertPattern, dict[str, Any]]:
@@ -201,7 +205,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     ``unstructured`` (a sparsity in [0, 1)) or ``nm`` ("2:4") also sparsify the kept experts'
     weights, Wanda-style with routing-weighted demo activations; ``bits`` or ``avg_bits`` quantize
     them (one width, or mixed per expert by the exact MC-MoE integer program). ``dynamic_prune`` (a
-    fraction F) calibrates MC-MoE's online dynamic pruning on the pruned model and the demos and stores
+    fraction F: MC-MoE's online dynamic pruning; or ``{"method": "odp" | "naive" | "topany", "fraction": F}``,
+    :mod:`moeprune.methods.dynamic_setup`) calibrates that rule on the pruned model and the demos and stores
     it in the export's ``moeprune`` config section (applied by ``moeprune.from_pretrained``).
     ``target="vllm"`` refuses, before any work, what vLLM could not load (``moeprune.io.engines``).
     ``recalibrate_router`` fits the kept router rows on the demos (KL to the full model, at most

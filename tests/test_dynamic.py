@@ -267,3 +267,34 @@ def test_calibration_passes_run_through_moeprune_kernels(mixtral):
         b = logits(model, ids)
     assert rows.value == rec.routed - rec.dropped > 0 and rec.dropped == p.dropped
     assert torch.equal(a, b) and model.config._experts_implementation == before
+
+
+def test_dynamic_method_requests_calibrate_the_rule_asked_for(mixtral, tmp_path, capsys):
+    """`--dynamic-method` / ``{"method", "fraction"}`` calibrates that rule (naive: no protection; topany:
+    trained heads) in exports, eval and from_pretrained; bad requests are refused by name."""
+    import moeprune
+    from moeprune.methods.dynamic_setup import calibration_request
+
+    _, src, demos, texts = mixtral
+    code, out, err = run(capsys, "prune", src, "--demos", demos, "--method", "frequency", "--keep", "0.5",
+                         "--dynamic-prune", "0.2", "--dynamic-method", "naive", "--out", tmp_path / "out", "-q")
+    assert code == 0, err
+    section = json.loads((tmp_path / "out" / "config.json").read_text())["moeprune"]["dynamic_prune"]
+    assert section["method"] == "naive" and section["protect"] == 0.0 and section["threshold"] > 0
+    code, out, err = run(capsys, "eval", src, "--texts", texts, "--demos", demos, "--dynamic-prune", "0.2",
+                         "--dynamic-method", "naive", "--json")
+    assert code == 0, err
+    assert json.loads(out)["dynamic_prune"]["method"] == "naive"
+    net = moeprune.from_pretrained(src, dynamic_prune={"method": "topany", "fraction": 0.2, "steps": 6}, demos=demos)
+    spec = net._moeprune_dynamic.spec
+    assert spec.method == "topany" and set(spec.heads) == {0, 1}
+    assert evaluate(net, token_lists(demos)).active_expert_fraction == pytest.approx(
+        1 - spec.calibration["achieved"], abs=1e-6)
+    code, _, err = run(capsys, "eval", src, "--texts", texts, "--dynamic-method", "naive")
+    assert code == 2 and "--dynamic-prune F" in err
+    assert calibration_request(0.2) == {"method": "odp", "fraction": 0.2}
+    assert calibration_request({"method": "naive", "threshold": 0.3, "fraction": 0.2}) is None  # calibrated already
+    with pytest.raises(ValueError, match="'magic' is not one of odp, naive, topany"):
+        calibration_request({"method": "magic", "fraction": 0.2})
+    with pytest.raises(ValueError, match="takes no option stepz"):
+        moeprune.from_pretrained(src, dynamic_prune={"method": "topany", "fraction": 0.2, "stepz": 6}, demos=demos)

@@ -35,7 +35,6 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -423,35 +422,3 @@ def attach(model: Any, spec: DynamicPrune | dict[str, Any] | None) -> DynamicPru
     pruner = DynamicPruner(model, spec).attach()
     model._moeprune_dynamic = pruner
     return pruner
-
-
-def resolve_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None,
-                    max_tokens: int | None = None, progress: bool = False) -> Any:
-    """The :class:`~moeprune.methods.dynamic.DynamicPrune` to apply to a loaded model (None for none):
-    ``dynamic_prune`` given as a spec, a dict, or a fraction calibrated (ODP) on ``demos``; by default
-    (None) the one stored in the checkpoint's ``moeprune`` config section; False: none."""
-    if dynamic_prune is False:
-        return None
-    if dynamic_prune is None:
-        stored = (ckpt.config.get("moeprune") or {}).get("dynamic_prune")
-        return DynamicPrune.from_dict(stored) if stored else None
-    if isinstance(dynamic_prune, DynamicPrune):
-        return dynamic_prune
-    if isinstance(dynamic_prune, dict):
-        return DynamicPrune.from_dict(dynamic_prune)
-    fraction = float(dynamic_prune)
-    if demos is None:
-        raise InvalidArgument(f"dynamic pruning of {fraction} calibrates its threshold on the task's demos",
-                              hint="give them (demos=FILE)")
-    from moeprune.demos import encode_demos, read_demos
-    from moeprune.modeling import load_tokenizer, max_context
-
-    encoded = encode_demos(read_demos(demos), load_tokenizer(ckpt), max_length=max_context(net),
-                           max_tokens=max_tokens, vocab_size=getattr(net.config, "vocab_size", None))
-    return calibrate(net, encoded, fraction, progress=progress)
-
-
-def apply_dynamic(net: Any, ckpt: Any, dynamic_prune: Any, demos: str | Path | None = None) -> Any:
-    """:func:`resolve_dynamic`, attached to ``net`` (its handle; None when there is none to apply)."""
-    spec = resolve_dynamic(net, ckpt, dynamic_prune, demos)
-    return attach(net, spec) if spec is not None and spec.active else None
