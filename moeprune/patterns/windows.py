@@ -128,18 +128,16 @@ def _l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def best_per_task(sim_rows: Any, y: np.ndarray, n_tasks: int, block: int = 1024) -> np.ndarray:
-    """``[n, n_tasks]`` row-wise maxima of a similarity matrix over each task's columns, computed in row
-    blocks (``sim_rows(lo, hi)`` gives rows ``lo:hi`` densely), so a big store never holds ``N x N``."""
-    out, lo = [], 0
-    while True:
-        S = sim_rows(lo, lo + block)
-        if S is None or not len(S):
-            break
+def best_per_task(sim_rows: Any, n: int, y: np.ndarray, n_tasks: int, block: int = 1024) -> np.ndarray:
+    """``[n, n_tasks]`` row-wise maxima of an ``n``-row similarity matrix over each task's columns (``y``: the
+    columns' tasks), computed in row blocks (``sim_rows(lo, hi)`` gives rows ``lo:hi`` densely), so a big
+    store never holds ``N x N``; -1 for a task without columns."""
+    out = [np.full((0, n_tasks), -1.0)]
+    for lo in range(0, n, block):
+        S = sim_rows(lo, min(lo + block, n))
         out.append(np.column_stack([S[:, y == t].max(1) if (y == t).any() else np.full(len(S), -1.0)
                                     for t in range(n_tasks)]))
-        lo += block
-    return np.vstack(out) if out else np.zeros((0, n_tasks))
+    return np.vstack(out)
 
 
 @dataclass
@@ -238,16 +236,14 @@ class WindowClassifier:
 
         def masked(sim):
             def rows(lo, hi):
-                if lo >= len(y):
-                    return None
                 S = sim(lo, hi)
                 same = (y[lo:hi, None] == y[None, :]) & (self.demo[lo:hi, None] == self.demo[None, :])
                 S[same] = -1.0  # leave one demo out
                 return S
             return rows
 
-        lex = best_per_task(masked(lambda lo, hi: (self.X_lex[lo:hi] @ self.X_lex.T).toarray()), y, T)
-        rout = best_per_task(masked(lambda lo, hi: self.R[lo:hi] @ self.R.T), y, T)
+        lex = best_per_task(masked(lambda lo, hi: (self.X_lex[lo:hi] @ self.X_lex.T).toarray()), len(y), y, T)
+        rout = best_per_task(masked(lambda lo, hi: self.R[lo:hi] @ self.R.T), len(y), y, T)
         X, novel = [], []
         for u in range(T):  # task u plays the domain the store lacks
             others = np.arange(T) != u
@@ -263,16 +259,17 @@ class WindowClassifier:
         model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(X, novel)
         return model, float(np.quantile(model.decision_function(X[~novel]), 1.0 - self.quantile))
 
-    def novelty(self, texts: Sequence[str], signatures: np.ndarray) -> np.ndarray:
-        """Learned novelty scores minus the cut (> 0: no stored task fits); stores of >= 3 tasks."""
+    def novelty(self, texts: Sequence[str], signatures: np.ndarray,
+                lexical_sim: np.ndarray | None = None) -> np.ndarray:
+        """Learned novelty scores minus the cut (> 0: no stored task fits); stores of >= 3 tasks.
+        ``lexical_sim``: the queries' cosine similarities to every stored window, if already computed."""
         if self.novelty_model is None:
             raise InvalidArgument("the learned novelty detector needs a store of at least three tasks")
-        T = len(self.tasks)
-        Q = self.tfidf.transform(texts)
-        lex = best_per_task(lambda lo, hi: (Q[lo:hi] @ self.X_lex.T).toarray() if lo < Q.shape[0] else None,
-                            self.y, T)
+        T, n = len(self.tasks), len(texts)
+        S = (self.tfidf.transform(texts) @ self.X_lex.T).toarray() if lexical_sim is None else lexical_sim
+        lex = best_per_task(lambda lo, hi: S[lo:hi], n, self.y, T)
         Rq = _l2_rows(_sqrt_rows(np.atleast_2d(np.asarray(signatures, dtype=np.float64))))
-        rout = best_per_task(lambda lo, hi: Rq[lo:hi] @ self.R.T if lo < len(Rq) else None, self.y, T)
+        rout = best_per_task(lambda lo, hi: Rq[lo:hi] @ self.R.T, n, self.y, T)
         model, cut = self.novelty_model
         return model.decision_function(self._features(lex, rout, np.asarray([len(t) for t in texts]))) - cut
 
@@ -299,7 +296,7 @@ class WindowClassifier:
         choice = p.argmax(1)
         S = (self.tfidf.transform(texts) @ self.X_lex.T).toarray()  # cosine similarities (rows are l2-normed)
         buckets = self._bucket(np.asarray([len(t) for t in texts]))
-        learned = self.novelty(texts, signatures) if threshold == "auto" and self.novelty_model else None
+        learned = self.novelty(texts, signatures, S) if threshold == "auto" and self.novelty_model else None
         out = []
         for q, t in enumerate(choice):
             sim = float(S[q, self.y == t].max())
