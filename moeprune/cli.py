@@ -243,12 +243,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _dynamic_request(args: argparse.Namespace) -> Any:
-    """``--dynamic-prune F [--dynamic-method M]`` as the API's ``dynamic_prune`` (None when not asked)."""
+    """``--dynamic-prune F [--dynamic-method M]`` as the API's ``dynamic_prune`` (None when not asked);
+    refused, before anything loads, without the demos it is calibrated on."""
     method = getattr(args, "dynamic_method", None)
     if args.dynamic_prune is None:
         if method is not None:
             raise InvalidArgument("--dynamic-method picks the rule of --dynamic-prune F: give F too")
         return None
+    if not args.demos:
+        raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
     return {"method": method or "odp", "fraction": args.dynamic_prune}
 
 
@@ -344,9 +347,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from moeprune.api import evaluate_checkpoint
 
-    if args.dynamic_prune is not None and not args.demos:
-        raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
-    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=_dynamic_request(args),
+    dynamic = _dynamic_request(args)
+    res = evaluate_checkpoint(args.model, args.texts, pattern=args.pattern, dynamic_prune=dynamic,
                               demos=args.demos, max_tokens=args.max_tokens, device=args.device,
                               dtype=None if args.dtype == "auto" else args.dtype, progress=_progress(args))
     rows = [("perplexity", res["perplexity"]), ("tokens", res["tokens"]), ("texts", res["texts"]),
@@ -432,14 +434,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             or not (math.isfinite(args.max_body_kb) and args.max_body_kb > 0)):
         raise InvalidArgument("--max-batch and --max-tokens-cap must be >= 1, --max-wait and --cache-gb finite "
                               "and >= 0, --max-body-kb > 0")
-    if args.dynamic_prune is not None and not args.demos:
-        raise InvalidArgument("--dynamic-prune F calibrates its threshold on the task's demos: give --demos FILE")
+    dynamic = _dynamic_request(args)
     threshold = _threshold(args.threshold)
     sock = bind(args.host, args.port)  # a taken port fails before the model loads
     runtime = TaskAdaptiveModel(args.model, store=args.store, device=args.device, dtype=args.dtype,
                                 cache_bytes=int(args.cache_gb * 2**30), bits=args.bits,
                                 threshold=threshold, max_new_tokens_limit=args.max_tokens_cap,
-                                dynamic_prune=_dynamic_request(args), demos=args.demos)
+                                dynamic_prune=dynamic, demos=args.demos)
     app = create_app(runtime, model_id=args.model_id,
                      max_body_bytes=int(args.max_body_kb * 1024), max_batch=args.max_batch, max_wait=args.max_wait,
                      prefetch=not args.no_prefetch)
@@ -473,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
         c.add_argument("--dtype", default=dtype,
                        help=f"model dtype: auto, float32, bfloat16, float16 (default {dtype})")
+
+    def dynamic_method(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
+                       help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany "
+                            "(MC# heads trained on the demos)")
 
     def demos(c: argparse.ArgumentParser) -> None:
         c.add_argument("--demos", required=True, help="demo file: JSONL (text | messages | input_ids) or plain text")
@@ -558,9 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="also skip about a share F of the routed expert calls at run time (MC-MoE online dynamic "
                         "pruning, calibrated on the demos; stored in the export for moeprune.from_pretrained)")
-    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
-                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
-                        "heads trained on the demos)")
+    dynamic_method(c)
     runtime(c)
     _add_method_options(c)
     c.set_defaults(func=cmd_prune)
@@ -577,9 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
                         "threshold calibrated on --demos)")
-    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
-                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
-                        "heads trained on the demos)")
+    dynamic_method(c)
     c.add_argument("--demos", help="(--dynamic-prune) the task's demos the threshold is calibrated on")
     c.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the texts")
     runtime(c)
@@ -637,9 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dynamic-prune", type=float, metavar="F",
                    help="also skip about a share F of the routed expert calls (MC-MoE online dynamic pruning, "
                         "threshold calibrated on --demos; default: the one an export stores, if any)")
-    c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
-                   help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany (MC# "
-                        "heads trained on the demos)")
+    dynamic_method(c)
     c.add_argument("--demos", help="(--dynamic-prune) demos the threshold is calibrated on")
     runtime(c)
     c.set_defaults(func=cmd_serve)
