@@ -30,7 +30,7 @@ rm -f "$WORK/vllm.json"
 for name in $("$PY" scripts/vllm_check.py names "$WORK"); do
   echo "vLLM's tokens: $name"
   # run from $WORK: vLLM inspects models in a `python -m` subprocess, whose sys.path starts with the working
-  # directory, and from the repository root `import kernels` (transformers' hub-kernels probe) finds ./kernels/
+  # directory; no folder of the repository must shadow an installed package there
   cd "$WORK" || exit 1
   VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING} \
     timeout "$LIMIT" "$VENV/bin/python" "$ROOT/scripts/vllm_check.py" generate "$WORK" "$name" > "$WORK/vllm-$name.log" 2>&1

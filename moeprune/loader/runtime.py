@@ -206,7 +206,7 @@ class TaskAdaptiveModel:
 
     def switch_reads(self, pattern: ExpertPattern | str) -> list[tuple[str, tuple[int, ...] | None]]:
         """The checkpoint reads a switch to ``pattern`` would make now: its experts neither active nor
-        cached (for prefetching them, see ``loader/prefetch.py``)."""
+        cached (for prefetching them, see ``moeprune/loader/prefetch.py``)."""
         if isinstance(pattern, str):
             pattern = self._by_task(pattern)
         with self.lock:
