@@ -302,6 +302,17 @@ def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: str | torch.dtype |
     return load_as_is(ckpt, device, dtype)[0], load_tokenizer(ckpt)
 
 
+def _dequantizing(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers arguments that load an MXFP4 checkpoint dequantized, as moeprune runs it everywhere else;
+    without them transformers (with the Hub's ``kernels`` package, which it requires from 5.25) fetches a
+    Triton kernel from the Hub, which needs the network and a GPU."""
+    if ((config.get("quantization_config") or {}).get("quant_method")) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
 def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto",
                keep_quantized: bool = True) -> tuple[Any, Any]:
     """``ckpt``'s model with every expert it stores, and the loader's read report (None from plain
@@ -313,7 +324,7 @@ def load_as_is(ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: str 
 
         try:
             return AutoModelForCausalLM.from_pretrained(local_model_dir(ckpt), dtype=parse_dtype(dtype),
-                                                        device_map=device).eval(), None
+                                                        device_map=device, **_dequantizing(ckpt.config)).eval(), None
         except Exception as exc:
             ckpt.verify()  # name a missing or corrupt shard rather than transformers' error
             if type(exc) is RuntimeError:  # e.g. a size mismatch: one line naming the checkpoint
