@@ -64,7 +64,7 @@ def weight_bytes(module, experts_hit: int) -> int:
     total = 0
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(module, name)
-        tensors = [w] if isinstance(w, torch.Tensor) else [w.qweight, w.scales, w.zeros]
+        tensors = [w] if isinstance(w, torch.Tensor) else list(w.buffers())
         total += sum(t.numel() * t.element_size() for t in tensors) // module.num_experts * experts_hit
     return total
 

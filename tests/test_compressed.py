@@ -36,7 +36,7 @@ def test_round_trip_against_the_library(bits, symmetric):
         state = {f"weight{s}": t[e] for s, t in parts.items()}
         lib = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
         assert torch.equal(lib, ct.decompress(parts, args)[e])
-        assert torch.equal(lib, ct.to_quantized_tensor(parts, args, w.dtype).dequantize()[e])
+        assert torch.equal(lib, ct.to_quantized_weight(parts, args, w.dtype).dequantize()[e])
         step = parts["_scale"][e].repeat_interleave(32, -1)
         assert ((lib - w[e]).abs() <= step * (1 if symmetric else 0.5) + 1e-6).all()
 
@@ -81,9 +81,9 @@ def test_plain_transformers_loads_equal_to_moeprune(family, bits, family_checkpo
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     packed_model = moeprune.from_pretrained(tmp_path / "q")
     dequantized = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False)
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.quantization.quant import QuantizedWeight
 
-    assert any(isinstance(m, QuantizedExpertWeight) for m in packed_model.modules())
+    assert any(isinstance(m, QuantizedWeight) for m in packed_model.modules())
     with torch.no_grad():
         ref = dequantized(x).logits
         assert _rel(plain(x).logits, ref) < 1e-4
@@ -239,8 +239,8 @@ def test_old_private_format_is_refused(family_checkpoints, tmp_path):
 
 def test_task_adaptive_model_reads_an_export_packed(family_checkpoints, tmp_path):
     """Switching tasks on an int4 export reads the experts packed and equals loading that task's pattern."""
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.loader.runtime import TaskAdaptiveModel
+    from moeprune.quantization.quant import QuantizedWeight
 
     _, src = family_checkpoints["qwen3_moe"]
     export_pruned(src, _pattern(src, tmp_path, keep="0.75"), tmp_path / "q", bits=4, progress=False)
@@ -250,7 +250,7 @@ def test_task_adaptive_model_reads_an_export_packed(family_checkpoints, tmp_path
     assert a.kept != b.kept
     rt = TaskAdaptiveModel(tmp_path / "q", patterns=[a, b], initial="a")
     rt.activate("b")
-    assert any(isinstance(m, QuantizedExpertWeight) for m in rt.model.modules())
+    assert any(isinstance(m, QuantizedWeight) for m in rt.model.modules())
     x = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         ref = moeprune.from_pretrained(tmp_path / "q", pattern=b, keep_quantized=False)(x).logits

@@ -34,7 +34,8 @@ from moeprune.kernels import (  # noqa: E402
     torch_experts_forward,
     triton_experts_forward,
 )
-from moeprune.kernels.quant_format import dequantize_ref, pack, quantize_ref, unpack  # noqa: E402
+from moeprune.kernels.quant_format import QuantizedWeight, pack, unpack  # noqa: E402
+from moeprune.quantization.quant import quantize  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -155,22 +156,20 @@ def test_quant_format(bits):
     if bits == 2:
         assert pack(torch.tensor([[1, 2, 3, 0]]), 2).item() == 0b00111001
     w = torch.randn(4, 6, 64, generator=gen(3))
-    packed, scales, zeros = quantize_ref(w, bits, 16)
-    assert scales.dtype == zeros.dtype == torch.float16 and scales.shape == (4, 6, 4)
-    err = (dequantize_ref(packed, scales, zeros, bits) - w).abs().reshape(4, 6, 4, 16)
+    qw = quantize(w, bits, 16)
+    scales = qw.scales
+    assert scales.dtype == qw.zeros.dtype == torch.float16 and scales.shape == (4, 6, 4)
+    err = (qw.dequantize(torch.float32) - w).abs().reshape(4, 6, 4, 16)
     assert (err <= scales.float()[..., None] * 1.001 + 1e-6).all()  # half a step, one at a clipped edge
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_reads_quant_module_format(bits):
-    """moeprune.quantization.quant's stored tensors dequantize identically through this package's reader."""
-    try:
-        from moeprune.quantization import quant
-    except ImportError:
-        pytest.skip("moeprune.quantization.quant not available")
+def test_per_expert_read_equals_the_whole_stack(bits):
+    """What the torch path reads per expert (``dequantize_expert``) equals dequantizing the whole stack."""
     w = torch.randn(3, 8, 64, generator=gen(4))
-    qt = quant.quantize(w, bits, 32)
-    assert torch.equal(dequantize_ref(qt.packed, qt.scales, qt.zeros, bits), quant.dequantize(qt, torch.float32))
+    qw = quantize(w, bits, 32)
+    whole = qw.dequantize(torch.float32)
+    assert all(torch.equal(qw.dequantize_expert(e, torch.float32), whole[e]) for e in range(3))
 
 
 # ------------------------------------------------------------------------------- torch path
@@ -314,8 +313,6 @@ def test_mixed_width_experts(kind, backend, monkeypatch):
     """Experts of different widths in one layer (MC-MoE): one pass per width group, summed, equals the
     eager loop over the dequantized weights; empty width groups and routed-away experts included."""
     from moeprune.kernels import moe_experts_forward
-    from moeprune.kernels.quant_format import MixedQuantizedExpertWeight
-
     monkeypatch.setenv("MOEPRUNE_KERNEL", backend)
     m = make_experts(kind, seed=21, hidden=64, inter=48)
     reference = make_experts(kind, seed=21, hidden=64, inter=48)
@@ -323,7 +320,7 @@ def test_mixed_width_experts(kind, backend, monkeypatch):
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(m, name).detach()
         lin = w.transpose(-1, -2) if kind == "gpt_oss" else w
-        mixed = MixedQuantizedExpertWeight.from_float(lin.contiguous(), widths, group_size=16)
+        mixed = QuantizedWeight.stack([quantize(lin[e].contiguous(), b, 16) for e, b in enumerate(widths)])
         with torch.no_grad():
             dq = mixed.dequantize(torch.float32)
             getattr(reference, name).copy_(dq.transpose(-1, -2) if kind == "gpt_oss" else dq)

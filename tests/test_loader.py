@@ -351,12 +351,12 @@ def test_hub_load_downloads_only_the_shards_it_needs(family_checkpoints, tmp_pat
 def test_runtime_with_quantized_experts(family, family_checkpoints, tmp_path):
     """TaskAdaptiveModel(bits=4): experts packed in memory and in the cache; every switch equals loading
     that pattern quantized on load, and still reads only the difference."""
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
+    from moeprune.quantization.quant import QuantizedWeight
 
     _, src = family_checkpoints[family]
     a, b, _ = _patterns(src, tmp_path)
     rt = TaskAdaptiveModel(src, patterns=[a, b], initial="t0", cache_bytes=10**9, bits=4)
-    assert isinstance(rt.model.model.layers[-1].mlp.experts.down_proj, QuantizedExpertWeight)
+    assert isinstance(rt.model.model.layers[-1].mlp.experts.down_proj, QuantizedWeight)
     x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
     for pattern in (a, b, a):
         stats = rt.activate(pattern)
@@ -365,4 +365,4 @@ def test_runtime_with_quantized_experts(family, family_checkpoints, tmp_path):
         if pattern is b:
             assert stats["experts_read"] == sum(len(set(b.kept[l]) - set(a.kept[l])) for l in a.kept)
     assert stats["experts_read"] == 0 and len(rt.cache) > 0
-    assert all(any(name.endswith(".qweight") for name in tensors) for tensors in rt.cache._items.values())
+    assert all(any(isinstance(t, QuantizedWeight) for t in tensors.values()) for tensors in rt.cache._items.values())

@@ -10,19 +10,15 @@ import torch
 
 from moeprune.quantization import quant
 from moeprune.quantization.quant import (
-    QuantizedTensor,
+    QuantizedWeight,
     allocate_bits,
     allocation_objective,
     dequantize,
     error_bound,
     expert_quant_error,
-    from_state_dict,
-    load_quantized,
     pack,
     quant_error_table,
     quantize,
-    save_quantized,
-    to_state_dict,
     unpack,
 )
 
@@ -185,36 +181,55 @@ def test_bad_group_size_message():
             fn(nan, 4)
 
 
-# ------------------------------------------------------------------ serialization
-def test_safetensors_roundtrip(tmp_path):
-    qts = {
-        "model.layers.0.mlp.experts.gate_proj": quantize(_weights((8, 64, 256), seed=8), 4, 64),
-        "model.layers.0.mlp.experts.down_proj": quantize(_weights((8, 256, 64), seed=9, dtype=torch.bfloat16), 2, 32),
-        "lm.x": quantize(_weights((16, 128), seed=10), 8),
-    }
-    path = tmp_path / "q.safetensors"
-    save_quantized(path, qts)
-    loaded = load_quantized(path)
-    assert set(loaded) == set(qts)
-    for k, qt in qts.items():
-        lq = loaded[k]
-        assert (lq.bits, lq.group_size, lq.shape, lq.dtype) == (qt.bits, qt.group_size, qt.shape, qt.dtype)
-        for a, b in ((lq.packed, qt.packed), (lq.scales, qt.scales), (lq.zeros, qt.zeros)):
-            assert a.dtype == b.dtype and torch.equal(a, b)
-        assert torch.equal(lq.dequantize(), qt.dequantize())
+# ------------------------------------------------------------------ the one in-memory type
+def test_quantized_weight_stack_cat_and_index_agree_with_dequantize():
+    """Stacking expert matrices, joining row pieces, indexing and selecting experts never change a value."""
+    ws = [_weights((6, 64), seed=20 + e) for e in range(4)]
+    qs = [quantize(w, 4, 16) for w in ws]
+    stack = QuantizedWeight.stack(qs)
+    assert stack.shape == (4, 6, 64) and not stack.is_mixed and stack.widths == [4] * 4
+    assert torch.equal(stack.dequantize(), torch.stack([q.dequantize() for q in qs]))
+    for e in range(4):
+        assert torch.equal(stack[e].dequantize(), qs[e].dequantize())
+        assert torch.equal(stack.dequantize_expert(e), qs[e].dequantize())
+    assert torch.equal(stack.select([2, 0]).dequantize(), stack.dequantize()[[2, 0]])
+    gate, up = quantize(_weights((3, 64), seed=30), 4, 16), quantize(_weights((5, 64), seed=31), 4, 16)
+    joined = QuantizedWeight.cat([gate, up])
+    assert joined.shape == (8, 64) and torch.equal(joined.dequantize(), torch.cat([gate.dequantize(), up.dequantize()]))
+    assert torch.equal(joined.narrow_rows(3, 5).dequantize(), up.dequantize())
+    with pytest.raises(ValueError, match="different widths"):
+        QuantizedWeight.cat([gate, quantize(_weights((5, 64), seed=31), 8, 16)])
+    with pytest.raises(ValueError, match="do not hold"):
+        QuantizedWeight(gate.packed, gate.scales[:, :1], gate.zeros, 4, 16)
 
 
-def test_state_dict_keys_and_validation():
-    qt = quantize(_weights((4, 128), seed=11), 4)
-    tensors, meta = to_state_dict("w", qt)
-    assert set(tensors) == {"w.qweight", "w.scales", "w.zeros"} and set(meta) == {"w.quant"}
-    back = from_state_dict("w", tensors, meta)
-    assert isinstance(back, QuantizedTensor) and torch.equal(back.dequantize(), qt.dequantize())
-    tensors["w.scales"] = tensors["w.scales"][:, :0]
-    with pytest.raises(ValueError):
-        from_state_dict("w", tensors, meta)
-    with pytest.raises(KeyError):
-        from_state_dict("v", tensors, meta)
+def test_mixed_width_stack_keeps_each_expert():
+    """Experts of different widths stack into one mixed weight: expert order, widths and values preserved."""
+    widths = [8, 2, 4, 2, 8]
+    qs = [quantize(_weights((6, 64), seed=40 + e), b, 16) for e, b in enumerate(widths)]
+    mixed = QuantizedWeight.stack(qs)
+    assert mixed.is_mixed and mixed.bits is None and mixed.widths == widths and mixed.shape == (5, 6, 64)
+    assert sorted(e for ids, _ in mixed.width_groups() for e in ids) == list(range(5))
+    want = torch.stack([q.dequantize() for q in qs])
+    assert torch.equal(mixed.dequantize(), want)
+    for e in range(5):
+        assert mixed[e].bits == widths[e] and torch.equal(mixed.dequantize_expert(e), want[e])
+    assert torch.equal(mixed.clone().dequantize(), want)
+    assert mixed.nbytes == sum(q.nbytes for q in qs)
+    one = QuantizedWeight.by_width([QuantizedWeight.stack([qs[3], qs[1]])], [[1, 0]])  # one width, out of order
+    assert not one.is_mixed and torch.equal(one.dequantize(), torch.stack([qs[1].dequantize(), qs[3].dequantize()]))
+    with pytest.raises(ValueError, match="exactly once"):
+        QuantizedWeight.by_width([QuantizedWeight.stack([qs[1], qs[3]])], [[0, 2]])
+
+
+def test_quantized_weight_moves_but_keeps_its_stored_dtypes():
+    """A model's dtype cast must not round the stored scales (they are exact as stored); buffers are the state."""
+    qw = quantize(_weights((2, 8, 64), seed=50), 4, 16)
+    before = qw.dequantize(torch.float32)
+    qw.to(torch.bfloat16)
+    assert qw.scales.dtype == qw.zeros.dtype == torch.float16 and qw.packed.dtype == torch.uint8
+    assert torch.equal(qw.dequantize(torch.float32), before)
+    assert set(qw.state_dict()) == {"packed", "scales", "zeros"}
 
 
 # ------------------------------------------------------------------- expert error
@@ -498,7 +513,6 @@ def test_mixed_precision_export_meets_the_budget(family_checkpoints, tmp_path, c
 def test_packed_quantized_experts_equal_the_dequantized_load(family, family_checkpoints, tmp_path):
     import moeprune
     from moeprune.export import export_pruned
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
 
@@ -509,7 +523,7 @@ def test_packed_quantized_experts_equal_the_dequantized_load(family, family_chec
     packed, report = moeprune.from_pretrained(tmp_path / "q", return_report=True)
     dense, dense_report = moeprune.from_pretrained(tmp_path / "q", keep_quantized=False, return_report=True)
     experts = packed.model.layers[-1].mlp.experts
-    assert isinstance(experts.gate_up_proj, QuantizedExpertWeight) and experts.gate_up_proj.bits == 4
+    assert isinstance(experts.gate_up_proj, QuantizedWeight) and experts.gate_up_proj.bits == 4
     assert report.param_bytes < dense_report.param_bytes
     x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -522,7 +536,6 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     logits) as exporting with --bits 4 and loading that; mixed widths per layer stay packed too."""
     import moeprune
     from moeprune.export import export_pruned
-    from moeprune.kernels.quant_format import QuantizedExpertWeight
     from moeprune.pipeline import profile_checkpoint, select_pattern
     from tiny_models import VOCAB, write_token_demos
 
@@ -534,9 +547,9 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     on_load = moeprune.from_pretrained(src, pattern, bits=4)
     exported = moeprune.from_pretrained(tmp_path / "q")
     a, b = on_load.model.layers[-1].mlp.experts, exported.model.layers[-1].mlp.experts
-    assert isinstance(a.down_proj, QuantizedExpertWeight)
+    assert isinstance(a.down_proj, QuantizedWeight)
     for name in ("gate_up_proj", "down_proj"):
-        assert torch.equal(getattr(a, name).qweight, getattr(b, name).qweight), name
+        assert torch.equal(getattr(a, name).packed, getattr(b, name).packed), name
         assert torch.equal(getattr(a, name).scales, getattr(b, name).scales), name
     with torch.no_grad():
         torch.testing.assert_close(on_load(x).logits, exported(x).logits, rtol=1e-5, atol=1e-5)
@@ -545,12 +558,11 @@ def test_quantize_on_load_equals_the_quantized_export(family, family_checkpoints
     mixed.bits = {layer: [8 if i % 2 else 4 for i in range(len(kept))] for layer, kept in mixed.kept.items()}
     if family != "gpt_oss":  # fused checkpoints need one width per layer
         export_pruned(src, mixed, tmp_path / "m", progress=False)
-        from moeprune.kernels.quant_format import MixedQuantizedExpertWeight
-
         packed_on_load, packed_export = moeprune.from_pretrained(src, mixed), moeprune.from_pretrained(tmp_path / "m")
         dense = moeprune.from_pretrained(tmp_path / "m", keep_quantized=False)
         for net in (packed_on_load, packed_export):  # mixed widths stay packed, one stack per width
-            assert isinstance(net.model.layers[-1].mlp.experts.down_proj, MixedQuantizedExpertWeight)
+            down = net.model.layers[-1].mlp.experts.down_proj
+            assert isinstance(down, QuantizedWeight) and down.is_mixed
         with torch.no_grad():
             want = dense(x).logits
             torch.testing.assert_close(packed_on_load(x).logits, want, rtol=1e-5, atol=1e-5)

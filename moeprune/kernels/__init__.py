@@ -6,7 +6,7 @@ Importing this package never imports triton (only :mod:`moeprune.kernels.triton_
     register()  # then experts_implementation="moeprune" in from_pretrained / from_config
 """
 
-from moeprune.kernels.quant_format import QuantizedExpertWeight, dequantize_ref, quantize_experts_, quantize_ref
+from moeprune.kernels.quant_format import QuantizedWeight, quantize_experts_
 from moeprune.kernels.registry import moe_experts_forward, register, select_backend, triton_available
 from moeprune.kernels.routing import align_block_size, sort_by_expert
 from moeprune.kernels.torch_experts import eager_experts_forward, torch_experts_forward
@@ -21,10 +21,8 @@ __all__ = [
     "triton_experts_forward",
     "align_block_size",
     "sort_by_expert",
-    "QuantizedExpertWeight",
+    "QuantizedWeight",
     "quantize_experts_",
-    "quantize_ref",
-    "dequantize_ref",
 ]
 
 

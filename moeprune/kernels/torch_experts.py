@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeprune.kernels import _buffers, counters
-from moeprune.kernels.quant_format import dequantize_ref, expert_weight, get_quantized, qparts
+from moeprune.kernels.quant_format import expert_weight, get_quantized
 from moeprune.kernels.routing import sort_by_expert
 
 __all__ = ["torch_experts_forward", "eager_experts_forward"]
@@ -67,9 +67,7 @@ def _grouped_linear(module, name, x, counts, dtype):
             continue
         xs = x[start:start + c]
         if qw is not None:
-            packed, scales, zeros, bits = qparts(qw)
-            we = dequantize_ref(packed[e], scales[e], zeros[e], bits, dtype)
-            ye = F.linear(xs, we)
+            ye = F.linear(xs, qw.dequantize_expert(e, dtype))
         elif transposed:
             ye = xs @ w[e].to(dtype)
         else:

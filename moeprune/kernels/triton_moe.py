@@ -31,7 +31,7 @@ from torch import nn
 
 from moeprune.kernels import _buffers, counters
 from moeprune.kernels.configs import get_config
-from moeprune.kernels.quant_format import get_quantized, qparts
+from moeprune.kernels.quant_format import get_quantized
 from moeprune.kernels.routing import align_block_size
 
 __all__ = ["triton_experts_forward", "gate_mode", "moe_gemm"]
@@ -135,8 +135,8 @@ def _weight_args(module: nn.Module, name: str, k_dim: int):
     """(w, scales, zeros, out_dim, strides_w, strides_s, bits, group) for the kernel."""
     qw = get_quantized(module, name)
     if qw is not None:
-        packed, scales, zeros, bits = qparts(qw)
-        scales, zeros = scales.contiguous(), zeros.contiguous()
+        packed, bits = qw.packed, qw.bits
+        scales, zeros = qw.scales.contiguous(), qw.zeros.contiguous()
         n_in = packed.shape[-1] * 8 // bits
         if n_in != k_dim:
             raise ValueError(f"{name}: quantized input dim {n_in} != {k_dim}")

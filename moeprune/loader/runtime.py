@@ -41,6 +41,8 @@ from moeprune.loader.selective import (
 from moeprune.modeling import load_tokenizer, parse_dtype
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.patterns.retrieval import Match, Retriever, check_query_length, general_pattern, query_signatures
+from moeprune.quantization.experts import expert_matrix
+from moeprune.quantization.quant import QuantizedWeight
 
 ExpertKey = tuple[int, int]  # (layer, original expert id)
 
@@ -54,8 +56,10 @@ class ExpertCache:
         self.bytes = 0
 
     @staticmethod
-    def size(tensors: dict[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+    def size(tensors: dict[str, Any]) -> int:
+        """Bytes of one expert's float slices and packed ``QuantizedWeight`` matrices."""
+        return sum(t.nbytes if isinstance(t, QuantizedWeight) else t.numel() * t.element_size()
+                   for t in tensors.values())
 
     def put(self, key: ExpertKey, tensors: dict[str, torch.Tensor]) -> None:
         if key in self._items:
@@ -313,8 +317,9 @@ class TaskAdaptiveModel:
         self._fill(block.experts, layer, experts)
         self._set_router(block, layer, kept, routing)
 
-    def _quantized(self, slices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """An expert's float slices as the packed parts the model holds (unchanged without ``bits``)."""
+    def _quantized(self, slices: dict[str, Any]) -> dict[str, Any]:
+        """An expert's float slices as the packed ``QuantizedWeight`` matrices the model holds (unchanged without
+        ``bits``)."""
         if self.bits is None or self.packed_source:  # float, or already packed as stored
             return slices
         from moeprune.quantization.compressed import common_group, quantize_tensor
@@ -328,25 +333,17 @@ class TaskAdaptiveModel:
             if name.endswith("_bias"):
                 out[name] = t
                 continue
-            qt = quantize_tensor(mats[name], self.bits, group)
-            out.update({f"{name}.qweight": qt.packed, f"{name}.scales": qt.scales, f"{name}.zeros": qt.zeros})
+            out[name] = quantize_tensor(mats[name], self.bits, group)
         return out
 
-    def _fill(self, module: Any, layer: int, experts: list[dict[str, torch.Tensor]]) -> None:
-        """Set a layer's experts: float slices stacked, packed parts as one ``QuantizedExpertWeight``."""
-        floats = [{n: t for n, t in e.items() if "." not in n} for e in experts]
+    def _fill(self, module: Any, layer: int, experts: list[dict[str, Any]]) -> None:
+        """Set a layer's experts: float slices stacked, packed matrices as one ``QuantizedWeight`` stack."""
+        floats = [{n: t for n, t in e.items() if isinstance(t, torch.Tensor)} for e in experts]
         if floats[0]:
             fill_experts(self.model, self.adapter, layer, floats, self.device, self.dtype)
-        from moeprune.kernels.quant_format import QuantizedExpertWeight
-        from moeprune.quantization.compressed import container_bits
-
-        for name in sorted({n.rsplit(".", 1)[0] for n in experts[0] if n.endswith(".qweight")}):
-            q, sc, z = (torch.stack([e[f"{name}.{part}"] for e in experts]) for part in ("qweight", "scales", "zeros"))
-            bits = container_bits(self.bits)
-            in_dim = q.shape[-1] * 8 // bits
+        for name in sorted(n for n, t in experts[0].items() if isinstance(t, QuantizedWeight)):
             module._parameters.pop(name, None)
-            setattr(module, name, QuantizedExpertWeight(q, sc, z, bits, in_dim // sc.shape[-1],
-                                                        self.dtype).to(self.device))
+            setattr(module, name, QuantizedWeight.stack([e[name] for e in experts]).to(self.device))
 
     def _set_router(self, block: Any, layer: int, kept: list[int], routing: dict[str, Any]) -> None:
         rows = torch.tensor(kept)
@@ -364,21 +361,22 @@ def _stored_width(config: dict[str, Any]) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
-def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[str, torch.Tensor]:
-    """One expert's packed parts (``name.qweight`` / ``.scales`` / ``.zeros``) from stored quantized reads
-    (floats for its biases), pieces concatenated along the output rows."""
-    out: dict[str, torch.Tensor] = {}
+def _assemble_packed(adapter: Any, layer: int, expert: int, read: dict) -> dict[str, Any]:
+    """One expert's packed ``QuantizedWeight`` matrices from stored quantized reads (floats for its biases),
+    pieces joined along the output rows."""
+    out: dict[str, Any] = {}
     for param, pieces in adapter.expert_sources(layer, expert).items():
         got = [read[(key, None if row is None else (row,))] for key, row in pieces]
         if isinstance(got[0], torch.Tensor):  # a bias
             got = [g if row is None else g[0] for g, (_, row) in zip(got, pieces)]
             out[param] = got[0] if len(got) == 1 else torch.cat(got, dim=0)
             continue
-        qts = [g.quantized_tensor() for g in got]
-        for name, attr in (("qweight", "packed"), ("scales", "scales"), ("zeros", "zeros")):
-            ts = [getattr(q, attr) for q in qts]
-            ts = [t[0] if t.dim() == 3 else t for t in ts]
-            out[f"{param}.{name}"] = torch.cat(ts, dim=0)
+        matrix = expert_matrix(got)
+        if matrix is None:
+            raise IncompatibleError(f"expert {expert} of layer {layer} stores the pieces of {param} at different "
+                                    "widths, which moeprune cannot hold packed",
+                                    hint="load it with bits=N (re-quantized) or as float")
+        out[param] = matrix
     return out
 
 
@@ -393,13 +391,7 @@ def _refuse_merged(pattern: ExpertPattern) -> None:
                                 hint="load it with moeprune.from_pretrained or export it with `moeprune export`")
 
 
-def _expert_slices(module: Any, names: list[str], i: int) -> dict[str, torch.Tensor]:
-    """Expert ``i`` of a layer's experts module: float slices, or a packed weight's parts (``name.qweight``...)."""
-    out = {}
-    for name in names:
-        w = getattr(module, name)
-        if isinstance(w, torch.Tensor):
-            out[name] = w[i].detach().clone()
-        else:
-            out.update({f"{name}.{part}": getattr(w, part)[i].clone() for part in ("qweight", "scales", "zeros")})
-    return out
+def _expert_slices(module: Any, names: list[str], i: int) -> dict[str, Any]:
+    """Expert ``i`` of a layer's experts module: float slices, or its packed ``QuantizedWeight`` matrices."""
+    return {name: (w[i].detach().clone() if isinstance(w := getattr(module, name), torch.Tensor) else w[i].clone())
+            for name in names}

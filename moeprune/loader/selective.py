@@ -64,9 +64,10 @@ def assemble_expert(adapter: MoEAdapter, layer: int, expert: int,
 
 def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int, experts: list[int],
                               reader: TensorReader) -> dict[str, Any] | None:
-    """The layer's expert weights kept packed (``QuantizedExpertWeight``, or one per width for mixed
-    widths) and biases as tensors, or None when its experts are not stored quantized."""
-    from moeprune.quantization.experts import stack_quantized
+    """The layer's expert weights kept packed (a ``QuantizedWeight`` stack, mixed when the experts' widths
+    differ) and biases as tensors, or None when its experts are not stored quantized."""
+    from moeprune.quantization.experts import expert_matrix
+    from moeprune.quantization.quant import QuantizedWeight
 
     weights = [p for p, _ in adapter.expert_params if not p.endswith("_bias")]
     sources = {e: adapter.expert_sources(layer, e) for e in experts}
@@ -78,10 +79,10 @@ def read_layer_experts_packed(ckpt: Checkpoint, adapter: MoEAdapter, layer: int,
     out: dict[str, Any] = {}
     for param, per_expert in requests.items():
         got = packed_reader.read(r for per in per_expert for r in per)
-        got = {r: (stored.quantized_tensor(), stored.transposed) for r, stored in got.items()}
-        out[param] = stack_quantized([[got[r] for r in per] for per in per_expert])
-        if out[param] is None:
+        matrices = [expert_matrix([got[r] for r in per]) for per in per_expert]
+        if any(m is None for m in matrices):
             return None
+        out[param] = QuantizedWeight.stack(matrices)
     biases = [p for p, _ in adapter.expert_params if p.endswith("_bias")]
     if biases:
         out.update(read_layer_experts(reader, adapter, layer, experts, only=biases))
@@ -94,38 +95,29 @@ def quantize_layer(values: dict[str, torch.Tensor], adapter: MoEAdapter, widths:
                    keep_packed: bool, source_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Quantize a layer's float expert stacks on load, one width per expert (the export's format).
 
-    With ``keep_packed`` the weights become packed ``QuantizedExpertWeight`` stacks (one per width
-    when the layer mixes widths; run by the moeprune kernels); otherwise each expert is quantized
+    With ``keep_packed`` the weights become packed ``QuantizedWeight`` stacks (mixed when the layer mixes
+    widths; run by the moeprune kernels); otherwise each expert is quantized
     and dequantized in place, so the numerics match a quantized export either way (which quantizes the
     values in the checkpoint's float dtype ``source_dtype``, scales in that dtype).
     """
-    from moeprune.kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
     from moeprune.quantization.compressed import common_group, quantize_tensor
-    from moeprune.quantization.quant import dequantize
+    from moeprune.quantization.quant import QuantizedWeight
 
     out: dict[str, Any] = dict(values)
     weights = {p: (s.transpose(-1, -2) if adapter.experts_transposed else s)  # [E, out, in]
                for p, s in values.items() if not p.endswith("_bias")}
     group = common_group([m.shape[-1] for m in weights.values()], group_size)  # as the export's one group size
 
-    def stack(matrices: torch.Tensor, bits: int) -> QuantizedExpertWeight:
-        qt = quantize_tensor(matrices.to(source_dtype or matrices.dtype).contiguous(), bits, group)
-        return QuantizedExpertWeight(qt.packed, qt.scales, qt.zeros, qt.bits, qt.group_size, qt.dtype)
+    def stack(matrices: torch.Tensor, bits: int) -> QuantizedWeight:
+        return quantize_tensor(matrices.to(source_dtype or matrices.dtype).contiguous(), bits, group)
 
     for param, matrices in weights.items():
-        if keep_packed and len(set(widths)) == 1:
-            out[param] = stack(matrices, widths[0])
-            continue
         if keep_packed:  # one packed stack per width
-            groups, members = [], []
-            for b in sorted(set(widths)):
-                ids = [e for e, w in enumerate(widths) if w == b]
-                groups.append(stack(matrices[ids], b))
-                members.append(ids)
-            out[param] = MixedQuantizedExpertWeight(groups, members)
+            members = [[e for e, w in enumerate(widths) if w == b] for b in sorted(set(widths))]
+            out[param] = QuantizedWeight.by_width([stack(matrices[ids], widths[ids[0]]) for ids in members], members)
             continue
         for i, b in enumerate(widths):
-            w = dequantize(quantize_tensor(matrices[i].to(source_dtype or matrices.dtype).contiguous(), b, group))
+            w = quantize_tensor(matrices[i].to(source_dtype or matrices.dtype).contiguous(), b, group).dequantize()
             matrices[i] = w.to(matrices.dtype)  # a view of ``stack``: written in place
     return out
 

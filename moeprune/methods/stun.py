@@ -140,24 +140,15 @@ def _quantized_chunks(ckpt: Checkpoint, keys: list[str], num_experts: int):
     key or one key per expert), kept packed and dequantized a block of output rows at a time (each
     row has its own groups). The stored layout may be the transpose of the model's: a Gram matrix of
     flattened weights does not depend on it."""
-    from dataclasses import replace
-
     from moeprune.io.reader import TensorReader
-    from moeprune.quantization.quant import dequantize
 
     got = TensorReader(ckpt, packed=True).read((k, None) for k in keys)
-    qts = [got[(k, None)].quantized_tensor() for k in keys]
-    rows_axis = qts[0].packed.dim() - 2
+    qts = [got[(k, None)].quantized() for k in keys]
+    rows_axis = len(qts[0].shape) - 2
     out, inner = qts[0].shape[rows_axis], qts[0].shape[-1]
     step = max(1, CHUNK_ELEMENTS // max(1, num_experts * inner))
     for a in range(0, out, step):
-        parts = []
-        for qt in qts:
-            part = replace(qt, packed=qt.packed.narrow(rows_axis, a, min(step, out - a)),
-                           scales=qt.scales.narrow(rows_axis, a, min(step, out - a)),
-                           zeros=qt.zeros.narrow(rows_axis, a, min(step, out - a)),
-                           shape=(*qt.shape[:rows_axis], min(step, out - a), inner))
-            parts.append(dequantize(part).double())
+        parts = [qt.narrow_rows(a, min(step, out - a)).dequantize().double() for qt in qts]
         yield torch.cat([t.reshape(t.shape[0], -1) for t in parts]) if rows_axis else \
             torch.stack([t.reshape(-1) for t in parts])
 

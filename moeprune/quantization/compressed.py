@@ -13,7 +13,7 @@ library's own (``calculate_qparams`` + ``PackedQuantizationCompressor``); dequan
 The config (``quantization_config``) has one config group per width, each targeting exactly its
 experts' projections by regex, so attention, routers, shared experts, embeddings and ``lm_head``
 stay as they are. In memory, moeprune's kernels read the same integers as
-:class:`moeprune.quantization.quant.QuantizedTensor` (unsigned codes ``q + 2**(b-1)``; 3-bit codes held in 4-bit
+:class:`moeprune.quantization.quant.QuantizedWeight` (unsigned codes ``q + 2**(b-1)``; 3-bit codes held in 4-bit
 containers), so the two dequantize identically.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from moeprune.errors import IncompatibleError, InvalidArgument
-from moeprune.quantization.quant import QuantizedTensor, pack
+from moeprune.quantization.quant import QuantizedWeight, pack
 from moeprune.quantization.widths import WIDTHS as SUPPORTED_BITS
 from moeprune.quantization.widths import check_width as check_bits
 from moeprune.quantization.widths import container_bits
@@ -132,16 +132,15 @@ def codes(parts: Mapping[str, torch.Tensor], args) -> tuple[torch.Tensor, torch.
     return q, zp
 
 
-def to_quantized_tensor(parts: Mapping[str, torch.Tensor], args, dtype: torch.dtype) -> QuantizedTensor:
-    """The same weight as moeprune's in-memory :class:`QuantizedTensor` (what the kernels read): codes
+def to_quantized_weight(parts: Mapping[str, torch.Tensor], args, dtype: torch.dtype) -> QuantizedWeight:
+    """The same weight as moeprune's in-memory :class:`QuantizedWeight` (what the kernels read): codes
     ``q + 2**(b-1)`` packed at :func:`container_bits`, zero ``zp + 2**(b-1)``; the stored scales."""
     q, zp = codes(parts, args)
     offset = 1 << (args.num_bits - 1)
     bits = container_bits(args.num_bits)
     scale = parts["_scale"]
-    return QuantizedTensor(packed=pack((q + offset).to(torch.uint8), bits), scales=scale,
-                           zeros=(zp + offset).to(scale.dtype), bits=bits, group_size=args.group_size,
-                           shape=tuple(q.shape), dtype=dtype)
+    return QuantizedWeight(pack((q + offset).to(torch.uint8), bits), scale, (zp + offset).to(scale.dtype), bits,
+                           args.group_size, shape=tuple(q.shape), dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------ config
@@ -224,7 +223,7 @@ def common_group(in_dims: Sequence[int], group_size: int = DEFAULT_GROUP) -> int
                           f"{per_byte})")
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedTensor:
-    """``w [..., out, in]`` quantized as an export stores it, as moeprune's in-memory ``QuantizedTensor``."""
+def quantize_tensor(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """``w [..., out, in]`` quantized as an export stores it, as moeprune's in-memory ``QuantizedWeight``."""
     args = weight_args(bits, group_size, symmetric)
-    return to_quantized_tensor(compress(w, args), args, w.dtype)
+    return to_quantized_weight(compress(w, args), args, w.dtype)

@@ -20,7 +20,7 @@ from moeprune.arch import MoEAdapter
 from moeprune.errors import IncompatibleError
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.quantization import compressed as ct
-from moeprune.quantization.quant import QuantizedTensor
+from moeprune.quantization.quant import QuantizedWeight
 
 fit_group = ct.fit_group  # re-exported: callers that quantize one matrix on its own
 QUANT_PARTS = ct.SUFFIXES
@@ -37,9 +37,10 @@ class StoredQuantized:
     args: Any
     transposed: bool = False
 
-    def quantized_tensor(self) -> QuantizedTensor:
-        """The in-memory packed form moeprune's kernels run (same values as :meth:`dequantize`)."""
-        return ct.to_quantized_tensor(self.parts, self.args, self.parts["_scale"].dtype)
+    def quantized(self) -> QuantizedWeight:
+        """The in-memory packed form moeprune's kernels run (same values as :meth:`dequantize`), ``[out, in]``
+        (a fused tensor's rows: ``[rows, out, in]``)."""
+        return ct.to_quantized_weight(self.parts, self.args, self.parts["_scale"].dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight in the model's orientation, dequantized by compressed-tensors."""
@@ -163,32 +164,11 @@ def read_stored(f: Any, key: str, config: Mapping[str, Any], transposed: bool,
     return StoredQuantized(parts, args, transposed)
 
 
-def stack_quantized(per_expert: list[list[tuple[QuantizedTensor, bool]]]) -> Any | None:
-    """One ``QuantizedExpertWeight [E, out, in]`` from per-expert pieces (concatenated along ``out``);
-    experts of different widths give a ``MixedQuantizedExpertWeight`` (one stack per width); None
-    when one expert's pieces differ in width (then load dequantized)."""
-    from moeprune.kernels.quant_format import MixedQuantizedExpertWeight, QuantizedExpertWeight
-
-    kinds = [{(qt.bits, qt.group_size) for qt, _ in pieces} for pieces in per_expert]
-    if any(len(k) != 1 for k in kinds):
+def expert_matrix(pieces: list[StoredQuantized]) -> QuantizedWeight | None:
+    """One expert's ``[out, in]`` matrix from its stored pieces (joined along the output rows; a fused tensor's
+    one-row read gives its row), or None when the pieces differ in width (then load dequantized)."""
+    qws = [p.quantized() for p in pieces]
+    qws = [q[0] if len(q.shape) == 3 else q for q in qws]
+    if len({(q.bits, q.group_size) for q in qws}) != 1:
         return None
-    if len(set().union(*kinds)) > 1:
-        groups, members = [], []
-        for kind in sorted(set().union(*kinds)):
-            ids = [e for e, k in enumerate(kinds) if k == {kind}]
-            groups.append(stack_quantized([per_expert[e] for e in ids]))
-            members.append(ids)
-        return MixedQuantizedExpertWeight(groups, members)
-    flat = [qt for pieces in per_expert for qt, _ in pieces]
-
-    def part(name: str) -> torch.Tensor:
-        rows = []
-        for pieces in per_expert:
-            ts = [getattr(qt, name) for qt, _ in pieces]
-            ts = [t[0] if t.dim() == 3 else t for t in ts]  # a fused tensor's one expert row
-            rows.append(torch.cat(ts, dim=0))
-        return torch.stack(rows)
-
-    first = flat[0]
-    return QuantizedExpertWeight(part("packed"), part("scales"), part("zeros"), bits=first.bits,
-                                 group_size=first.group_size, dtype=first.dtype)
+    return QuantizedWeight.cat(qws)

@@ -3,8 +3,7 @@ mixed-precision bit allocation.
 
 Exports are compressed-tensors checkpoints (``moeprune.quantization.compressed``), not this format: here it is the
 IN-MEMORY layout moeprune's kernels read (a compressed-tensors weight converts to it exactly, see
-``moeprune.quantization.compressed.to_quantized_tensor``); ``to_state_dict`` / ``save_quantized`` remain for
-files of moeprune's own, never for model exports.
+``moeprune.quantization.compressed.to_quantized_weight``).
 
 Memory format (read in-kernel by the Triton dequantization kernel -- keep in sync)
 -----------------------------------------------------------------------------------
@@ -40,41 +39,36 @@ Choice of the quantization parameters (any kernel only sees the format above):
   when ``c == 0``) and ``zero = 0`` (``c > 0``) or ``1`` (``c < 0``), so it is
   reconstructed exactly whenever ``c`` is representable in fp16.
 
-Serialization convention (:func:`to_state_dict` / :func:`from_state_dict`)
---------------------------------------------------------------------------
-Tensors ``<prefix>.qweight`` (uint8 packed), ``<prefix>.scales`` and
-``<prefix>.zeros`` (fp16); safetensors metadata key ``<prefix>.quant`` holds a
-JSON object ``{"format": "moeprune-gq-v1", "bits", "group_size", "shape",
-"dtype"}`` (``dtype`` the original dtype, e.g. ``"bfloat16"``).
+One in-memory type
+------------------
+:class:`QuantizedWeight` is moeprune's only in-memory quantized weight: one matrix, one expert's piece, a
+stack ``[E, out, in]``, or a stack whose experts differ in width (MC-MoE mixed precision: one uniform
+stack per width over its member experts). It is an ``nn.Module`` holding ``packed`` / ``scales`` /
+``zeros`` as buffers, so it moves with the model (``.to(device)``; a dtype cast leaves the stored
+scales as they are) and the kernels read it as an experts module's weight attribute. On disk quantized
+weights are compressed-tensors only; moeprune writes no file of its own format.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from moeprune.errors import InvalidArgument, InvalidFile
+from moeprune.errors import InvalidArgument
 from moeprune.quantization.widths import CONTAINER_BITS
 
 __all__ = [
-    "QuantizedTensor",
+    "QuantizedWeight",
     "SUPPORTED_BITS",
-    "FORMAT",
     "quantize",
     "dequantize",
     "pack",
     "unpack",
     "error_bound",
-    "to_state_dict",
-    "from_state_dict",
-    "save_quantized",
-    "load_quantized",
     "expert_quant_error",
     "quant_error_table",
     "allocate_bits",
@@ -82,7 +76,6 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = CONTAINER_BITS  # the in-memory widths (moeprune.quantization.widths)
-FORMAT = "moeprune-gq-v1"
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -132,35 +125,182 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- quantization
-@dataclass
-class QuantizedTensor:
-    """A group-wise quantized weight in the module's storage format.
+class QuantizedWeight(nn.Module):
+    """moeprune's in-memory quantized weight ``[..., out, in]`` (see the module docstring for the format).
 
-    ``packed`` uint8 ``[..., out, in*bits//8]``; ``scales``/``zeros`` fp16
-    ``[..., out, in//group_size]``; ``shape`` and ``dtype`` of the original weight.
+    Uniform: one width; buffers ``packed`` uint8 ``[..., out, in*bits//8]``, ``scales`` / ``zeros``
+    ``[..., out, in//group_size]``; ``shape`` and ``dtype`` of the original weight. Mixed
+    (:meth:`by_width`): an expert stack ``[E, out, in]`` whose experts differ in width, held as one
+    uniform stack per width (``parts``) over the expert ids ``members``; ``bits`` is then None and
+    ``widths`` says each expert's.
     """
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: int
-    group_size: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 shape: Sequence[int] | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        bits = _check_bits(bits)
+        shape = tuple(int(s) for s in shape) if shape is not None else \
+            (*packed.shape[:-1], packed.shape[-1] * 8 // bits)
+        want_packed = (*shape[:-1], shape[-1] * bits // 8)
+        want_groups = (*shape[:-1], shape[-1] // max(1, int(group_size)))
+        if (tuple(packed.shape), tuple(scales.shape), tuple(zeros.shape)) != (want_packed, want_groups, want_groups):
+            raise InvalidArgument(f"quantized parts {tuple(packed.shape)}/{tuple(scales.shape)}/{tuple(zeros.shape)} "
+                                  f"do not hold a {shape} weight at {bits} bits, group {group_size} "
+                                  f"(expected {want_packed}/{want_groups})")
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bits, self.group_size, self.shape, self.dtype = bits, int(group_size), shape, dtype
+        self.parts: nn.ModuleList | None = None
+        self.members: list[list[int]] | None = None
 
-    def dequantize(self) -> torch.Tensor:
-        """Reconstruct the weight (in ``self.dtype``)."""
-        return dequantize(self)
+    @classmethod
+    def by_width(cls, parts: Sequence["QuantizedWeight"], members: Sequence[Sequence[int]]) -> "QuantizedWeight":
+        """A mixed-width expert stack: uniform stack ``parts[i]`` holds experts ``members[i]`` (together 0..E-1);
+        a single part is returned as it is (re-ordered to expert order when needed)."""
+        members = [[int(e) for e in m] for m in members]
+        if len(parts) != len(members) or any(p.is_mixed or p.shape[0] != len(m) for p, m in zip(parts, members)):
+            raise InvalidArgument("each width group needs one member id per expert of its (uniform) stack")
+        ids = sorted(e for m in members for e in m)
+        if ids != list(range(len(ids))):
+            raise InvalidArgument(f"width groups must cover experts 0..{len(ids) - 1} exactly once")
+        if len({p.shape[1:] for p in parts}) != 1:
+            raise InvalidArgument(f"width groups hold matrices of different shapes {[p.shape[1:] for p in parts]}")
+        if len(parts) == 1:
+            order = torch.tensor(members[0]).argsort()
+            return parts[0] if members[0] == ids else parts[0].select(order)
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        for name in ("packed", "scales", "zeros"):
+            obj.register_buffer(name, None)
+        obj.bits, obj.group_size, obj.dtype = None, parts[0].group_size, parts[0].dtype
+        obj.shape = (len(ids), *parts[0].shape[1:])
+        obj.parts, obj.members = nn.ModuleList(parts), members
+        return obj
+
+    @classmethod
+    def stack(cls, items: Sequence["QuantizedWeight"]) -> "QuantizedWeight":
+        """Expert matrices ``[out, in]`` (uniform) stacked into ``[E, out, in]``; mixed when widths differ."""
+        kinds = [(q.bits, q.group_size) for q in items]
+        if any(q.is_mixed or len(q.shape) != 2 for q in items):
+            raise InvalidArgument("stack takes uniform [out, in] matrices")
+        if len(set(kinds)) > 1:
+            groups = {k: [i for i, kk in enumerate(kinds) if kk == k] for k in sorted(set(kinds))}
+            return cls.by_width([cls.stack([items[i] for i in ids]) for ids in groups.values()], list(groups.values()))
+        first = items[0]
+        return cls(*(torch.stack([getattr(q, n) for q in items]) for n in ("packed", "scales", "zeros")),
+                   bits=first.bits, group_size=first.group_size, shape=(len(items), *first.shape), dtype=first.dtype)
+
+    @classmethod
+    def cat(cls, pieces: Sequence["QuantizedWeight"]) -> "QuantizedWeight":
+        """Uniform pieces of one weight (e.g. an expert's gate and up) joined along the output rows."""
+        if len({(q.bits, q.group_size, q.is_mixed) for q in pieces}) != 1 or pieces[0].is_mixed:
+            raise InvalidArgument(f"cannot join quantized pieces of different widths "
+                                  f"{[(q.bits, q.group_size) for q in pieces]}")
+        if len(pieces) == 1:
+            return pieces[0]
+        first = pieces[0]
+        return cls(*(torch.cat([getattr(q, n) for q in pieces], dim=-2) for n in ("packed", "scales", "zeros")),
+                   bits=first.bits, group_size=first.group_size, dtype=first.dtype,
+                   shape=(*first.shape[:-2], sum(q.shape[-2] for q in pieces), first.shape[-1]))
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.parts is not None
+
+    @property
+    def widths(self) -> list[int]:
+        """Each expert's width (of a stack ``[E, ...]``)."""
+        if not self.is_mixed:
+            return [self.bits] * self.shape[0]
+        out = [0] * self.shape[0]
+        for part, ids in zip(self.parts, self.members):
+            for e in ids:
+                out[e] = part.bits
+        return out
+
+    def width_groups(self) -> list[tuple[list[int], "QuantizedWeight"]]:
+        """``[(expert ids, uniform stack of them)]``: one entry per width (one in all for a uniform stack)."""
+        if self.is_mixed:
+            return list(zip(self.members, self.parts))
+        return [(list(range(self.shape[0])), self)]
+
+    def _locate(self, e: int) -> tuple["QuantizedWeight", int]:
+        for ids, part in self.width_groups():
+            if e in ids:
+                return part, ids.index(e)
+        raise IndexError(f"expert {e} of a stack of {self.shape[0]}")
+
+    def __getitem__(self, e: int) -> "QuantizedWeight":
+        """Expert ``e`` of a stack (views of its parts)."""
+        part, i = self._locate(int(e))
+        return QuantizedWeight(part.packed[i], part.scales[i], part.zeros[i], part.bits, part.group_size,
+                               shape=part.shape[1:], dtype=part.dtype)
+
+    def select(self, ids: torch.Tensor | Sequence[int]) -> "QuantizedWeight":
+        """Experts ``ids`` of a uniform stack, in that order (copies)."""
+        if self.is_mixed:
+            return QuantizedWeight.stack([self[int(e)] for e in ids])
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.packed.device)
+        return QuantizedWeight(*(getattr(self, n).index_select(0, ids) for n in ("packed", "scales", "zeros")),
+                               bits=self.bits, group_size=self.group_size, dtype=self.dtype,
+                               shape=(len(ids), *self.shape[1:]))
+
+    def narrow_rows(self, start: int, length: int) -> "QuantizedWeight":
+        """Output rows ``start:start+length`` of a uniform weight (views; each row has its own groups)."""
+        axis = len(self.shape) - 2
+        return QuantizedWeight(*(getattr(self, n).narrow(axis, start, length) for n in ("packed", "scales", "zeros")),
+                               bits=self.bits, group_size=self.group_size, dtype=self.dtype,
+                               shape=(*self.shape[:axis], length, self.shape[-1]))
+
+    def clone(self) -> "QuantizedWeight":
+        """A copy owning its own storage."""
+        if self.is_mixed:
+            return QuantizedWeight.by_width([p.clone() for p in self.parts], self.members)
+        return QuantizedWeight(self.packed.clone(), self.scales.clone(), self.zeros.clone(), self.bits,
+                               self.group_size, shape=self.shape, dtype=self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reconstruct the weight (in ``dtype``, default the original ``self.dtype``)."""
+        if not self.is_mixed:
+            return dequantize(self, dtype)
+        out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.parts[0].packed.device)
+        for ids, part in self.width_groups():
+            out[ids] = part.dequantize(dtype or self.dtype)
+        return out
+
+    def dequantize_expert(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert ``e``'s ``[out, in]`` matrix of a stack."""
+        part, i = self._locate(int(e))
+        return _dequantize_parts(part.packed[i], part.scales[i], part.zeros[i], part.bits, part.shape[1:],
+                                 part.group_size, dtype or part.dtype)
 
     @property
     def nbytes(self) -> int:
-        """Storage size in bytes (packed codes + fp16 scales + fp16 zeros)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+        """Storage size in bytes (packed codes + scales + zeros)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     @property
     def bits_per_weight(self) -> float:
         """Effective bits per weight including scale/zero overhead."""
         return 8.0 * self.nbytes / max(1, math.prod(self.shape))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantizedWeight":
+        """``.to()`` / ``.cuda()`` move the parts; a dtype cast leaves the stored codes and scales as they are."""
+        if recurse:
+            for child in self.children():
+                child._apply(fn, recurse)
+        for name, b in self._buffers.items():
+            if b is not None:
+                moved = fn(b)
+                self._buffers[name] = moved if moved.dtype == b.dtype else b.to(moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        if self.is_mixed:
+            return (f"shape={self.shape}, bits={[p.bits for p in self.parts]}, "
+                    f"experts per width={[len(m) for m in self.members]}")
+        return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
 
 
 def _suggest_group_sizes(n_in: int, group_size: int, bits: int) -> list[int]:
@@ -217,7 +357,7 @@ def _group_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return scale, zero
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedTensor:
+def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedWeight:
     """Group-wise asymmetric quantization of ``w [..., out, in]`` to ``bits`` (8, 4 or 2)."""
     bits = _check_bits(bits)
     shape = tuple(w.shape)
@@ -229,24 +369,24 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedTens
     scale, zero = _group_params(wg, bits)
     q = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp(0, levels)
     q = q.to(torch.uint8).reshape(shape)
-    return QuantizedTensor(
-        packed=pack(q, bits),
-        scales=scale.to(torch.float16),
-        zeros=zero.to(torch.float16),
-        bits=bits,
-        group_size=int(group_size),
-        shape=shape,
-        dtype=w.dtype,
-    )
+    return QuantizedWeight(pack(q, bits), scale.to(torch.float16), zero.to(torch.float16), bits, group_size,
+                           shape=shape, dtype=w.dtype)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(q - zero) * scale`` computed in fp32, returned in ``dtype`` (default ``qt.dtype``)."""
-    shape, g = tuple(qt.shape), qt.group_size
-    q = unpack(qt.packed, qt.bits, shape[-1]).float()
+def _dequantize_parts(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                      shape: Sequence[int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    shape, g = tuple(shape), group_size
+    q = unpack(packed, bits, shape[-1]).float()
     q = q.reshape(*shape[:-1], shape[-1] // g, g)
-    w = (q - qt.zeros.float()[..., None]) * qt.scales.float()[..., None]
-    return w.reshape(shape).to(dtype or qt.dtype)
+    w = (q - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.reshape(shape).to(dtype)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(q - zero) * scale`` computed in fp32, returned in ``dtype`` (default ``qw.dtype``)."""
+    if qw.is_mixed:
+        return qw.dequantize(dtype)
+    return _dequantize_parts(qw.packed, qw.scales, qw.zeros, qw.bits, qw.shape, qw.group_size, dtype or qw.dtype)
 
 
 def error_bound(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
@@ -269,86 +409,6 @@ def error_bound(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tens
     cast = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
     bound = 0.5 * scale + 4 * eps32 * (amax + scale) + cast * (amax + scale)
     return bound[..., None].expand(wg.shape).reshape(shape)
-
-
-# -------------------------------------------------------------------- serialization
-def to_state_dict(prefix: str, qt: QuantizedTensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and safetensors metadata for ``qt`` under ``prefix`` (see module docstring)."""
-    tensors = {
-        f"{prefix}.qweight": qt.packed.contiguous(),
-        f"{prefix}.scales": qt.scales.contiguous(),
-        f"{prefix}.zeros": qt.zeros.contiguous(),
-    }
-    meta = {
-        "format": FORMAT,
-        "bits": qt.bits,
-        "group_size": qt.group_size,
-        "shape": list(qt.shape),
-        "dtype": str(qt.dtype).removeprefix("torch."),
-    }
-    return tensors, {f"{prefix}.quant": json.dumps(meta)}
-
-
-def from_state_dict(
-    prefix: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> QuantizedTensor:
-    """Rebuild the :class:`QuantizedTensor` stored under ``prefix`` by :func:`to_state_dict`."""
-    key = f"{prefix}.quant"
-    if metadata is None or key not in metadata:
-        raise KeyError(f"no quantization metadata {key!r}")
-    meta = json.loads(metadata[key])
-    if meta.get("format") != FORMAT:
-        raise InvalidFile(f"{key}: unsupported format {meta.get('format')!r} (expected {FORMAT!r})")
-    bits, g, shape = int(meta["bits"]), int(meta["group_size"]), tuple(int(s) for s in meta["shape"])
-    dtype = getattr(torch, meta["dtype"])
-    qt = QuantizedTensor(
-        packed=tensors[f"{prefix}.qweight"],
-        scales=tensors[f"{prefix}.scales"],
-        zeros=tensors[f"{prefix}.zeros"],
-        bits=bits,
-        group_size=g,
-        shape=shape,
-        dtype=dtype,
-    )
-    want_packed = (*shape[:-1], shape[-1] * bits // 8)
-    want_groups = (*shape[:-1], shape[-1] // g)
-    if (
-        tuple(qt.packed.shape) != want_packed
-        or tuple(qt.scales.shape) != want_groups
-        or tuple(qt.zeros.shape) != want_groups
-    ):
-        raise InvalidFile(
-            f"{prefix}: stored shapes {tuple(qt.packed.shape)}/{tuple(qt.scales.shape)}/"
-            f"{tuple(qt.zeros.shape)} do not match {want_packed}/{want_groups}"
-        )
-    return qt
-
-
-def save_quantized(path: str | Path, qts: Mapping[str, QuantizedTensor]) -> None:
-    """Save ``{prefix: QuantizedTensor}`` to one safetensors file."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
-    for prefix, qt in qts.items():
-        t, m = to_state_dict(prefix, qt)
-        tensors.update(t)
-        metadata.update(m)
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
-    """Load every quantized tensor (found via ``<prefix>.quant`` metadata) from a safetensors file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        prefixes = [k[: -len(".quant")] for k in metadata if k.endswith(".quant")]
-        out = {}
-        for p in prefixes:
-            tensors = {f"{p}.{s}": f.get_tensor(f"{p}.{s}") for s in ("qweight", "scales", "zeros")}
-            out[p] = from_state_dict(p, tensors, metadata)
-    return out
 
 
 # ------------------------------------------------------------------ expert error ε_ib
