@@ -226,6 +226,10 @@ class QuantizedWeight(nn.Module):
         return [(list(range(self.shape[0])), self)]
 
     def _locate(self, e: int) -> tuple["QuantizedWeight", int]:
+        if not self.is_mixed:
+            if not 0 <= e < self.shape[0]:
+                raise IndexError(f"expert {e} of a stack of {self.shape[0]}")
+            return self, e
         for ids, part in self.width_groups():
             if e in ids:
                 return part, ids.index(e)
