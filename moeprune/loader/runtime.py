@@ -52,7 +52,7 @@ class ExpertCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[ExpertKey, dict[str, torch.Tensor]] = OrderedDict()
+        self._items: OrderedDict[ExpertKey, dict[str, Any]] = OrderedDict()  # float slices / QuantizedWeight
         self.bytes = 0
 
     @staticmethod
@@ -61,7 +61,7 @@ class ExpertCache:
         return sum(t.nbytes if isinstance(t, QuantizedWeight) else t.numel() * t.element_size()
                    for t in tensors.values())
 
-    def put(self, key: ExpertKey, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: ExpertKey, tensors: dict[str, Any]) -> None:
         if key in self._items:
             self.bytes -= self.size(self._items.pop(key))
         if self.size(tensors) > self.max_bytes:
@@ -72,10 +72,10 @@ class ExpertCache:
             _, old = self._items.popitem(last=False)
             self.bytes -= self.size(old)
 
-    def get(self, key: ExpertKey) -> dict[str, torch.Tensor] | None:
+    def get(self, key: ExpertKey) -> dict[str, Any] | None:
         return self._items.get(key)
 
-    def pop(self, key: ExpertKey) -> dict[str, torch.Tensor] | None:
+    def pop(self, key: ExpertKey) -> dict[str, Any] | None:
         tensors = self._items.pop(key, None)
         if tensors is not None:
             self.bytes -= self.size(tensors)
