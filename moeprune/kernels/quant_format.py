@@ -24,9 +24,6 @@ from moeprune.quantization import quant as _quant
 from moeprune.quantization.quant import QuantizedWeight
 
 __all__ = [
-    "SUPPORTED_BITS",
-    "pack",
-    "unpack",
     "QuantizedWeight",
     "get_quantized",
     "mixed_weights",
@@ -35,14 +32,7 @@ __all__ = [
     "expert_weight",
 ]
 
-SUPPORTED_BITS = tuple(sorted(_quant.SUPPORTED_BITS, reverse=True))  # moeprune.quantization.widths: the definition
 WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
-pack = _quant.pack
-
-
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: uint8 ``[..., m]`` -> uint8 ``[..., m*8//bits]``."""
-    return _quant.unpack(packed, bits, packed.shape[-1] * 8 // bits)
 
 
 def get_quantized(module: nn.Module, name: str) -> QuantizedWeight | None:
