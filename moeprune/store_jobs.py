@@ -141,7 +141,7 @@ def retrieve(store: str | Path | PatternStore, queries: Sequence[str | dict[str,
     patterns = [p for p in patterns if p.fingerprint == fp]
     if not patterns:
         raise IncompatibleError(f"no pattern in {root} was made for {fp.describe()}")
-    retriever = Retriever(patterns, layers, threshold)
+    retriever = Retriever(patterns, layers, threshold, cache_dir=store.classifier_cache)
     encoded = encode_demos(records, tokenizer, vocab_size=getattr(net.config, "vocab_size", None))
     for i, ids in enumerate(encoded):
         check_query_length(ids, getattr(net.config, "max_position_embeddings", None), f"query {i}")

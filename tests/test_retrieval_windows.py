@@ -195,3 +195,66 @@ def test_learned_novelty_is_fitted_from_the_store_alone(patterns):
     assert floor.novelty_model is None and all(d.novelty is None for d in floor.decide(texts, net_sigs))
     with pytest.raises(ValueError, match="novelty rule 'magic'"):
         WindowClassifier(tasks, _windows(patterns, tasks), novelty="magic")
+
+
+def test_fitted_classifier_cache_is_exact_keyed_by_content_and_survives_damage(patterns, tmp_path):
+    """A classifier read from the cache decides exactly as a fresh fit; any change to the windows or the
+    parameters misses it; a damaged file is named and refitted; a folder that cannot be written costs only
+    the refit; the file holds plain arrays (no pickle)."""
+    from moeprune.patterns.windows import WindowClassifier
+
+    tasks = ["math", "code", "legal"]
+    wins = _windows(patterns, tasks)
+    cache = tmp_path / "cache"
+    fresh = WindowClassifier(tasks, wins, cache_dir=cache)
+    files = list(cache.glob("*.npz"))
+    assert not fresh.cache_hit and len(files) == 1
+    with np.load(files[0], allow_pickle=False) as data:  # loads without pickle
+        assert "lex.coef" in data and "novelty.cut" in data
+    cached = WindowClassifier(tasks, wins, cache_dir=cache)
+    assert cached.cache_hit and cached.key == fresh.key
+    texts = _eval_openings("recipes")[:4] + _eval_openings("math")[:4] + _eval_openings("code")[:4]
+    sigs = np.asarray([w[2] for w in patterns["math"].meta["retrieval"]["windows"][:12]])
+    np.testing.assert_array_equal(cached.proba(texts, sigs), fresh.proba(texts, sigs))
+    np.testing.assert_array_equal(cached.novelty(texts, sigs), fresh.novelty(texts, sigs))
+    np.testing.assert_array_equal(cached.auto, fresh.auto)
+    assert [d.novel for d in cached.decide(texts, sigs)] == [d.novel for d in fresh.decide(texts, sigs)]
+    # the key follows the content: one window's signature, the task order, a parameter
+    changed = copy.deepcopy(wins)
+    i, text, sig = changed[0][0]
+    changed[0][0] = (i, text, [v * 0.5 for v in sig])
+    assert not WindowClassifier(tasks, changed, cache_dir=cache).cache_hit
+    assert not WindowClassifier(tasks[::-1], wins[::-1], cache_dir=cache).cache_hit
+    assert not WindowClassifier(tasks, wins, lexical_c=1.0, cache_dir=cache).cache_hit
+    assert WindowClassifier(tasks, wins, cache_dir=cache).cache_hit
+    # damage: truncated file -> a warning naming it, then a refit equal to the fresh one
+    path = cache / f"{fresh.key}.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=f"damaged fitted-classifier cache .*{fresh.key}"):
+        refit = WindowClassifier(tasks, wins, cache_dir=cache)
+    assert not refit.cache_hit
+    np.testing.assert_array_equal(refit.proba(texts, sigs), fresh.proba(texts, sigs))
+    assert WindowClassifier(tasks, wins, cache_dir=cache).cache_hit  # rewritten whole
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("x")
+    assert not WindowClassifier(tasks, wins, cache_dir=blocked).cache_hit  # unwritable: no error
+
+
+def test_store_retrieval_reuses_its_fitted_classifier(patterns, tmp_path):
+    """``retrieve`` over a store keeps the fitted classifier in the store and the next call reads it."""
+    from moeprune.patterns.store import PatternStore
+    from moeprune.store_jobs import retrieve
+
+    store = PatternStore(tmp_path / "store")
+    for t in ("math", "code", "legal"):
+        store.add(copy.deepcopy(patterns[t]))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"text": t}) + "\n" for t in _eval_openings("code")[:2]))
+    first = retrieve(store, queries, model=embedded.model_dir())
+    assert len(list(store.classifier_cache.glob("*.npz"))) == 1
+    mtime = next(store.classifier_cache.glob("*.npz")).stat().st_mtime_ns
+    second = retrieve(store, queries, model=embedded.model_dir())
+    assert [m.task for m, _ in first] == [m.task for m, _ in second] == ["code", "code"]
+    assert [m.distance for m, _ in first] == [m.distance for m, _ in second]
+    assert [p.name for p in store.classifier_cache.glob("*.npz")] == [next(store.classifier_cache.glob("*.npz")).name]
+    assert next(store.classifier_cache.glob("*.npz")).stat().st_mtime_ns >= mtime

@@ -102,10 +102,12 @@ class TaskAdaptiveModel:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.ckpt = open_checkpoint(model)
         self.fingerprint = checkpoint_fingerprint(self.ckpt)
+        cache_dir = None
         if patterns is None:
             from moeprune.patterns.store import PatternStore
 
-            patterns = PatternStore(store).patterns(self.fingerprint)
+            pattern_store = PatternStore(store)
+            patterns, cache_dir = pattern_store.patterns(self.fingerprint), pattern_store.classifier_cache
         patterns = list(patterns)
         for p in patterns:
             p.fingerprint.check_compatible(self.fingerprint)
@@ -123,7 +125,7 @@ class TaskAdaptiveModel:
         self.patterns = {p.task: p for p in patterns}
         self.general = general_pattern(patterns)
         signed = [p for p in patterns if p.signature is not None]
-        self.retriever = Retriever(signed, "first", threshold) if signed else None
+        self.retriever = Retriever(signed, "first", threshold, cache_dir=cache_dir) if signed else None
         start = self._by_task(initial) if initial else self.general
         # one width for all experts (``bits``) or float: a pattern's own (mixed) bits are not applied here
         self.bits, self.group_size = bits, group_size

@@ -25,6 +25,7 @@ the stored patterns (the component all tasks share), nearest neighbour by scikit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -183,11 +184,13 @@ class Retriever:
     (``match(signatures, texts)``) and falls back on novelty (``threshold="auto"``: per task, from the
     demos; a number: a fixed distance ``1 - similarity``). Patterns with only a profile signature (made
     by ``select`` without demos) are matched by nearest centred cosine (``threshold="auto"`` = 1.0).
-    A store mixing the two, or holding windows of another spec, is refused.
+    A store mixing the two, or holding windows of another spec, is refused. ``cache_dir``: where the
+    fitted window classifier is kept between runs (a store's ``classifier_cache``).
     """
 
     def __init__(self, patterns: Sequence[ExpertPattern], layers: str | Sequence[int] = "first",
-                 threshold: float | str | None = "auto", method: str = "auto", **classifier: Any):
+                 threshold: float | str | None = "auto", method: str = "auto", cache_dir: str | Path | None = None,
+                 **classifier: Any):
         from sklearn.neighbors import NearestNeighbors
 
         from moeprune.patterns.windows import WindowClassifier, check_specs
@@ -215,7 +218,8 @@ class Retriever:
             if layers != "first":
                 raise InvalidArgument("window signatures are first-MoE-layer ones: retrieve with layers='first'")
             self.classifier = WindowClassifier([p.task for p in self.patterns],
-                                               [p.meta["retrieval"]["windows"] for p in self.patterns], **classifier)
+                                               [p.meta["retrieval"]["windows"] for p in self.patterns],
+                                               cache_dir=cache_dir, **classifier)
             return
         sigs = np.stack([pattern_signature(p, layers) for p in self.patterns])
         self.center = sigs.mean(0) if len(sigs) > 1 else np.zeros(sigs.shape[1])

@@ -50,6 +50,11 @@ class PatternStore:
     def index_path(self) -> Path:
         return self.root / "index.json"
 
+    @property
+    def classifier_cache(self) -> Path:
+        """Where retrieval keeps the window classifiers it fitted on this store's patterns (by content hash)."""
+        return self.root / ".retrieval-cache"
+
     def _lock(self) -> FileLock:
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / ".lock"), timeout=120)

@@ -29,9 +29,14 @@ A store mixing this spec with another is refused: the spec id is saved in every 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ WINDOW_CHARS = (30, 100, 200, 400)
 INNER_PER_LENGTH = 2
 NOVELTY_QUANTILE = 0.02  # expected share of in-store queries sent to the fallback (the issue's 2-point budget)
 SPEC_ID = "moeprune.retrieval/2 windows=30,100,200,400 inner=2 routing=first-layer-topk-context lexical=char1-4"
+# chosen by leave-demos-out CV of the fused classifier on both benchmark models (BENCHMARKS.md "Retrieval")
 LEXICAL_C, ROUTING_C = 10.0, 1.0
 
 
@@ -140,6 +146,91 @@ def best_per_task(sim_rows: Any, n: int, y: np.ndarray, n_tasks: int, block: int
     return np.vstack(out)
 
 
+# --- fitted-classifier cache -----------------------------------------------------------------
+CACHE_FORMAT = "moeprune.window-classifier/1"
+CACHE_KEEP = 16  # fitted classifiers kept per cache folder (newest used first)
+
+
+def fit_key(tasks: Sequence[str], windows: Sequence[Sequence[Any]], params: dict[str, Any]) -> str:
+    """Hash of everything a fitted :class:`WindowClassifier` depends on: the spec, the tasks in order, every
+    window (demo, text, signature), the parameters and the scikit-learn version that fits it."""
+    import sklearn
+
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_FORMAT, SPEC_ID, sklearn.__version__, list(tasks), params], sort_keys=True).encode())
+    for wins in windows:
+        h.update(b"\x00task")
+        for i, text, sig in wins:
+            h.update(json.dumps([int(i), str(text)]).encode())
+            h.update(np.asarray(sig, dtype=np.float64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _lr_arrays(prefix: str, model: Any) -> dict[str, np.ndarray]:
+    if model is None:
+        return {}
+    return {f"{prefix}.coef": model.coef_, f"{prefix}.intercept": model.intercept_,
+            f"{prefix}.classes": model.classes_, f"{prefix}.params": np.asarray(json.dumps(model.get_params()))}
+
+
+def _lr_from(prefix: str, data: Any) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    if f"{prefix}.coef" not in data:
+        return None
+    model = LogisticRegression(**json.loads(str(data[f"{prefix}.params"])))
+    model.coef_, model.intercept_ = data[f"{prefix}.coef"], data[f"{prefix}.intercept"]
+    model.classes_ = data[f"{prefix}.classes"]
+    model.n_features_in_ = model.coef_.shape[1]
+    return model
+
+
+def _write_fit(folder: str | Path, key: str, lex: Any, rout: Any, auto: np.ndarray,
+               novelty_model: tuple[Any, float] | None) -> None:
+    """Keep a fitted classifier as plain arrays (``.npz``, no pickle), written atomically; a folder that
+    cannot be written (a read-only store) only costs the refit next time."""
+    from moeprune.io.atomic import atomic_path
+
+    arrays = {"format": np.asarray(CACHE_FORMAT), "auto": auto, **_lr_arrays("lex", lex), **_lr_arrays("rout", rout)}
+    if novelty_model is not None:
+        arrays.update(_lr_arrays("novelty", novelty_model[0]))
+        arrays["novelty.cut"] = np.asarray(novelty_model[1])
+    folder = Path(folder)
+    try:
+        with atomic_path(folder / f"{key}.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        for old in sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _read_fit(folder: str | Path, key: str) -> tuple[Any, Any, np.ndarray, tuple[Any, float] | None] | None:
+    """The fitted parts kept under ``key`` in ``folder``; None when absent. A damaged file is named in a
+    warning and refitted."""
+    path = Path(folder) / f"{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["format"]) != CACHE_FORMAT:
+                return None
+            novelty_model = None
+            if "novelty.cut" in data:
+                novelty_model = (_lr_from("novelty", data), float(data["novelty.cut"]))
+            fitted = _lr_from("lex", data), _lr_from("rout", data), data["auto"], novelty_model
+    except Exception as exc:  # a truncated or foreign file: refit rather than fail the retrieval
+        warnings.warn(f"ignoring the damaged fitted-classifier cache {path} ({type(exc).__name__}: {exc}); refitting",
+                      stacklevel=3)
+        return None
+    try:
+        os.utime(path)  # newest used: kept longest
+    except OSError:
+        pass
+    return fitted
+
+
 @dataclass
 class Decision:
     task_index: int
@@ -154,12 +245,16 @@ class Decision:
 
 
 class WindowClassifier:
-    """Fused routing + lexical classifier over the stored windows of several tasks."""
+    """Fused routing + lexical classifier over the stored windows of several tasks.
+
+    ``cache_dir``: where fitted classifiers are kept (:func:`fit_key`); a classifier whose exact inputs were
+    fitted before is read from there instead of refitted."""
 
     def __init__(self, tasks: Sequence[str], windows: Sequence[Sequence[tuple[int, str, Sequence[float]]]],
                  lexical: bool = True, routing: bool = True, lexical_c: float = LEXICAL_C,
                  routing_c: float = ROUTING_C, quantile: float = NOVELTY_QUANTILE,
-                 lengths: Sequence[int] = WINDOW_CHARS, novelty: str = "learned"):
+                 lengths: Sequence[int] = WINDOW_CHARS, novelty: str = "learned",
+                 cache_dir: str | Path | None = None):
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
@@ -177,20 +272,31 @@ class WindowClassifier:
         self.y, self.demo = np.asarray(y), np.asarray(demo)
         self.lens = np.asarray([len(t) for t in texts])
         self.use_lexical, self.use_routing = lexical, routing
+        if novelty not in ("learned", "floor"):
+            raise InvalidArgument(f"novelty rule {novelty!r} is neither 'learned' nor 'floor'")
         single = len(self.tasks) == 1
         self.tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True, lowercase=False,
                                      dtype=np.float64)
         self.X_lex = self.tfidf.fit_transform(texts)
-        self.lex = (None if single or not lexical
-                    else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y))
         X_r = _sqrt_rows(np.asarray(sigs, dtype=np.float64))
-        self.rout = None if single or not routing else LogisticRegression(C=routing_c, max_iter=3000).fit(X_r, self.y)
         self.R = _l2_rows(X_r)
         self.quantile = quantile
+        self.cache_hit = False
+        params = {"lexical": lexical, "routing": routing, "lexical_c": lexical_c, "routing_c": routing_c,
+                  "quantile": quantile, "lengths": [float(n) for n in self.lengths], "novelty": novelty}
+        self.key = fit_key(self.tasks, windows, params)
+        cached = _read_fit(cache_dir, self.key) if cache_dir is not None else None
+        if cached is not None:
+            self.lex, self.rout, self.auto, self.novelty_model = cached
+            self.cache_hit = True
+            return
+        self.lex = (None if single or not lexical
+                    else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y))
+        self.rout = None if single or not routing else LogisticRegression(C=routing_c, max_iter=3000).fit(X_r, self.y)
         self.auto = self._loo_thresholds()
-        if novelty not in ("learned", "floor"):
-            raise InvalidArgument(f"novelty rule {novelty!r} is neither 'learned' nor 'floor'")
         self.novelty_model = self._fit_novelty() if novelty == "learned" and len(self.tasks) >= 3 else None
+        if cache_dir is not None:
+            _write_fit(cache_dir, self.key, self.lex, self.rout, self.auto, self.novelty_model)
 
     # --- novelty ----------------------------------------------------------------------
     def _bucket(self, n_chars: np.ndarray) -> np.ndarray:
