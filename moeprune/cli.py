@@ -458,7 +458,13 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moeprune.methods.dynamic import METHODS as DYNAMIC_METHODS
     from moeprune.methods.scoring import SCORERS  # imports torch: after main() can handle Ctrl-C
+    from moeprune.methods.select import BUDGETS
+    from moeprune.quantization.gptq_experts import QUANT_METHODS
+    from moeprune.quantization.widths import WIDTHS
+
+    widths = sorted(WIDTHS, reverse=True)
 
     methods = sorted(SCORERS)
     p = argparse.ArgumentParser(prog="moeprune", description="Task-adaptive expert pruning for MoE language models.")
@@ -476,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"model dtype: auto, float32, bfloat16, float16 (default {dtype})")
 
     def dynamic_method(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--dynamic-method", choices=["odp", "naive", "topany"], default=None,
+        c.add_argument("--dynamic-method", choices=DYNAMIC_METHODS, default=None,
                        help="(--dynamic-prune) the rule: odp (MC-MoE, default), naive (weight ratio only), topany "
                             "(MC# heads trained on the demos)")
 
@@ -488,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     def selection(c: argparse.ArgumentParser) -> None:
         c.add_argument("--method", default="tcess", choices=methods, help="expert scorer (default tcess)")
         c.add_argument("--keep", required=True, help="experts kept per layer: fraction (0.5) or count (32)")
-        c.add_argument("--budget", choices=["uniform", "global", "top-p"],
+        c.add_argument("--budget", choices=BUDGETS,
                        help="uniform: K per layer; global: K x layers over the model, counts per layer differ; "
                             "top-p: per layer the fewest experts covering a share --keep of its score mass "
                             "(default: the method's own; stun and diep are global)")
@@ -511,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         c.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
         q = c.add_mutually_exclusive_group()
-        q.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize every kept expert to this width "
+        q.add_argument("--bits", type=int, choices=widths, help="quantize every kept expert to this width "
                        "(a compressed-tensors pack-quantized export)")
         q.add_argument("--avg-bits", type=float, help="mixed precision per expert (2/4/8 bits) meeting this "
                        "average width, allotted by an exact integer program (MC-MoE)")
@@ -519,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points; default symmetric)")
         c.add_argument("--target", choices=["vllm"], help="refuse up front what this engine cannot load "
                        "(vllm: uniform budget, symmetric 4/8-bit, one width per MoE layer)")
-        c.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn",
+        c.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
                        help="rtn: round to nearest (default); gptq: GPTQ calibrated on the demos (export: --demos)")
 
     c = command("profile", "collect router statistics of MODEL on few-shot demos")
@@ -624,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     c.add_argument("--cache-gb", type=float, default=4.0,
                    help="cache for experts of inactive patterns (GiB, default 4)")
-    c.add_argument("--bits", type=int, choices=[8, 4, 3, 2], help="quantize experts to this width as they are read")
+    c.add_argument("--bits", type=int, choices=widths, help="quantize experts to this width as they are read")
     c.add_argument("--threshold", default="auto",
                    help="retrieval distance beyond which the general (union) pattern is used: auto (from the "
                         "demos, default), a number, or <0 to disable")

@@ -176,6 +176,9 @@ def select_top_p(scores: torch.Tensor, fingerprint: Fingerprint, p: str | float,
     return kept, routing, notes
 
 
+BUDGETS = ("uniform", "global", "top-p")
+
+
 def check_keep(fp: Fingerprint, keep: str | float | int, budget: str = "uniform",
                min_per_layer: int | None = None) -> None:
     """Refuse a keep / budget / ``min_per_layer`` that ``fp``'s model cannot honour (before any work)."""
@@ -192,7 +195,7 @@ def check_keep(fp: Fingerprint, keep: str | float | int, budget: str = "uniform"
             raise SelectionError(f"keep={keep!r} gives {sum(counts)} experts in all, below {min_per_layer} per "
                                  f"layer x {len(counts)} layers")
     else:
-        raise SelectionError(f"budget={budget!r} is not 'uniform', 'global' or 'top-p'")
+        raise SelectionError(f"budget={budget!r} is not one of {', '.join(BUDGETS)}")
 
 
 SUPER_QUANTILE = 0.995  # REAP's super-expert rule (CerebrasResearch/reap, model_util.get_super_expert_indices)
