@@ -1,4 +1,4 @@
-"""GPTQ vs round-to-nearest on the embedded model: keep 0.5 (output-aware), experts at int2/int3/int4.
+"""GPTQ vs round-to-nearest on the embedded model: keep 0.5 (output-aware), experts at int2/int3/int4/int8.
 
 Per domain: the pattern is selected on the domain's demos, the pruned model is loaded and its kept
 experts quantized in memory on the export's grid (compressed-tensors, group 128, symmetric as the
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", default="output-aware")
     ap.add_argument("--keep", default="0.5")
-    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     ap.add_argument("--variants", nargs="+", default=["rtn", "gptq"],
                     help="rtn, gptq, gptq-actorder, gptq-weighted, gptq-damp0.1, gptq-min0.5 ...")
     ap.add_argument("--asym", action="store_true", help="asymmetric grid (zero points), as export --asym")

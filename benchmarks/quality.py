@@ -118,7 +118,8 @@ def main() -> None:
         plot = plot.with_name(f"quality-{args.section.split(':')[-1].strip().lower().replace(' ', '-')}"
                               f"{'-' + Path(args.profiles).resolve().name if args.profiles else ''}.png")
     plotted = [m + s for m in args.methods for s in ("", " + recal")] if args.recalibrate else args.methods
-    _plot(results, plotted, args.keeps, plot)
+    if not args.no_write:
+        _plot(results, plotted, args.keeps, plot)
     body = (f"Machine: {machine()}. Model `{bench.path.name}`, domains: {', '.join(bench.domains)}; "
             f"full-model eval perplexity: {full}. Profiling all domains took {profile_s:.1f} s (one forward "
             "pass per demo).\n\n"

@@ -278,6 +278,10 @@ def run_model(bench: Bench, log) -> dict:
         choices[f"lexical LR, C={c:g}"] = m_classifier(True, False, lexical_c=c)
     for c in (0.1, 1.0, 10.0):
         choices[f"routing LR, C={c:g}"] = m_classifier(False, True, routing_c=c)
+    for c in (1.0, 10.0, 100.0):
+        choices[f"fused, lexical C={c:g}"] = m_classifier(True, True, lexical_c=c)
+    for c in (0.1, 10.0):
+        choices[f"fused, routing C={c:g}"] = m_classifier(True, True, routing_c=c)
     folds = []
     for fold in range(4):
         keep = {d: {i for i in range(len(bench.demo_recs[d])) if i % 4 != fold} for d in bench.domains}

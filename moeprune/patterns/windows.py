@@ -48,7 +48,7 @@ INNER_PER_LENGTH = 2
 NOVELTY_QUANTILE = 0.02  # expected share of in-store queries sent to the fallback (the 2-point budget)
 SPEC_ID = "moeprune.retrieval/2 windows=30,100,200,400 inner=2 routing=first-layer-topk-context lexical=char1-4"
 # chosen by leave-demos-out CV of the fused classifier on both benchmark models (BENCHMARKS.md "Retrieval")
-LEXICAL_C, ROUTING_C = 10.0, 1.0
+LEXICAL_C, ROUTING_C = 100.0, 1.0
 
 
 class SignatureSpecError(IncompatibleError):
