@@ -135,7 +135,9 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     round-to-nearest, or GPTQ's codes of ``calibrated`` where it has them.
     Returns a summary: tensors and bytes read/written, shards, kept experts per layer.
     """
+    sources = [pattern] if isinstance(pattern, (str, Path)) else []
     ckpt, pattern = _open_export(model, pattern, bits)
+    sources.append(ckpt.path)
     config = pruned_config(ckpt.config, pattern, ckpt.adapter)
     config["moeprune"].update(extra_config or {})
     # experts that change on the way (quantized, merged, transformed) are written from float values
@@ -146,7 +148,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
     plans = plan_tensors(ckpt, pattern, dequantize=dequantize)
     reader = TensorReader(ckpt, raw=not dequantize, packed=not dequantize)
     transform = _with_merges(transform, merge_transform(ckpt, pattern, reader))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=sources) as tmp:
         writer = _ShardWriter(tmp, parse_size(max_shard_size))
         written = _write_tensors(writer, ckpt, plans, reader, dequantize, transform, quantizer, progress)
         weight_map = _write_index(tmp, writer)

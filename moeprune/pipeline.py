@@ -216,8 +216,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     check_quant_method(quant_method, bits, avg_bits, unstructured or nm)
     if unstructured and nm:
         raise InvalidArgument("unstructured=... and nm=... are two ways to sparsify the kept experts", hint="give one")
-    check_dir_target(out, overwrite)  # what the export would refuse at the end, refused first
     ckpt = open_checkpoint(model)
+    check_dir_target(out, overwrite, [ckpt.path, demos])  # what the export would refuse at the end, refused first
     fingerprint = checkpoint_fingerprint(ckpt)
     resolved = check_budget(fingerprint, method, keep, budget, min_per_layer)
     if target == "vllm":

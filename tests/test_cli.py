@@ -54,6 +54,11 @@ def test_profile_select_export_inspect(family_checkpoints, tmp_path, capsys):
     # the same export again is refused (nothing overwritten) unless --overwrite
     code, out, err = run(capsys, "export", src, "--pattern", tmp_path / "pat.json", "--out", tmp_path / "out")
     assert code == 2 and "already exists" in err and "--overwrite" in err
+    # --overwrite never replaces what the job reads (the source model, or a folder holding the pattern)
+    for out in (src, tmp_path):
+        code, _, err = run(capsys, "export", src, "--pattern", tmp_path / "pat.json", "--out", out, "--overwrite")
+        assert code == 2 and "only replaces an earlier output" in err
+    assert (tmp_path / "pat.json").exists() and AutoModelForCausalLM.from_pretrained(src)
 
 
 def test_prune_one_shot_and_refusals(family_checkpoints, tmp_path, capsys):

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from moeprune.io.atomic import atomic_dir, remove_stale_temps, write_text_atomic
+from moeprune.errors import InvalidArgument
+from moeprune.io.atomic import atomic_dir, check_dir_target, remove_stale_temps, write_text_atomic
 
 
 def _dead_pid() -> int:
@@ -129,3 +130,30 @@ def test_a_full_disk_is_one_error_naming_the_target(tmp_path):
         with atomic_path(tmp_path / "p.safetensors"):
             raise SafetensorError("header too large")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_overwrite_never_replaces_a_source_the_working_folder_or_other_files(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep me")
+    refused = {src: "is what this job reads", tmp_path: "holds", notes: "folder of other files"}
+    for out, why in refused.items():
+        with pytest.raises(InvalidArgument, match=why):
+            with atomic_dir(out, overwrite=True, sources=[src]) as tmp:
+                (tmp / "config.json").write_text("new")
+    monkeypatch.chdir(notes)
+    for out in (".", ".."):
+        with pytest.raises(InvalidArgument, match="working folder|holds"):
+            check_dir_target(out, overwrite=True)
+    assert (src / "config.json").read_text() == "{}" and (notes / "a.txt").read_text() == "keep me"
+    # an earlier output (it has the marker) and an empty folder are replaced
+    for out in (tmp_path / "earlier", tmp_path / "empty"):
+        out.mkdir()
+        if out.name == "earlier":
+            (out / "config.json").write_text("old")
+        with atomic_dir(out, overwrite=True, sources=[src]) as tmp:
+            (tmp / "config.json").write_text("new")
+        assert (out / "config.json").read_text() == "new"

@@ -18,9 +18,9 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from moeprune.errors import AlreadyExists
+from moeprune.errors import AlreadyExists, InvalidArgument
 
 
 def check_file_target(path: str | Path) -> Path:
@@ -179,22 +179,44 @@ def _occupied(path: Path) -> bool:
     return path.exists() or path.is_symlink()  # a dangling link too
 
 
-def check_dir_target(path: str | Path, overwrite: bool = False) -> Path:
-    """``path`` as a Path, refused if something is there and ``overwrite`` is not given."""
-    path = Path(path)
-    if _occupied(path) and not overwrite:
+def check_dir_target(path: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = (),
+                     marker: str = "config.json") -> Path:
+    """``path`` as an absolute Path, refused if something is there and ``overwrite`` is not given.
+
+    ``overwrite`` replaces a file, an empty folder or a folder holding ``marker`` (an earlier output of
+    the same writer), never a folder of other files, the working folder or one above it, nor one of
+    ``sources`` (what the job reads) or a folder holding one: each is refused, naming it.
+    """
+    path = Path(os.path.abspath(path))  # "." and ".." get a name; a link stays a link
+    if not _occupied(path):
+        return path
+    if not overwrite:
         raise AlreadyExists(f"{path} already exists", hint="choose another out=... or pass overwrite=True")
+    hint = "choose another out=...; overwrite=True only replaces an earlier output"
+    for source in sources:
+        src = Path(os.path.abspath(source))
+        if path == src or path in src.parents:
+            what = "is what this job reads" if path == src else f"holds {src}, which this job reads"
+            raise InvalidArgument(f"{path} {what}; replacing it would destroy the source", hint=hint)
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents:
+        raise InvalidArgument(f"{path} is the working folder or holds it; it cannot be replaced", hint=hint)
+    if path.is_dir() and not path.is_symlink() and any(path.iterdir()) and not (path / marker).exists():
+        raise InvalidArgument(f"{path} is a folder of other files (it has no {marker}); overwriting it would "
+                              "delete them", hint=hint)
     return path
 
 
 @contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
     Without ``overwrite`` an existing ``path`` is refused, before the block and again at the end
-    (it may have appeared meanwhile, e.g. from a second export to the same place).
+    (it may have appeared meanwhile, e.g. from a second export to the same place); with it, only what
+    :func:`check_dir_target` allows is replaced.
     """
-    path = check_dir_target(path, overwrite)
+    sources = list(sources)
+    path = check_dir_target(path, overwrite, sources)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_sibling(path)
@@ -204,7 +226,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         with _reported(path):
             yield tmp
             _finish(tmp)
-        if _occupied(check_dir_target(path, overwrite)):
+        if _occupied(check_dir_target(path, overwrite, sources)):
             old = _temp_sibling(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
