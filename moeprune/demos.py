@@ -22,16 +22,23 @@ class DemoError(InvalidFile):
     """A demo file cannot be read."""
 
 
+def read_text_file(path: str | Path, what: str, hint: str) -> str:
+    """The UTF-8 text of ``path``; a missing file, a folder or bytes that are not UTF-8 are refused as ``what``."""
+    path = Path(path)
+    if not path.exists():
+        raise DemoError(f"{what} {path} does not exist", hint=hint)
+    if path.is_dir():
+        raise DemoError(f"{what} {path} is a folder", hint=hint)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DemoError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint) from exc
+
+
 def read_demos(path: str | Path) -> list[Demo]:
     """Read a demo file into a list of ``{"text"|"messages"|"input_ids": ...}`` records."""
     path = Path(path)
-    if not path.exists():
-        raise DemoError(f"demo file {path} does not exist")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DemoError(f"demo file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): give a JSONL "
-                        "or plain-text demo file") from exc
+    raw = read_text_file(path, "demo file", "give a JSONL or plain-text demo file")
     if path.suffix in (".jsonl", ".json"):
         demos = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from moeprune.errors import IncompatibleError, InvalidArgument, NotFound
+from moeprune.errors import IncompatibleError, InvalidArgument
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.patterns.retrieval import Match
 from moeprune.patterns.store import PatternStore
@@ -87,17 +87,15 @@ def query_text(query: dict[str, Any]) -> str:
 def read_queries(queries: Sequence[str | dict[str, Any]] | str | Path) -> list[dict[str, Any]]:
     """Query records from query texts (or records), or from a file: JSONL (text | messages | input_ids),
     else a text file with one query per line. An empty query is refused."""
-    from moeprune.demos import read_demos
+    from moeprune.demos import read_demos, read_text_file
 
     if not isinstance(queries, (str, Path)):
         records = [{"text": q} if isinstance(q, str) else dict(q) for q in queries]
     elif Path(queries).suffix in (".jsonl", ".json"):
         records = read_demos(queries)
-    elif not Path(queries).is_file():
-        raise NotFound(f"queries file {queries} does not exist",
-                       hint="give a .jsonl or a text file with one query per line")
     else:
-        records = [{"text": line} for line in Path(queries).read_text().splitlines() if line.strip()]
+        text = read_text_file(queries, "queries file", "give a .jsonl or a text file with one query per line")
+        records = [{"text": line} for line in text.splitlines() if line.strip()]
         if not records:
             raise InvalidArgument(f"queries file {queries} holds no queries")
     empty = [i for i, q in enumerate(records) if not (q["input_ids"] if "input_ids" in q else query_text(q).strip())]

@@ -289,6 +289,7 @@ def test_bad_inputs_get_one_line_errors(family_checkpoints, tmp_path, capsys, mo
         (["profile", broken, "--demos", demos], f"shard {broken / expert_shard} is corrupt"),
         (["profile", src, "--demos", tmp_path / "binary.jsonl"], "binary.jsonl is not UTF-8 text"),
         (["profile", src, "--demos", demos, "--out", tmp_path / "folder"], "is a folder; give a file name"),
+        (["profile", src, "--demos", tmp_path / "folder"], "demo file " + str(tmp_path / "folder") + " is a folder"),
         (["profile", badconfig, "--demos", demos], "config.json is not valid JSON"),
     ]
     if not torch.cuda.is_available():

@@ -102,6 +102,11 @@ def test_store_cli(family_checkpoints, tmp_path, capsys, monkeypatch):
     assert [m["task"] for m in out] == ["alpha", "beta"] and all("distance" in m for m in out)
     assert main(["retrieve", str(store), "--queries", "missing.txt"]) == 2
     assert "queries file missing.txt does not exist" in capsys.readouterr().err
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00abc\n")
+    for bad, why in ((tmp_path / "binary.txt", "is not UTF-8 text"), (store, "is a folder")):
+        assert main(["retrieve", str(store), "--queries", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"queries file {bad} {why}" in err and err.count("\n") == 1
     (tmp_path / "e.jsonl").write_text('{"input_ids": [5, 6]}\n{"input_ids": []}\n')
     assert main(["retrieve", str(store), "--queries", str(tmp_path / "e.jsonl")]) == 2
     assert "query 1 is empty" in capsys.readouterr().err
