@@ -1,4 +1,4 @@
-"""GPTQ vs round-to-nearest on the embedded model: keep 0.5 (output-aware), experts at int2/int3/int4/int8.
+"""GPTQ vs round-to-nearest: keep 0.5 (output-aware), experts at int2/int3/int4/int8, on either benchmark model.
 
 Per domain: the pattern is selected on the domain's demos, the pruned model is loaded and its kept
 experts quantized in memory on the export's grid (compressed-tensors, group 128, symmetric as the
@@ -8,12 +8,14 @@ export's default; ``--asym`` for zero points) by ``moeprune.quantization.gptq_ex
 each domain's demos, never used for calibration: the numbers settings are chosen on, so the eval
 texts stay untouched by that choice).
 
-Run: ``python benchmarks/gptq.py`` (writes the "GPTQ" section of BENCHMARKS.md).
+Run: ``python benchmarks/gptq.py`` (writes the "GPTQ" section of BENCHMARKS.md); ``--model finegrained``
+runs the fine-grained benchmark model instead (section "GPTQ: finegrained").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,10 +24,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 from benchmarks.report import machine, table, write_section  # noqa: E402
+from moeprune import embedded  # noqa: E402
 from moeprune.evaluate import perplexity  # noqa: E402
 from moeprune.loader.selective import load_with_pattern  # noqa: E402
 from moeprune.pipeline import select_pattern  # noqa: E402
-from moeprune.quantization.gptq_experts import calibrate_model  # noqa: E402
+from moeprune.quantization.gptq_experts import EXPERT_DAMP, calibrate_model  # noqa: E402
 from moeprune.showcase import EmbeddedBench  # noqa: E402
 
 
@@ -37,9 +40,12 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["rtn", "gptq"],
                     help="rtn, gptq, gptq-actorder, gptq-weighted, gptq-damp0.1, gptq-min0.5 ...")
     ap.add_argument("--asym", action="store_true", help="asymmetric grid (zero points), as export --asym")
+    ap.add_argument("--model", default="embedded", choices=["embedded", "finegrained"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
+    if args.model == "finegrained":
+        os.environ["MOEPRUNE_PROFILES"] = str(embedded.finegrained_dir())
     bench = EmbeddedBench()
     import torch
 
@@ -69,21 +75,23 @@ def main() -> None:
             raw[(bits, variant)] = (e, h)
             label = "float" if variant == "float" else f"int{bits}"
             rows.append((label, "-" if variant == "float" else variant, f"{e:.3f}", f"{h:.3f}",
-                         f"{fb}/{mats}" if mats else "-", f"{(time.perf_counter() - t) / len(bench.domains):.1f}"))
+                         f"{fb}/{mats}" if mats and variant != "rtn" else "-",
+                         f"{(time.perf_counter() - t) / len(bench.domains):.1f}"))
             print(rows[-1], flush=True)
     gains = []
     for bits in args.bits:
         if (bits, "rtn") in raw and (bits, "gptq") in raw:
             r, g = raw[(bits, "rtn")], raw[(bits, "gptq")]
             gains.append((f"int{bits}", f"{(1 - g[0] / r[0]) * 100:+.1f}%", f"{(1 - g[1] / r[1]) * 100:+.1f}%"))
-    body = (f"Machine: {machine()}. Embedded model, {args.method} keep {args.keep}, experts quantized group-wise "
+    body = (f"Machine: {machine()}. Model `{bench.path.name}`, {args.method} keep {args.keep}, "
+            "experts quantized group-wise "
             f"{'asymmetric' if args.asym else 'symmetric'} (compressed-tensors' grid, group 128, "
             "or the largest divisor of the input size below it) on the export's grid. "
             "GPTQ: one Hessian per expert matrix from the demo tokens the pruned model routes to it (gate/up: "
             "hidden states; down: the intermediate activations with gate/up already quantized), layers in order "
-            "on the quantized earlier layers, damp 0.01, static groups; matrices whose expert got fewer demo "
-            "tokens than its input size keep round-to-nearest (fallback column). Calibration: the first 3/4 of "
-            "each domain's demos; ratio = perplexity quantized pruned / full model, geometric mean over "
+            f"on the quantized earlier layers, damp {EXPERT_DAMP:g}, static groups; matrices whose expert got "
+            "fewer demo tokens than its input size keep round-to-nearest (fallback column). Calibration: the "
+            "first 3/4 of each domain's demos; ratio = perplexity quantized pruned / full model, geometric mean over "
             f"domains, on the eval texts and on the held-out last 1/4 of the demos.\n\n"
             + table(rows, ["experts", "quantization", "eval ppl ratio", "held-out demo ppl ratio",
                            "rtn fallback", "s/domain"])
@@ -91,7 +99,7 @@ def main() -> None:
             + table(gains, ["width", "eval texts", "held-out demos"]) + "\n")
     print(body)
     if not args.no_write:
-        write_section("GPTQ", body)
+        write_section("GPTQ" if args.model == "embedded" else f"GPTQ: {args.model}", body)
 
 
 def _params(variant: str) -> dict:
