@@ -210,7 +210,7 @@ METHODS = {
     "k-NN (k=5) over window hidden states": lambda tr, q: m_knn(tr, q, "hid"),
     "logistic regression on window hidden states": m_lr_hidden,
     "routing LR on windows": m_classifier(False, True),
-    "lexical LR on windows (char 1-4-gram TF-IDF)": m_classifier(True, False),
+    "lexical LR on windows (TF-IDF of char 1-4-grams + shape 1-5-grams)": m_classifier(True, False),
     "lexical LR x hidden-state LR": m_with_hidden(False),
     "lexical LR x routing LR x hidden-state LR": m_with_hidden(True),
     "**fused: lexical LR x routing LR (shipped)**": m_classifier(True, True),

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from moeprune.errors import InvalidFile
+from moeprune.errors import InvalidFile, MoePruneError
 
 Demo = dict[str, Any]
 
@@ -22,11 +22,12 @@ class DemoError(InvalidFile):
     """A demo file cannot be read."""
 
 
-def read_text_file(path: str | Path, what: str, hint: str) -> str:
-    """The UTF-8 text of ``path``; a missing file, a folder or bytes that are not UTF-8 are refused as ``what``."""
+def read_text_file(path: str | Path, what: str, hint: str, missing: type[MoePruneError] = DemoError) -> str:
+    """The UTF-8 text of ``path``; a missing file (raised as ``missing``), a folder or bytes that are not
+    UTF-8 are refused as ``what``."""
     path = Path(path)
     if not path.exists():
-        raise DemoError(f"{what} {path} does not exist", hint=hint)
+        raise missing(f"{what} {path} does not exist", hint=hint)
     if path.is_dir():
         raise DemoError(f"{what} {path} is a folder", hint=hint)
     try:

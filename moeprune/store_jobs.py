@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from moeprune.errors import IncompatibleError, InvalidArgument
+from moeprune.errors import IncompatibleError, InvalidArgument, NotFound
 from moeprune.patterns.pattern import ExpertPattern
 from moeprune.patterns.retrieval import Match
 from moeprune.patterns.store import PatternStore
@@ -94,7 +94,8 @@ def read_queries(queries: Sequence[str | dict[str, Any]] | str | Path) -> list[d
     elif Path(queries).suffix in (".jsonl", ".json"):
         records = read_demos(queries)
     else:
-        text = read_text_file(queries, "queries file", "give a .jsonl or a text file with one query per line")
+        text = read_text_file(queries, "queries file", "give a .jsonl or a text file with one query per line",
+                              missing=NotFound)
         records = [{"text": line} for line in text.splitlines() if line.strip()]
         if not records:
             raise InvalidArgument(f"queries file {queries} holds no queries")

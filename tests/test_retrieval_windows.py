@@ -258,3 +258,19 @@ def test_store_retrieval_reuses_its_fitted_classifier(patterns, tmp_path):
     assert [m.distance for m, _ in first] == [m.distance for m, _ in second]
     assert [p.name for p in store.classifier_cache.glob("*.npz")] == [next(store.classifier_cache.glob("*.npz")).name]
     assert next(store.classifier_cache.glob("*.npz")).stat().st_mtime_ns >= mtime
+
+
+def test_lexical_view_sees_layout_apart_from_words():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from moeprune.patterns.windows import LexicalFeatures, text_shape
+
+    assert text_shape("Copyright (C) 2024 Ñu\n * bar_9") == "Aaaaaaaaa (A) 0000 Aa\n * aaa_0"
+    texts = ["abc def\n# ghi", "xyz uvw\n# rst", "plain words only here"]
+    view = LexicalFeatures()
+    X = view.fit_transform(texts)
+    assert np.allclose(np.asarray(X.multiply(X).sum(1)).ravel(), 1.0)
+    assert np.allclose((view.transform(texts) - X).toarray(), 0.0)
+    # the first two share their layout and no word: the shape view makes them close, raw characters alone do not
+    raw = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True, lowercase=False).fit_transform(texts)
+    assert (X[0] @ X[1].T).toarray()[0, 0] > 0.4 > 0.2 > (raw[0] @ raw[1].T).toarray()[0, 0]

@@ -8,7 +8,8 @@ MoE layer), so the stored signatures look like queries, not like whole documents
 At retrieval two classifiers are fitted on the store's windows (scikit-learn, about a second):
 
 - routing: multinomial logistic regression on the square roots of the routing shares (Hellinger map);
-- lexical: logistic regression on character 1-4-gram TF-IDF (sublinear term frequency).
+- lexical: logistic regression on character n-gram TF-IDF of the text and of its shape (letters and digits
+  replaced by their class: layout apart from words; :class:`LexicalFeatures`).
 
 Their class probabilities are multiplied (a product of experts) and the largest wins.
 
@@ -46,6 +47,8 @@ from moeprune.errors import IncompatibleError, InvalidArgument
 WINDOW_CHARS = (30, 100, 200, 400)
 INNER_PER_LENGTH = 2
 NOVELTY_QUANTILE = 0.02  # expected share of in-store queries sent to the fallback (the issue's 2-point budget)
+# what the stored windows are (checked on every store); "lexical=char1-4" names their text as cut, the lexical
+# view fitted on it at retrieval is LexicalFeatures (its name is part of the fitted-classifier cache key)
 SPEC_ID = "moeprune.retrieval/2 windows=30,100,200,400 inner=2 routing=first-layer-topk-context lexical=char1-4"
 # chosen by leave-demos-out CV of the fused classifier on both benchmark models (BENCHMARKS.md "Retrieval")
 LEXICAL_C, ROUTING_C = 100.0, 1.0
@@ -244,6 +247,42 @@ class Decision:
         return self.novelty > 0 if self.novelty is not None else self.similarity < self.threshold
 
 
+def text_shape(text: str) -> str:
+    """``text`` with each upper-case letter written ``A``, other letters ``a``, digits ``0``; punctuation and
+    white space kept. Its n-grams see a text's layout (comment prefixes, indentation, markup) apart from
+    its words: a licence inside a C comment (``\n * Aaaaaaaa``) is not a licence file."""
+    return "".join("A" if c.isupper() else "a" if c.isalpha() else "0" if c.isdigit() else c for c in text)
+
+
+class LexicalFeatures:
+    """The lexical view of a text: character 1-4-gram TF-IDF of the text joined with character 1-5-gram
+    TF-IDF of its :func:`text_shape` (sublinear term frequency, both weighted alike), rows l2-normalised,
+    so that dot products are cosine similarities. Chosen by leave-demos-out CV on both benchmark models
+    (BENCHMARKS.md "Retrieval: findings"); the stored windows are plain text, so it is fitted at retrieval."""
+
+    NAME = "char1-4+shape1-5"
+
+    def __init__(self) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        def tfidf(hi: int) -> TfidfVectorizer:
+            return TfidfVectorizer(analyzer="char", ngram_range=(1, hi), sublinear_tf=True, lowercase=False,
+                                   dtype=np.float64)
+        self.raw, self.shape = tfidf(4), tfidf(5)
+
+    def _join(self, raw: Any, shape: Any) -> Any:
+        from scipy.sparse import hstack
+        from sklearn.preprocessing import normalize
+
+        return normalize(hstack([raw, shape]).tocsr())
+
+    def fit_transform(self, texts: Sequence[str]) -> Any:
+        return self._join(self.raw.fit_transform(texts), self.shape.fit_transform([text_shape(t) for t in texts]))
+
+    def transform(self, texts: Sequence[str]) -> Any:
+        return self._join(self.raw.transform(texts), self.shape.transform([text_shape(t) for t in texts]))
+
+
 class WindowClassifier:
     """Fused routing + lexical classifier over the stored windows of several tasks.
 
@@ -255,7 +294,6 @@ class WindowClassifier:
                  routing_c: float = ROUTING_C, quantile: float = NOVELTY_QUANTILE,
                  lengths: Sequence[int] = WINDOW_CHARS, novelty: str = "learned",
                  cache_dir: str | Path | None = None):
-        from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
         if not (lexical or routing):
@@ -275,15 +313,15 @@ class WindowClassifier:
         if novelty not in ("learned", "floor"):
             raise InvalidArgument(f"novelty rule {novelty!r} is neither 'learned' nor 'floor'")
         single = len(self.tasks) == 1
-        self.tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True, lowercase=False,
-                                     dtype=np.float64)
+        self.tfidf = LexicalFeatures()
         self.X_lex = self.tfidf.fit_transform(texts)
         X_r = _sqrt_rows(np.asarray(sigs, dtype=np.float64))
         self.R = _l2_rows(X_r)
         self.quantile = quantile
         self.cache_hit = False
-        params = {"lexical": lexical, "routing": routing, "lexical_c": lexical_c, "routing_c": routing_c,
-                  "quantile": quantile, "lengths": [float(n) for n in self.lengths], "novelty": novelty}
+        params = {"lexical": lexical, "lexical_view": LexicalFeatures.NAME, "routing": routing,
+                  "lexical_c": lexical_c, "routing_c": routing_c, "quantile": quantile,
+                  "lengths": [float(n) for n in self.lengths], "novelty": novelty}
         self.key = fit_key(self.tasks, windows, params)
         cached = _read_fit(cache_dir, self.key) if cache_dir is not None else None
         if cached is not None:
