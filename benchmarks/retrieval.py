@@ -173,9 +173,10 @@ def m_lr_hidden(tr, q, C=1.0):
     return LogisticRegression(C=C, max_iter=3000).fit(sc.transform(tr["hid"]), tr["y"]).predict(sc.transform(q["hid"]))
 
 
-def m_classifier(lexical, routing, lexical_c=None, routing_c=None):
+def m_classifier(lexical, routing, lexical_c=None, routing_c=None, routing_weight=None):
     def fn(tr, q):
-        kw = {k: v for k, v in (("lexical_c", lexical_c), ("routing_c", routing_c)) if v is not None}
+        kw = {k: v for k, v in (("lexical_c", lexical_c), ("routing_c", routing_c),
+                                ("routing_weight", routing_weight)) if v is not None}
         wins = [[(int(i), t, s) for i, t, s, y in zip(tr["demo"], tr["text"], tr["sig"], tr["y"]) if y == c]
                 for c in range(tr["T"])]
         clf = WindowClassifier([str(c) for c in range(tr["T"])], wins, lexical=lexical, routing=routing, **kw)
@@ -213,9 +214,10 @@ METHODS = {
     "lexical LR on windows (TF-IDF of char 1-4-grams + shape 1-5-grams)": m_classifier(True, False),
     "lexical LR x hidden-state LR": m_with_hidden(False),
     "lexical LR x routing LR x hidden-state LR": m_with_hidden(True),
-    "**fused: lexical LR x routing LR (shipped)**": m_classifier(True, True),
+    "fused, routing weight 1 (before 2026-12-04)": m_classifier(True, True, routing_weight=1.0),
+    "**fused: lexical LR x routing LR, weight by CV (shipped)**": m_classifier(True, True),
 }
-SHIPPED = "**fused: lexical LR x routing LR (shipped)**"
+SHIPPED = "**fused: lexical LR x routing LR, weight by CV (shipped)**"
 
 
 def features(bench: Bench, texts: list[str]) -> dict[str, object]:

@@ -274,3 +274,41 @@ def test_lexical_view_sees_layout_apart_from_words():
     # the first two share their layout and no word: the shape view makes them close, raw characters alone do not
     raw = TfidfVectorizer(analyzer="char", ngram_range=(1, 4), sublinear_tf=True, lowercase=False).fit_transform(texts)
     assert (X[0] @ X[1].T).toarray()[0, 0] > 0.4 > 0.2 > (raw[0] @ raw[1].T).toarray()[0, 0]
+
+
+def test_routing_weight_is_chosen_by_leave_demos_out_log_loss():
+    from sklearn.linear_model import LogisticRegression
+
+    from moeprune.patterns.windows import ROUTING_WEIGHTS, WindowClassifier, _sqrt_rows
+
+    rng = np.random.default_rng(0)
+    words = {0: "alpha beta gamma delta", 1: "one two three four", 2: "red green blue cyan"}
+
+    def store(informative_text: bool, informative_routing: bool):
+        wins = []
+        for t in range(3):
+            rows = []
+            for demo in range(8):
+                for k in range(3):
+                    vocab = (words[t] if informative_text else " ".join(words.values())).split()
+                    text = " ".join(rng.choice(vocab, 12))
+                    sig = rng.dirichlet(np.ones(8))
+                    if informative_routing:
+                        sig = 0.2 * sig + 0.8 * np.eye(8)[t]
+                    rows.append((demo, text, sig))
+            wins.append(rows)
+        return wins
+
+    noisy_routing = WindowClassifier(["a", "b", "c"], store(True, False), novelty="floor")
+    useful = store(False, True)
+    clf = WindowClassifier(["a", "b", "c"], useful, novelty="floor")
+    assert noisy_routing.routing_weight < clf.routing_weight == max(ROUTING_WEIGHTS)
+    # the folds deal each task's demos round robin; the fused probabilities are the weighted product
+    assert set(noisy_routing.folds().tolist()) == {0, 1, 2, 3}
+    texts, sigs = ["alpha one red"], np.eye(8)[[1]]
+    lex = LogisticRegression(C=100.0, max_iter=3000).fit(clf.X_lex, clf.y)
+    rout = LogisticRegression(C=1.0, max_iter=3000).fit(_sqrt_rows(np.stack([w[2] for t in useful for w in t])), clf.y)
+    z = (np.log(lex.predict_proba(clf.tfidf.transform(texts)))
+         + clf.routing_weight * np.log(rout.predict_proba(_sqrt_rows(sigs))))
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert np.allclose(clf.proba(texts, sigs), expected, atol=1e-6)

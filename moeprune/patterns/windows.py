@@ -11,7 +11,9 @@ At retrieval two classifiers are fitted on the store's windows (scikit-learn, ab
 - lexical: logistic regression on character n-gram TF-IDF of the text and of its shape (letters and digits
   replaced by their class: layout apart from words; :class:`LexicalFeatures`).
 
-Their class probabilities are multiplied (a product of experts) and the largest wins.
+Their log-probabilities are added, the routing term weighted by the candidate of ``ROUTING_WEIGHTS`` with the
+lowest leave-demos-out log-loss on the store's own windows (so a model whose routers do not separate the
+stored domains leans on the text), and the largest wins.
 
 Novelty (``threshold="auto"``, the default): a query no stored task fits goes to the general (union)
 pattern. Its features are, per stored task, the query's best lexical and best routing cosine similarity to
@@ -52,6 +54,10 @@ NOVELTY_QUANTILE = 0.02  # expected share of in-store queries sent to the fallba
 SPEC_ID = "moeprune.retrieval/2 windows=30,100,200,400 inner=2 routing=first-layer-topk-context lexical=char1-4"
 # chosen by leave-demos-out CV of the fused classifier on both benchmark models (BENCHMARKS.md "Retrieval")
 LEXICAL_C, ROUTING_C = 100.0, 1.0
+# the routing term's weight in the fused log-probability is chosen per store from these, by leave-demos-out
+# log-loss on its own windows: a model whose routers do not tell the store's domains apart gets little
+ROUTING_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0)
+CV_FOLDS = 4
 
 
 class SignatureSpecError(IncompatibleError):
@@ -150,7 +156,7 @@ def best_per_task(sim_rows: Any, n: int, y: np.ndarray, n_tasks: int, block: int
 
 
 # --- fitted-classifier cache -----------------------------------------------------------------
-CACHE_FORMAT = "moeprune.window-classifier/1"
+CACHE_FORMAT = "moeprune.window-classifier/2"
 CACHE_KEEP = 16  # fitted classifiers kept per cache folder (newest used first)
 
 
@@ -188,13 +194,14 @@ def _lr_from(prefix: str, data: Any) -> Any:
     return model
 
 
-def _write_fit(folder: str | Path, key: str, lex: Any, rout: Any, auto: np.ndarray,
+def _write_fit(folder: str | Path, key: str, lex: Any, rout: Any, routing_weight: float, auto: np.ndarray,
                novelty_model: tuple[Any, float] | None) -> None:
     """Keep a fitted classifier as plain arrays (``.npz``, no pickle), written atomically; a folder that
     cannot be written (a read-only store) only costs the refit next time."""
     from moeprune.io.atomic import atomic_path
 
-    arrays = {"format": np.asarray(CACHE_FORMAT), "auto": auto, **_lr_arrays("lex", lex), **_lr_arrays("rout", rout)}
+    arrays = {"format": np.asarray(CACHE_FORMAT), "auto": auto, "routing_weight": np.asarray(routing_weight),
+              **_lr_arrays("lex", lex), **_lr_arrays("rout", rout)}
     if novelty_model is not None:
         arrays.update(_lr_arrays("novelty", novelty_model[0]))
         arrays["novelty.cut"] = np.asarray(novelty_model[1])
@@ -209,7 +216,7 @@ def _write_fit(folder: str | Path, key: str, lex: Any, rout: Any, auto: np.ndarr
         pass
 
 
-def _read_fit(folder: str | Path, key: str) -> tuple[Any, Any, np.ndarray, tuple[Any, float] | None] | None:
+def _read_fit(folder: str | Path, key: str) -> tuple[Any, Any, float, np.ndarray, tuple[Any, float] | None] | None:
     """The fitted parts kept under ``key`` in ``folder``; None when absent. A damaged file is named in a
     warning and refitted."""
     path = Path(folder) / f"{key}.npz"
@@ -222,7 +229,8 @@ def _read_fit(folder: str | Path, key: str) -> tuple[Any, Any, np.ndarray, tuple
             novelty_model = None
             if "novelty.cut" in data:
                 novelty_model = (_lr_from("novelty", data), float(data["novelty.cut"]))
-            fitted = _lr_from("lex", data), _lr_from("rout", data), data["auto"], novelty_model
+            fitted = (_lr_from("lex", data), _lr_from("rout", data), float(data["routing_weight"]), data["auto"],
+                      novelty_model)
     except Exception as exc:  # a truncated or foreign file: refit rather than fail the retrieval
         warnings.warn(f"ignoring the damaged fitted-classifier cache {path} ({type(exc).__name__}: {exc}); refitting",
                       stacklevel=3)
@@ -287,13 +295,14 @@ class WindowClassifier:
     """Fused routing + lexical classifier over the stored windows of several tasks.
 
     ``cache_dir``: where fitted classifiers are kept (:func:`fit_key`); a classifier whose exact inputs were
-    fitted before is read from there instead of refitted."""
+    fitted before is read from there instead of refitted. ``routing_weight``: the routing term's weight in the
+    fused log-probability (None: chosen from ``ROUTING_WEIGHTS`` by leave-demos-out log-loss)."""
 
     def __init__(self, tasks: Sequence[str], windows: Sequence[Sequence[tuple[int, str, Sequence[float]]]],
                  lexical: bool = True, routing: bool = True, lexical_c: float = LEXICAL_C,
                  routing_c: float = ROUTING_C, quantile: float = NOVELTY_QUANTILE,
                  lengths: Sequence[int] = WINDOW_CHARS, novelty: str = "learned",
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, routing_weight: float | None = None):
         from sklearn.linear_model import LogisticRegression
 
         if not (lexical or routing):
@@ -321,20 +330,63 @@ class WindowClassifier:
         self.cache_hit = False
         params = {"lexical": lexical, "lexical_view": LexicalFeatures.NAME, "routing": routing,
                   "lexical_c": lexical_c, "routing_c": routing_c, "quantile": quantile,
-                  "lengths": [float(n) for n in self.lengths], "novelty": novelty}
+                  "lengths": [float(n) for n in self.lengths], "novelty": novelty, "routing_weight": routing_weight}
         self.key = fit_key(self.tasks, windows, params)
         cached = _read_fit(cache_dir, self.key) if cache_dir is not None else None
         if cached is not None:
-            self.lex, self.rout, self.auto, self.novelty_model = cached
+            self.lex, self.rout, self.routing_weight, self.auto, self.novelty_model = cached
             self.cache_hit = True
             return
         self.lex = (None if single or not lexical
                     else LogisticRegression(C=lexical_c, max_iter=3000).fit(self.X_lex, self.y))
         self.rout = None if single or not routing else LogisticRegression(C=routing_c, max_iter=3000).fit(X_r, self.y)
+        self.routing_weight = (routing_weight if routing_weight is not None
+                               else self._fit_routing_weight(X_r, lexical_c, routing_c)
+                               if self.lex is not None and self.rout is not None else 1.0)
         self.auto = self._loo_thresholds()
         self.novelty_model = self._fit_novelty() if novelty == "learned" and len(self.tasks) >= 3 else None
         if cache_dir is not None:
-            _write_fit(cache_dir, self.key, self.lex, self.rout, self.auto, self.novelty_model)
+            _write_fit(cache_dir, self.key, self.lex, self.rout, self.routing_weight, self.auto, self.novelty_model)
+
+    # --- fusion -----------------------------------------------------------------------
+    def folds(self, n_folds: int = CV_FOLDS) -> np.ndarray:
+        """Each window's leave-demos-out fold: a task's demos are dealt round robin over ``n_folds``."""
+        fold = np.zeros(len(self.y), dtype=int)
+        for t in range(len(self.tasks)):
+            mine = self.y == t
+            rank = {d: k for k, d in enumerate(sorted(set(self.demo[mine].tolist())))}
+            fold[mine] = [rank[d] % n_folds for d in self.demo[mine].tolist()]
+        return fold
+
+    def _fit_routing_weight(self, X_r: np.ndarray, lexical_c: float, routing_c: float) -> float:
+        """The routing term's weight (of ``ROUTING_WEIGHTS``) whose fused probabilities have the lowest
+        leave-demos-out log-loss on the store's windows; 1 when the store has too few demos to fold."""
+        from sklearn.linear_model import LogisticRegression
+
+        def log_proba(X_tr, y_tr, X_te, c):
+            model = LogisticRegression(C=c, max_iter=3000).fit(X_tr, y_tr)
+            out = np.full((X_te.shape[0], len(self.tasks)), np.log(1e-12))
+            out[:, model.classes_] = np.log(np.clip(model.predict_proba(X_te), 1e-12, None))
+            return out
+
+        fold = self.folds()
+        lex, rout, truth = [], [], []
+        for f in range(CV_FOLDS):
+            train, test = fold != f, fold == f
+            if not test.any() or len(set(self.y[train].tolist())) < 2:
+                continue
+            lex.append(log_proba(self.X_lex[train], self.y[train], self.X_lex[test], lexical_c))
+            rout.append(log_proba(X_r[train], self.y[train], X_r[test], routing_c))
+            truth.append(self.y[test])
+        if not truth:
+            return 1.0
+        lex_lp, rout_lp, y = np.vstack(lex), np.vstack(rout), np.concatenate(truth)
+
+        def log_loss(w: float) -> float:
+            z = lex_lp + w * rout_lp
+            z = z - z.max(1, keepdims=True)
+            return float(-np.mean(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))))
+        return min(ROUTING_WEIGHTS, key=log_loss)
 
     # --- novelty ----------------------------------------------------------------------
     def _bucket(self, n_chars: np.ndarray) -> np.ndarray:
@@ -426,7 +478,8 @@ class WindowClassifier:
         if self.lex is not None:
             logp += np.log(np.clip(self.lex.predict_proba(self.tfidf.transform(texts)), 1e-12, None))
         if self.rout is not None:
-            logp += np.log(np.clip(self.rout.predict_proba(_sqrt_rows(np.atleast_2d(signatures))), 1e-12, None))
+            logp += self.routing_weight * np.log(np.clip(self.rout.predict_proba(_sqrt_rows(np.atleast_2d(signatures))),
+                                                         1e-12, None))
         logp -= logp.max(1, keepdims=True)
         p = np.exp(logp)
         return p / p.sum(1, keepdims=True)
