@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import hashlib
 import json
 import random
 import shutil
@@ -87,7 +86,7 @@ def _arithmetic(rng: random.Random) -> str:
 def rebuild() -> None:
     """Extract the corpus from this machine into ``DATA`` (deterministic for a given machine)."""
     sys.path.insert(0, str(HERE.parent / "scripts"))
-    from finegrained_corpus import _read, _useful, chunks, held_out
+    from finegrained_corpus import split_files
 
     DATA.mkdir(exist_ok=True)
     want = {"demo": 4 * N_DEMOS, "query": 2 * N_QUERIES}  # spare documents, so a domain never runs short
@@ -98,26 +97,12 @@ def rebuild() -> None:
             for split in out:
                 out[split] = [{"source": "generated", "text": _arithmetic(rng)} for _ in range(want[split])]
         else:
-            files = sorted({p for pat in SOURCES[domain] for p in glob.glob(pat, recursive=True) if Path(p).is_file()},
-                           key=lambda p: hashlib.sha256(p.encode()).hexdigest())
-            seen: set[str] = set()
-            for path in files:
-                split = "query" if held_out(path) else "demo"
-                if len(out[split]) >= want[split]:
-                    if all(len(out[s]) >= want[s] for s in out):
-                        break
-                    continue
-                try:
-                    docs = [d for d in chunks(_read(path)) if _useful(d) and d[:QUERY_CHARS] not in seen]
-                except OSError:
-                    continue
-                for d in docs[:PER_FILE]:
-                    seen.add(d[:QUERY_CHARS])
-                    out[split].append({"source": path, "text": d})
-        with gzip.open(DATA / f"{domain}.jsonl.gz", "wt", encoding="utf-8") as f:
-            for split, docs in out.items():
-                for d in docs[: want[split]]:
-                    f.write(json.dumps({"split": split, **d}) + "\n")
+            files = sorted({p for pat in SOURCES[domain] for p in glob.glob(pat, recursive=True) if Path(p).is_file()})
+            out = split_files(files, lambda text: text, want, {"demo": PER_FILE, "query": PER_FILE},
+                              splits=("demo", "query"), key=lambda d: d[:QUERY_CHARS])
+        lines = "".join(json.dumps({"split": split, **d}) + "\n" for split, docs in out.items() for d in docs)
+        with gzip.GzipFile(DATA / f"{domain}.jsonl.gz", "wb", mtime=0) as f:  # mtime 0: byte-identical reruns
+            f.write(lines.encode())
         print(domain, {s: len(v) for s, v in out.items()}, flush=True)
 
 

@@ -108,17 +108,17 @@ def held_out(path: str) -> bool:
     return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 16**8 < HELDOUT_SHARE
 
 
-def extract(domain: str) -> dict[str, list[dict]]:
-    """``{"train": [...], "heldout": [...]}`` documents ``{"source", "text"}`` of one domain."""
-    _, patterns, filt = SOURCES[domain]
-    files = sorted({p for pat in patterns for p in glob.glob(pat, recursive=True) if Path(p).is_file()})
+def split_files(files: list[str], filt: Callable[[str], str], want: dict[str, int], per_file: dict[str, int],
+                splits: tuple[str, str] = ("train", "heldout"),
+                key: Callable[[str], str] = lambda d: d) -> dict[str, list[dict]]:
+    """Documents ``{"source", "text"}`` of ``files`` for the two ``splits`` (each file wholly in the second when
+    :func:`held_out`), up to ``want[split]`` of them and ``per_file[split]`` per file; a document whose
+    ``key`` was seen before is skipped. Files are read in hash order, so no single big package dominates."""
+    files = sorted(files, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
     seen: set[str] = set()
-    out: dict[str, list[dict]] = {"train": [], "heldout": []}
-    want = {"train": TRAIN_DOCS, "heldout": HELDOUT_DOCS}
-    # interleave files (round robin by hash order) so no single big package dominates
-    files.sort(key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    out: dict[str, list[dict]] = {s: [] for s in splits}
     for path in files:
-        split = "heldout" if held_out(path) else "train"
+        split = splits[1] if held_out(path) else splits[0]
         if len(out[split]) >= want[split]:
             if all(len(out[s]) >= want[s] for s in want):
                 break
@@ -127,14 +127,19 @@ def extract(domain: str) -> dict[str, list[dict]]:
             text = filt(_read(path))
         except (OSError, EOFError, gzip.BadGzipFile):
             continue
-        docs = [d for d in chunks(text) if _useful(d) and d not in seen]
-        take = docs[:DOCS_PER_FILE] if split == "train" else docs[:HELDOUT_PER_FILE]
-        for d in take:
-            seen.add(d)
+        docs = [d for d in chunks(text) if _useful(d) and key(d) not in seen]
+        for d in docs[:per_file[split]]:
+            seen.add(key(d))
             out[split].append({"source": path, "text": d})
-    for split in out:
-        out[split] = out[split][: want[split]]
-    return out
+    return {s: docs[: want[s]] for s, docs in out.items()}
+
+
+def extract(domain: str) -> dict[str, list[dict]]:
+    """``{"train": [...], "heldout": [...]}`` documents ``{"source", "text"}`` of one domain."""
+    _, patterns, filt = SOURCES[domain]
+    files = sorted({p for pat in patterns for p in glob.glob(pat, recursive=True) if Path(p).is_file()})
+    return split_files(files, filt, {"train": TRAIN_DOCS, "heldout": HELDOUT_DOCS},
+                       {"train": DOCS_PER_FILE, "heldout": HELDOUT_PER_FILE})
 
 
 def main(argv: list[str] | None = None) -> int:
