@@ -5,7 +5,8 @@ opening and ``INNER_PER_LENGTH`` windows starting at evenly spaced line starts. 
 routing signature computed exactly as a query's (:func:`moeprune.patterns.retrieval.query_signatures`, first
 MoE layer), so the stored signatures look like queries, not like whole documents.
 
-At retrieval two classifiers are fitted on the store's windows (scikit-learn, about a second):
+At retrieval two classifiers are fitted on the store's windows (scikit-learn; seconds, about five times
+that with the routing weight's folds, once per store content: the fit is cached, see :func:`fit_key`):
 
 - routing: multinomial logistic regression on the square roots of the routing shares (Hellinger map);
 - lexical: logistic regression on character n-gram TF-IDF of the text and of its shape (letters and digits
@@ -266,7 +267,8 @@ class LexicalFeatures:
     """The lexical view of a text: character 1-4-gram TF-IDF of the text joined with character 1-5-gram
     TF-IDF of its :func:`text_shape` (sublinear term frequency, both weighted alike), rows l2-normalised,
     so that dot products are cosine similarities. Chosen by leave-demos-out CV on both benchmark models
-    (BENCHMARKS.md "Retrieval: findings"); the stored windows are plain text, so it is fitted at retrieval."""
+    (BENCHMARKS.md "Retrieval: lexical shape, fusion weight and the proxy testbed"); the stored windows are
+    plain text, so it is fitted at retrieval."""
 
     NAME = "char1-4+shape1-5"
 
