@@ -220,8 +220,17 @@ def _export_human(summary: dict[str, Any]) -> str:
               else ", ".join(f"{layer}: {n}" for layer, n in per_layer.items()))
     return (f"wrote {summary['out']}: {summary['tensors']} tensors in {summary['shards']} shard(s), "
             f"{summary['bytes_written'] / 2**20:.1f} MiB (read {summary['bytes_read'] / 2**20:.1f} MiB); "
-            f"experts per MoE layer: {counts}" + _calibration_human(summary.get("calibration"))
+            f"experts per MoE layer: {counts}" + _group_human(summary.get("quantization"))
+            + _calibration_human(summary.get("calibration"))
             + (f"\nloads in {summary['compatibility']['line']}" if summary.get("compatibility") else ""))
+
+
+def _group_human(quant: dict[str, Any] | None) -> str:
+    if not quant or quant["group_size"] == quant["group_size_asked"]:
+        return ""
+    return (f"\nexperts quantized in groups of {quant['group_size']} input columns, not {quant['group_size_asked']}: "
+            f"the largest group <= {quant['group_size_asked']} dividing their input sizes "
+            f"{', '.join(map(str, quant['expert_input_sizes']))}")
 
 
 def _calibration_human(calib: dict[str, Any] | None) -> str:
@@ -231,11 +240,24 @@ def _calibration_human(calib: dict[str, Any] | None) -> str:
             "(their expert got fewer demo tokens than its input size)")
 
 
+def _group_size(args: argparse.Namespace) -> int:
+    """``--group-size`` (default 128); it and ``--asym`` are refused without a width to quantize to."""
+    from moeprune.quantization.compressed import DEFAULT_GROUP
+
+    if args.bits is None and args.avg_bits is None:
+        given = [f for f, on in (("--group-size", args.group_size is not None), ("--asym", args.asym)) if on]
+        if given:
+            raise InvalidArgument(f"{' and '.join(given)} only shape{'s' if len(given) == 1 else ''} quantized "
+                                  "experts, and nothing here quantizes them",
+                                  hint="give --bits N or --avg-bits B too, or drop " + " and ".join(given))
+    return DEFAULT_GROUP if args.group_size is None else args.group_size
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from moeprune.pipeline import export_pattern
 
     summary = export_pattern(args.model, args.pattern, args.out, profile=args.profile, bits=args.bits,
-                             avg_bits=args.avg_bits, group_size=args.group_size, symmetric=not args.asym,
+                             avg_bits=args.avg_bits, group_size=_group_size(args), symmetric=not args.asym,
                              quant_method=args.quant_method, demos=args.demos, max_tokens=args.max_tokens,
                              target=args.target, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                              progress=_progress(args))
@@ -264,7 +286,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite, progress=_progress(args),
                              max_shard_size=args.max_shard_size, budget=args.budget,
                              min_per_layer=args.min_per_layer, unstructured=args.unstructured, nm=args.nm,
-                             bits=args.bits, avg_bits=args.avg_bits, group_size=args.group_size,
+                             bits=args.bits, avg_bits=args.avg_bits, group_size=_group_size(args),
                              dynamic_prune=_dynamic_request(args), symmetric=not args.asym, target=args.target,
                              recalibrate_router=args.recalibrate_router,
                              recalibrate_steps=args.recalibrate_steps, quant_method=args.quant_method, **params)
@@ -521,10 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a compressed-tensors pack-quantized export)")
         q.add_argument("--avg-bits", type=float, help="mixed precision per expert (2/4/8 bits) meeting this "
                        "average width, allotted by an exact integer program (MC-MoE)")
-        c.add_argument("--group-size", type=int, default=128, help="quantization group along the input (128)")
+        c.add_argument("--group-size", type=int, help="quantization group along the input (default 128, or the "
+                       "largest size below it dividing the experts' input sizes)")
         c.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points; default symmetric)")
         c.add_argument("--target", choices=["vllm"], help="refuse up front what this engine cannot load "
-                       "(vllm: uniform budget, symmetric 4/8-bit, one width per MoE layer)")
+                       "(vllm: uniform budget; symmetric 4 or 8 bits, one width, groups of 32, 64 or 128)")
         c.add_argument("--quant-method", choices=QUANT_METHODS, default="rtn",
                        help="rtn: round to nearest (default); gptq: GPTQ calibrated on the demos (export: --demos)")
 

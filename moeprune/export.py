@@ -96,11 +96,14 @@ class _ShardWriter:
         return weight_map
 
 
-def _expert_keys(adapter: MoEAdapter, pattern: ExpertPattern) -> list[str]:
-    """The stored weight keys (not biases) of the first kept expert of every MoE layer."""
-    return [key for layer, kept in sorted(pattern.kept.items()) if kept
-            for p, pieces in adapter.expert_sources(layer, kept[0]).items() if not p.endswith("_bias")
+def expert_input_dims(ckpt: Checkpoint, pattern: ExpertPattern | None = None) -> list[int]:
+    """The input sizes of the expert matrices an export of ``pattern`` quantizes (every MoE layer's when
+    None), which the one group size of the export must divide."""
+    kept = pattern.kept if pattern is not None else {layer: [0] for layer in ckpt.moe_layers()}
+    keys = [key for layer, ids in sorted(kept.items()) if ids
+            for p, pieces in ckpt.adapter.expert_sources(layer, ids[0]).items() if not p.endswith("_bias")
             for key, _ in pieces]
+    return [_logical_shape(ckpt, k)[-2 if ckpt.adapter.experts_transposed else -1] for k in keys]
 
 
 def _logical_shape(ckpt: Checkpoint, key: str) -> list[int]:
@@ -164,6 +167,7 @@ def export_pruned(model: str | Path | Checkpoint, pattern: ExpertPattern | str |
         "kept_per_layer": pattern.counts,
         "routing": pattern.routing,
         "compatibility": compat,
+        **({"quantization": quantizer.summary()} if quantizer is not None else {}),
     }
 
 
@@ -208,9 +212,7 @@ def _quantization_config(config: dict[str, Any], ckpt: Checkpoint, pattern: Expe
         return None
     from moeprune.quantization.experts import ExpertQuantizer
 
-    in_dims = [_logical_shape(ckpt, k)[-2 if adapter.experts_transposed else -1]
-               for k in _expert_keys(adapter, pattern)]
-    quantizer = ExpertQuantizer(adapter, pattern, group_size, in_dims, symmetric, calibrated)
+    quantizer = ExpertQuantizer(adapter, pattern, group_size, expert_input_dims(ckpt, pattern), symmetric, calibrated)
     config["moeprune"]["quantization"] = quantizer.config_entry()
     if calibrated is not None:
         config["moeprune"]["quantization"]["calibration"] = calibrated.summary()

@@ -10,7 +10,7 @@ import torch
 
 from moeprune.demos import demo_hash, encode_demos, read_demos
 from moeprune.errors import InvalidArgument
-from moeprune.export import export_pruned
+from moeprune.export import expert_input_dims, export_pruned
 from moeprune.fingerprint import Fingerprint, checkpoint_fingerprint
 from moeprune.io.atomic import check_dir_target
 from moeprune.io.checkpoint import Checkpoint, open_checkpoint
@@ -223,7 +223,8 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     if target == "vllm":
         from moeprune.io.engines import check_vllm_target
 
-        check_vllm_target(bits, avg_bits, symmetric, resolved == "uniform", ckpt.adapter.family)
+        check_vllm_target(bits, avg_bits, symmetric, resolved == "uniform", ckpt.adapter.family, group_size,
+                          _effective_group(ckpt, None, group_size, bits, avg_bits))
     ws = open_workspace(ckpt, demos, max_tokens, device, dtype, fingerprint)
     profile, pattern = profile_and_select(ws, method, keep, task, progress, budget=budget,
                                           min_per_layer=min_per_layer, **params)
@@ -257,6 +258,19 @@ def prune(model: str | Path, demos: str | Path, method: str, keep: str | float, 
     if calibrated is not None:
         summary["calibration"] = calibrated.summary()
     return pattern, summary
+
+
+def _effective_group(ckpt: Checkpoint, pattern: ExpertPattern | None, group_size: int, bits: int | None,
+                     avg_bits: float | None) -> int | None:
+    """The group size an export would quantize with (None: no quantization, or none fits: the export says)."""
+    if bits is None and avg_bits is None:
+        return None
+    from moeprune.quantization.compressed import common_group
+
+    try:
+        return common_group(expert_input_dims(ckpt, pattern), group_size)
+    except InvalidArgument:
+        return None
 
 
 def check_quant_method(method: str, bits: int | None, avg_bits: float | None, sparsified: Any = None) -> None:
@@ -327,7 +341,9 @@ def export_pattern(model: str | Path, pattern: ExpertPattern | str | Path, out: 
     if target == "vllm":  # from the pattern and the config alone, before reading any weight
         from moeprune.io.engines import check_vllm_target
 
-        check_vllm_target(bits, avg_bits, symmetric, pattern.is_uniform, open_checkpoint(model).adapter.family)
+        ckpt = open_checkpoint(model)
+        check_vllm_target(bits, avg_bits, symmetric, pattern.is_uniform, ckpt.adapter.family, group_size,
+                          _effective_group(ckpt, pattern, group_size, bits, avg_bits), pattern_given=True)
     if avg_bits is not None:
         from moeprune.quantization.mixed import allot_bits
 

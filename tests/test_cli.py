@@ -323,3 +323,13 @@ def test_interrupt_while_the_libraries_load(tmp_path):
             "sys.exit(moeprune.cli.main(['profile', 'x', '--demos', 'y', '--out', 'z']))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    """``python -m moeprune`` is the ``moeprune`` command: same help, same exit codes."""
+    ok = subprocess.run([sys.executable, "-m", "moeprune", "--help"], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path)
+    assert ok.returncode == 0 and "select" in ok.stdout and "export" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "moeprune", "inspect", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -76,7 +76,11 @@ def test_plain_transformers_loads_equal_to_moeprune(family, bits, family_checkpo
     if keys:  # only routed experts are packed: attention, routers, shared experts stay float
         packed = [k for k in keys if k.endswith("weight_packed")]
         assert packed and all(".experts." in k and "shared" not in k for k in packed)
-    assert summary["compatibility"]["transformers"]["ok"] and summary["compatibility"]["vllm"]["ok"]
+    assert summary["compatibility"]["transformers"]["ok"]
+    group = summary["quantization"]["group_size"]  # these tiny models' small experts force small groups
+    assert summary["compatibility"]["vllm"] == ({"ok": True, "why": None} if group in (32, 64, 128) else
+                                                {"ok": False, "why": f"groups of {group} input columns; vLLM's MoE "
+                                                 "kernels take 32, 64 or 128"})
     x = torch.randint(0, VOCAB, (1, 12))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     packed_model = moeprune.from_pretrained(tmp_path / "q")
@@ -216,6 +220,58 @@ def test_target_vllm_refuses_before_any_work(flags, why, family_checkpoints, tmp
     err = capsys.readouterr().err
     assert code != 0 and "--target vllm cannot be met" in err and why in err
     assert not (tmp_path / "o").exists()
+
+
+def test_group_size_vllm_rules_and_notice(family_checkpoints, tmp_path, capsys):
+    """A group size vLLM's MoE kernels lack is refused by --target vllm up front (asked for, or forced by the
+    model's expert sizes), and named in the compatibility line; a group changed to fit is said."""
+    from moeprune.cli import main
+    from moeprune.export import expert_input_dims
+    from moeprune.io.checkpoint import open_checkpoint
+
+    _, src = family_checkpoints["mixtral"]
+    dims = sorted(set(expert_input_dims(open_checkpoint(src))))
+    base = ["prune", str(src), "--demos", str(tmp_path / "missing.jsonl"), "--keep", "0.5", "--bits", "4"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--target", "vllm", "--group-size", "48"]) == 2
+    assert "--group-size 48 (vLLM's MoE kernels take 32, 64 or 128)" in capsys.readouterr().err
+    if ct.common_group(dims, 128) not in (32, 64, 128):  # the tiny model's experts force a smaller group
+        assert main([*base, "--out", str(tmp_path / "b"), "--target", "vllm"]) == 2
+        assert f"groups of {ct.common_group(dims, 128)} input columns" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["prune", str(src), "--demos", str(demos), "--keep", "0.5", "--bits", "4", "--group-size", "7",
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    g = ct.common_group(dims, 7)
+    assert f"experts quantized in groups of {g} input columns, not 7" in out
+    assert f"vLLM: no (groups of {g} input columns" in out
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["moeprune"]["quantization"]["group_size"] == g
+
+
+@pytest.mark.parametrize("flags", [["--group-size", "64"], ["--asym"], ["--group-size", "64", "--asym"]])
+def test_quantization_flags_without_a_width_are_refused(flags, family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl")
+    assert main(["prune", str(src), "--demos", str(demos), "--keep", "0.5", "--out", str(tmp_path / "o"),
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert "nothing here quantizes them" in err and "--bits N" in err and flags[0] in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_vllm_on_a_non_uniform_pattern_says_to_select_again(family_checkpoints, tmp_path, capsys):
+    from moeprune.cli import main
+
+    _, src = family_checkpoints["mixtral"]
+    pattern = _pattern(src, tmp_path, budget="global", keep="0.5")
+    kept = dict(pattern.kept)
+    kept[min(kept)] = kept[min(kept)][:-1]
+    dataclasses.replace(pattern, kept=kept).save(tmp_path / "p.json")
+    assert main(["export", str(src), "--pattern", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"),
+                 "--target", "vllm"]) == 2
+    assert "select it again with --budget uniform" in capsys.readouterr().err
 
 
 def test_target_vllm_refuses_quantized_gpt_oss():

@@ -63,6 +63,7 @@ class ExpertQuantizer:
                  symmetric: bool = True, calibrated: Any = None):
         self.adapter, self.pattern, self.symmetric = adapter, pattern, symmetric
         self.group_size = ct.common_group(in_dims, group_size)
+        self.group_size_asked, self.in_dims = group_size, sorted(set(int(d) for d in in_dims))
         self.calibrated = calibrated  # GPTQCodes by source key (else round-to-nearest)
         for row in (pattern.bits or {}).values():
             for b in row:
@@ -77,6 +78,11 @@ class ExpertQuantizer:
     def config_entry(self) -> dict[str, Any]:
         return {"format": ct.FORMAT, "group_size": self.group_size, "symmetric": self.symmetric,
                 "bits": {str(k): v for k, v in sorted((self.pattern.bits or {}).items())}}
+
+    def summary(self) -> dict[str, Any]:
+        """The export summary's ``quantization``: the group size used, the one asked for, the input sizes."""
+        return {"group_size": self.group_size, "group_size_asked": self.group_size_asked,
+                "expert_input_sizes": self.in_dims, "symmetric": self.symmetric}
 
     def quantization_config(self) -> dict[str, Any]:
         return export_quantization_config(self.adapter, self.pattern.kept, self.pattern.bits, self.group_size,

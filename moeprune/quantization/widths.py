@@ -12,6 +12,9 @@ from moeprune.errors import InvalidArgument
 WIDTHS = (2, 3, 4, 8)
 CONTAINER_BITS = (2, 4, 8)
 VLLM_WIDTHS = (4, 8)  # vLLM's compressed-tensors MoE path (W4A16 / W8A16), symmetric
+# the group sizes of vLLM's WNA16 MoE kernels (Marlin MoE: MARLIN_SUPPORTED_GROUP_SIZES less -1, since the
+# export is group-wise; compressed-tensors' Triton MoE fallback asserts the group strategy too)
+VLLM_GROUP_SIZES = (32, 64, 128)
 
 
 def check_width(bits: int) -> int:
