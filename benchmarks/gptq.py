@@ -9,7 +9,9 @@ each domain's demos, never used for calibration: the numbers settings are chosen
 texts stay untouched by that choice).
 
 Run: ``python benchmarks/gptq.py`` (writes the "GPTQ" section of BENCHMARKS.md); ``--model finegrained``
-runs the fine-grained benchmark model instead (section "GPTQ: finegrained").
+runs the fine-grained benchmark model instead (section "GPTQ: finegrained"), ``--model testbed`` /
+``testbed-balanced`` the proxies of the held-out testbed (build them first with ``scripts/make_testbed.py``;
+section "GPTQ: testbed" ...).
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["rtn", "gptq"],
                     help="rtn, gptq, gptq-actorder, gptq-weighted, gptq-damp0.1, gptq-min0.5 ...")
     ap.add_argument("--asym", action="store_true", help="asymmetric grid (zero points), as export --asym")
-    ap.add_argument("--model", default="embedded", choices=["embedded", "finegrained"])
+    ap.add_argument("--model", default="embedded", choices=["embedded", "finegrained", "testbed", "testbed-balanced"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
     if args.model == "finegrained":
         os.environ["MOEPRUNE_PROFILES"] = str(embedded.finegrained_dir())
+    elif args.model.startswith("testbed"):
+        os.environ["MOEPRUNE_PROFILES"] = str(Path(__file__).resolve().parents[1] / "profiles" / args.model)
     bench = EmbeddedBench()
     import torch
 

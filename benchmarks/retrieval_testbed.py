@@ -168,13 +168,16 @@ def run_model(model_dir: Path, data: dict, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rebuild", action="store_true", help="re-extract the corpus from this machine first")
-    ap.add_argument("--models", nargs="+", default=["embedded", "finegrained"], choices=["embedded", "finegrained"])
+    ap.add_argument("--models", nargs="+", default=["embedded", "finegrained"],
+                    choices=["embedded", "finegrained", "testbed", "testbed-balanced"],
+                    help="testbed / testbed-balanced: models trained on these five domains (scripts/make_testbed.py)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.rebuild or not DATA.exists():
         rebuild()
     data = load()
-    roots = {"embedded": embedded.profiles_dir(), "finegrained": embedded.finegrained_dir()}
+    roots = {"embedded": embedded.profiles_dir(), "finegrained": embedded.finegrained_dir(),
+             **{name: HERE.parent / "profiles" / name for name in ("testbed", "testbed-balanced")}}
     counts = ", ".join(f"{d} {min(N_QUERIES, len(data[d]['query']))}" for d in DOMAINS)
     body = [f"Machine: {machine()}. Corpus `benchmarks/testbed/` ({N_DEMOS} demos per domain; held-out queries, "
             f"the first {QUERY_CHARS} characters of a document: {counts}; see the module docstring). Through the "
@@ -203,7 +206,8 @@ def main() -> None:
     text = "\n\n".join(body) + "\n"
     print(text)
     if not args.no_write:
-        write_section("Retrieval: proxy testbed", text)
+        default = args.models == ap.get_default("models")
+        write_section("Retrieval: proxy testbed" + ("" if default else f" ({', '.join(args.models)})"), text)
 
 
 if __name__ == "__main__":

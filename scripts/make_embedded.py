@@ -1018,11 +1018,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def report_saved(out: Path) -> int:
-    """Report on the model and data of an existing profiles folder."""
+def report_saved(out: Path, model_name: str = "tiny-moe") -> int:
+    """Report on the model and data of an existing profiles folder (over ``DOMAINS``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = out / "models" / "tiny-moe"
+    model_dir = out / "models" / model_name
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     demos = {d: read_jsonl(out / "demos" / f"{d}.jsonl") for d in DOMAINS}

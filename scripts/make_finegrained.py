@@ -106,13 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     base.DOMAINS = descriptions  # the shared report iterates base.DOMAINS
     model_dir = args.out / "models" / MODEL_NAME
     if args.report_only:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        sets = {k: {d: base.read_jsonl(args.out / k / f"{d}.jsonl") for d in descriptions} for k in ("demos", "eval")}
-        base.report(model, tok, sets["demos"], sets["eval"])
-        return 0
+        return base.report_saved(args.out, MODEL_NAME)
     start = time.time()
     model_dir.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
