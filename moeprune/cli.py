@@ -32,8 +32,9 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "max_tokens", "max_shard_size", "bits", "avg_bits", "group_size", "quant_method", "target", "unstructured",
     "nm", "dynamic_prune", "recalibrate_router", "recalibrate_steps", "protect_super_experts", "base", "seed",
     "mix", "merge", "representative", "threshold", "layers", "offload", "pattern", "steps", "lam", "rho",
-    "max_subsets", "separate", "drift", "normalize_rows")}
-FLAGS.update({"symmetric": "--asym", "router": "--merge-router", "metric": "--hc-metric"})
+    "max_subsets", "separate", "drift", "normalize_rows", "align")}
+FLAGS.update({"symmetric": "--asym", "router": "--merge-router", "metric": "--hc-metric",
+              "weights": "--hc-weights"})
 _INVERTED = {"symmetric"}  # --asym sets symmetric=False
 _PARAM = re.compile(r"(?<![\w.\-])(?P<name>" + "|".join(sorted(FLAGS, key=len, reverse=True))
                     + r")=(?P<value>(?:True|False)\b|)")
@@ -103,6 +104,7 @@ _FLAG_OF = {
     ("hc-smoe", "router"): "merge_router",
     ("uncurl", "router"): "merge_router",
     ("hc-smoe", "metric"): "hc_metric",
+    ("hc-smoe", "weights"): "hc_weights",
 }
 # choices and help of built-in parameters' flags (any other parameter's flag: its type, default and methods)
 _FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
@@ -118,6 +120,10 @@ _FLAG_DOCS: dict[str, tuple[list[str] | None, str]] = {
                      "members' average (uncurl: weighted as its weights), or (hc-smoe) fitted to the members' "
                      "summed routing probability"),
     "hc_metric": (["euclidean", "cosine"], "hc-smoe: distance between experts' mean outputs (default euclidean)"),
+    "hc_weights": (["output", "count"], "hc-smoe: what picks the experts kept apart, each cluster's kept member "
+                   "and the merge weights: output-aware importance (default) or routing counts (HC-SMoE's)"),
+    "align": (["neurons", "none"], "hc-smoe: permute each merged member's neurons onto the kept expert's before "
+              "averaging (default neurons, M-SMoE's alignment; fused GPT-OSS experts: none)"),
 }
 
 

@@ -135,6 +135,7 @@ def select_pattern(profile: RouterProfile, method: str, keep: str | float, task:
         pattern.merges = merges_for(pattern.kept, merging.clusters)
         pattern.merge_weights = merge_weights_for(pattern.merges, merging)
         pattern.merge_router = merging.merge_router if pattern.merges else "average"
+        pattern.merge_align = merging.merge_align if pattern.merges else "none"
         pattern.router_overrides = merging.router_overrides
         pattern.__post_init__()
     return pattern

@@ -85,7 +85,8 @@ def test_hcsmoe_export_loads_in_transformers_and_equals_the_merged_reference(rou
     demos = write_token_demos(tmp_path / "d.jsonl", n=4)
     ckpt, net, encoded = _workspace(src, demos)
     prof = profile_checkpoint(src, demos, progress=False)
-    pattern = select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt, router=router)
+    pattern = select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt, router=router,
+                             align="none", weights="count")  # HC-SMoE's count-weighted average, unaligned
     assert pattern.merges and pattern.merge_weights
     pattern.save(tmp_path / "p.json")
     assert (tmp_path / "p.router.safetensors").exists() == (router == "fitted")
@@ -172,3 +173,91 @@ def test_hcsmoe_on_grouped_routing_merges_into_the_kept_slots(family_checkpoints
     prof = profile_checkpoint(src, demos, progress=False)
     with pytest.raises(ValueError, match="groups"):
         select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt, router="fitted")
+
+
+def _permuted_copy(tmp_path, perm_seed=0):
+    """A mixtral whose expert 5 is expert 2 with its intermediate neurons permuted (same function, same
+    router row), and the permutation."""
+    model = make_model("mixtral", seed=3)
+    n = model.model.layers[0].mlp.experts.down_proj.shape[-1]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            moe = layer.mlp
+            moe.gate.weight[5] = moe.gate.weight[2]
+            gate, up = moe.experts.gate_up_proj[2].chunk(2, dim=0)
+            moe.experts.gate_up_proj[5] = torch.cat([gate[perm], up[perm]])
+            moe.experts.down_proj[5] = moe.experts.down_proj[2][:, perm]
+    return model, save_model(model, tmp_path / "perm")
+
+
+def _expert_out(gate_up, down, x):
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ down.T
+
+
+def test_neuron_alignment_keeps_each_member_the_same_function():
+    from moeprune.methods.merge import align_neurons
+
+    g = torch.Generator().manual_seed(0)
+    stacks = {"gate_up_proj": torch.randn(3, 2 * 12, 8, generator=g), "down_proj": torch.randn(3, 8, 12, generator=g)}
+    out = align_neurons(stacks, anchor=1)
+    x = torch.randn(5, 8, generator=g)
+    for m in range(3):
+        torch.testing.assert_close(_expert_out(out["gate_up_proj"][m], out["down_proj"][m], x),
+                                   _expert_out(stacks["gate_up_proj"][m], stacks["down_proj"][m], x))
+    assert torch.equal(out["gate_up_proj"][1], stacks["gate_up_proj"][1])  # the anchor is not moved
+
+
+@pytest.mark.parametrize("align", ["neurons", "none"])
+def test_aligned_merge_of_a_neuron_permuted_copy_is_the_expert(align, tmp_path):
+    """Expert 5 is expert 2 with its neurons shuffled: aligned, their average is expert 2 exactly (export, plain
+    transformers, and moeprune's loader alike); unaligned, it is not."""
+    import dataclasses
+
+    model, src = _permuted_copy(tmp_path)
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    prof = profile_checkpoint(src, demos, progress=False)
+    base = select_pattern(prof, "frequency", "0.5")
+    kept = {layer: sorted((set(k) - {5}) | {2}) for layer, k in base.kept.items()}
+    kept = {layer: k if len(k) >= len(base.kept[layer]) else sorted(k + [next(e for e in range(16) if e not in k
+                                                                                   and e != 5)])
+            for layer, k in kept.items()}
+    pattern = dataclasses.replace(base, kept=kept, merges={layer: {2: [2, 5]} for layer in kept},
+                                  merge_weights={layer: {2: [1.0, 3.0]} for layer in kept}, merge_router="dominant",
+                                  merge_align=align)
+    pattern.save(tmp_path / "p.json")
+    pattern = ExpertPattern.load(tmp_path / "p.json")
+    assert pattern.merge_align == align and pattern.to_dict()["version"] == (4 if align == "neurons" else 3)
+    export_pruned(src, pattern, tmp_path / "out", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    loaded = moeprune.from_pretrained(src, pattern, dtype="float32")
+    for layer, k in pattern.kept.items():
+        i = k.index(2)
+        got = plain.model.layers[layer].mlp.experts
+        want = model.model.layers[layer].mlp.experts
+        same = (torch.allclose(got.gate_up_proj[i], want.gate_up_proj[2], atol=1e-6)
+                and torch.allclose(got.down_proj[i], want.down_proj[2], atol=1e-6))
+        assert same == (align == "neurons")
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hcsmoe_aligns_by_default_and_refuses_alignment_for_fused_experts(family_checkpoints, tmp_path):
+    import dataclasses
+
+    from moeprune.errors import IncompatibleError
+
+    _, src = family_checkpoints["mixtral"]
+    demos = write_token_demos(tmp_path / "d.jsonl", n=4)
+    ckpt, net, encoded = _workspace(src, demos)
+    prof = profile_checkpoint(src, demos, progress=False)
+    assert select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt).merge_align == "neurons"
+    _, oss = family_checkpoints["gpt_oss"]
+    ckpt, net, encoded = _workspace(oss, demos)
+    prof = profile_checkpoint(oss, demos, progress=False)
+    pattern = select_pattern(prof, "hc-smoe", "0.5", model=net, demos=encoded, checkpoint=ckpt)
+    assert pattern.merges and pattern.merge_align == "none"  # fused, transposed experts: the plain average
+    with pytest.raises(IncompatibleError, match="align"):
+        export_pruned(oss, dataclasses.replace(pattern, merge_align="neurons"), tmp_path / "o", progress=False)

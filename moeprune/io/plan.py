@@ -114,6 +114,7 @@ def pruned_config(config: dict[str, Any], pattern: ExpertPattern, adapter: MoEAd
         "routing": pattern.routing,
         "bits": None if pattern.bits is None else {str(k): v for k, v in sorted(pattern.bits.items())},
         "merge_router": pattern.merge_router if pattern.merges else None,
+        "merge_align": pattern.merge_align if pattern.merges else None,
         "router_replaced": bool(pattern.router_overrides),  # re-calibrated or fitted router tensors
     }
     return new

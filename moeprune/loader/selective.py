@@ -221,7 +221,8 @@ def _layer_experts(ckpt: Checkpoint, pattern: ExpertPattern, layer: int, kept: l
     for i, e in enumerate(kept):
         if e in merges:  # the kept expert takes its cluster's average (weights read member by member)
             for param, mean in merged_expert(reader, adapter, layer, merges[e],
-                                             ((pattern.merge_weights or {}).get(layer) or {}).get(e)).items():
+                                             ((pattern.merge_weights or {}).get(layer) or {}).get(e),
+                                             align_to=e if pattern.merge_align == "neurons" else None).items():
                 values[param][i] = mean.to(values[param].dtype)
     widths = [bits] * len(kept) if bits is not None else (pattern.bits or {}).get(layer)
     if widths and any(reader.is_quantized(key) for key, _ in expert_requests(adapter, layer, kept[:1])):

@@ -8,24 +8,33 @@ code wazenmai/HC-SMoE). Per MoE layer:
    a hook on each layer's experts adds the ``[E, H]`` output sums chunk by chunk (memory: one chunk
    of ``[tokens, E, H]``), while the layer returns its ordinary routed output;
 2. average-linkage agglomerative clustering (scikit-learn) of the features into K = keep clusters,
-   with one constraint: the K most routed experts (the profile's ``count`` on the task's demos; per
-   routing group on group-limited routers) are never joined, so each cluster holds exactly one of
-   them (``separate=False``: plain HC-SMoE). Why: on the task's demos the experts the task routes to
+   with one constraint: the K most important experts (``weights``, below; per routing group on
+   group-limited routers) are never joined, so each cluster holds exactly one of them
+   (``separate=False``: plain HC-SMoE). Why: on the task's demos the experts the task routes to
    respond alike to its tokens, and plain average linkage merges them together while leaving
    experts the task never uses as singletons (measured in BENCHMARKS.md "HC-SMoE": 43.6 against
    1.006 at keep 0.5 on the embedded model);
-3. each cluster becomes one expert: the routing-count-weighted average of its members' weights
-   (``count``: tokens that chose the member in their top-k), in the slot of its dominant (most
-   routed) member, through :mod:`moeprune.methods.merge` (pattern version 3), so a uniform export loads in
-   plain transformers.
+3. each cluster becomes one expert: the average of its members' weights weighted by their
+   importance, in the slot of its dominant (most important) member, through
+   :mod:`moeprune.methods.merge` (pattern version 3), so a uniform export loads in plain transformers.
+   By default (``align="neurons"``, pattern version 4) each member's intermediate
+   neurons are first permuted onto the dominant member's (M-SMoE's permutation alignment,
+   :func:`moeprune.methods.merge.align_neurons`): averaging experts trained apart neuron by neuron mixes
+   unrelated neurons. Measured on four models (BENCHMARKS.md "HC-SMoE: neuron alignment");
+   ``align="none"`` is the plain average.
+
+Importance (``weights``): ``output`` (default), EASY-EP's output-aware importance summed over the task's
+tokens (the profile's ``out_aware``: routing weight x output norm x how much the expert turns the residual
+stream), or ``count``, HC-SMoE's own: tokens that chose the expert in their top-k. Output-aware was better
+in 7 of 8 (model, keep) pairs on four models, worse on the embedded model at keep 0.25 (BENCHMARKS.md).
 
 The distance is ``euclidean`` by default (``metric="cosine"`` as well): chosen on the demos'
 perplexity, where it was slightly better at both keeps; cosine, which ignores the norm, was not
 better, so the features are not misled by their norms here.
 
 A stock checkpoint has one router row per expert, so the merged expert needs one (``router``):
-``dominant`` (default; the dominant member's own rows), ``average`` (the count-weighted average of
-the members' rows, as the weights) or ``fitted``: rows fitted on the demos' router inputs so that
+``dominant`` (default; the dominant member's own rows), ``average`` (the weighted average of the
+members' rows, as the weights) or ``fitted``: rows fitted on the demos' router inputs so that
 the pruned router's softmax over the K merged experts matches the members' summed routing
 probability of the full router (a model that kept every original row and sent all members to the
 merged expert would route by that distribution: ``fitted`` imitates it); softmax routers
@@ -44,6 +53,7 @@ from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.errors import IncompatibleError, InvalidArgument
+from moeprune.methods.merge import ALIGN_MODES, supports_alignment
 from moeprune.methods.registry import MergingScores, register_scorer
 from moeprune.methods.select import keep_per_layer
 from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
@@ -51,6 +61,8 @@ from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
 CHUNK_ELEMENTS = 1 << 23  # elements of one [tokens, E, H] chunk of all-expert outputs
 FIT_TOKENS = 8192  # router inputs kept per layer for fitted rows (the first ones)
 ROUTER_MODES = ("dominant", "average", "fitted")
+WEIGHT_STATS = {"output": "out_aware", "count": "count"}  # --hc-weights -> the profile statistic
+WEIGHT_MODES = tuple(WEIGHT_STATS)
 METRICS = ("cosine", "euclidean")
 
 
@@ -175,8 +187,15 @@ def _most_routed(use: torch.Tensor, k: int, n_group: int = 1) -> list[int]:
 @register_scorer("hc-smoe", runs_model=True)
 def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Sequence[int]] | None = None,
                   keep: Any = None, metric: str = "euclidean", router: str = "dominant", progress: bool = False,
-                  budget: str = "uniform", separate: bool = True, **_: Any) -> MergingScores:
-    """1 + share of routed tokens for each cluster's dominant member (its kept slot), 0 elsewhere."""
+                  budget: str = "uniform", separate: bool = True, align: str = "neurons",
+                  weights: str = "output", **_: Any) -> MergingScores:
+    """1 + share of the importance statistic for each cluster's dominant member (its kept slot), 0 elsewhere.
+
+    ``weights``: the statistic that picks the K experts kept apart, each cluster's dominant member and the
+    members' merge weights: ``output`` (default; EASY-EP's output-aware importance, the profile's
+    ``out_aware``) or ``count`` (HC-SMoE's routing counts). ``align="neurons"`` (families with per-expert
+    matrices) permutes members' neurons onto the slot's before the average
+    (:func:`moeprune.methods.merge.align_neurons`)."""
     if budget != "uniform":
         raise InvalidArgument("hc-smoe makes K clusters in every layer", hint="use budget=uniform")
     if model is None or demos is None or keep is None:
@@ -184,7 +203,12 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
                               hint="give model=..., demos=... and keep=...")
     if router not in ROUTER_MODES:
         raise InvalidArgument(f"hc-smoe router {router!r} is not one of {', '.join(ROUTER_MODES)}")
+    if weights not in WEIGHT_MODES:
+        raise InvalidArgument(f"hc-smoe weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
+    if align not in ALIGN_MODES:
+        raise InvalidArgument(f"hc-smoe align {align!r} is not one of {', '.join(ALIGN_MODES)}")
     adapter = get_adapter(model.config)
+    align = align if supports_alignment(adapter) else "none"  # fused experts (GPT-OSS): plain average
     if router == "fitted" and (adapter.scoring != "softmax" or adapter.router_tensors):
         raise IncompatibleError(f"router=fitted fits softmax router rows; {adapter.family} routes with "
                                 f"{adapter.scoring} scores or selection biases", hint="use router=dominant or average")
@@ -196,19 +220,19 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
     features, inputs = expert_features(model, demos, FIT_TOKENS if router == "fitted" else 0, progress)
     blocks = moe_blocks(model, adapter)
     scores = torch.zeros(profile.num_layers, profile.num_experts, dtype=torch.float64)
-    clusters, weights, overrides = {}, {}, {}
+    clusters, member_weights, overrides = {}, {}, {}
     for row, (layer, k) in enumerate(zip(fp.moe_layers, counts)):
-        use = profile.stats["count"][row]
+        use = profile.stats[WEIGHT_STATS[weights]][row]
         apart = _most_routed(use[: len(features[layer])], k, fp.groups[0]) if separate else ()
         layer_clusters = cluster_features(features[layer], k, metric, apart)
         slots, layer_weights = [], []
         for cluster in layer_clusters:
             slot = max(cluster, key=lambda e: (float(use[e]), -e))
-            scores[row, slot] = 1.0 + float(use[slot]) / max(float(use.sum()), 1.0)
+            scores[row, slot] = 1.0 + float(use[slot]) / max(float(use.sum()), 1e-30)
             w = [float(use[e]) for e in cluster]
             layer_weights.append(w if sum(w) > 0 else [1.0] * len(cluster))
             slots.append(slot)
-        clusters[layer], weights[layer] = layer_clusters, layer_weights
+        clusters[layer], member_weights[layer] = layer_clusters, layer_weights
         if router == "fitted":
             linear = adapter.logits_layer(blocks[layer])
             if getattr(linear, "bias", None) is not None:
@@ -220,4 +244,4 @@ def hcsmoe_scores(profile: RouterProfile, model: Any = None, demos: Sequence[Seq
             fitted = fit_router_rows(inputs[layer], W, [layer_clusters[i] for i in order], init)
             overrides[f"{adapter.block_prefix(layer)}{adapter.router_weight}"] = fitted.to(linear.weight.dtype)
     mode = "average" if router == "average" else "dominant" if router == "dominant" else "fitted"
-    return MergingScores(scores, clusters, weights, mode, overrides or None)
+    return MergingScores(scores, clusters, member_weights, mode, overrides or None, align)

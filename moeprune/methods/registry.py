@@ -37,6 +37,7 @@ class MergingScores:
     weights: dict[int, list[list[float]]] | None = None
     merge_router: str = "average"  # router rows of a merged expert: average | dominant | fitted
     router_overrides: dict[str, torch.Tensor] | None = None  # checkpoint key -> kept-rows tensor (fitted)
+    merge_align: str = "none"  # members' neurons permuted onto the kept expert's first: none | neurons
 
 
 # what the pipeline itself passes to every scorer (a scorer takes those it needs, ``**_`` swallows the rest)

@@ -19,6 +19,9 @@ pattern carries new router tensors (its kept rows, per checkpoint key) in a safe
 ``<name>.router.safetensors`` next to the JSON, which export and the selective loader write in place
 of the checkpoint's. Patterns without these are still written as version 1 or 2.
 
+Version 4 adds ``"merge_align": "neurons"``: merged members' intermediate neurons are permuted onto the
+kept expert's before the average (:mod:`moeprune.methods.merge`); patterns without it keep their version.
+
 Bit e of a layer's bitset (little-endian within each byte) is set iff expert e is kept.
 Loading validates everything: format and version, checksum, layers and expert counts against
 the fingerprint, and that each layer keeps at least the router's top-k experts.
@@ -42,7 +45,7 @@ from moeprune.io.atomic import write_text_atomic
 
 PATTERN_FORMAT = "moeprune.pattern"
 UNGROUPED = {"n_group": 1, "topk_group": 1}  # the only routing override moeprune writes (see select.group_routing)
-PATTERN_VERSION = 3
+PATTERN_VERSION = 4
 MERGE_ROUTER_MODES = ("average", "dominant", "fitted")
 
 
@@ -84,6 +87,7 @@ class ExpertPattern:
     merges: dict[int, dict[int, list[int]]] | None = None  # per layer, kept expert -> cluster it averages
     merge_weights: dict[int, dict[int, list[float]]] | None = None  # per layer, kept expert -> member weights
     merge_router: str = "average"  # router rows of a merged expert: average | dominant | fitted
+    merge_align: str = "none"  # members' neurons permuted onto the kept expert's before averaging: none | neurons
     router_overrides: dict[str, Any] | None = None  # checkpoint key -> new kept-rows tensor (sidecar file)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class ExpertPattern:
                 if seen & set(members) or any(m < 0 or m >= n for m in members):
                     raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
                 seen |= set(members)
+        if self.merge_align not in ("none", "neurons"):
+            raise PatternError(f"merge_align {self.merge_align!r} is neither 'none' nor 'neurons'")
         if self.merge_router not in MERGE_ROUTER_MODES:
             raise PatternError(f"merge_router {self.merge_router!r} is not one of {', '.join(MERGE_ROUTER_MODES)}")
         for layer, weights in (self.merge_weights or {}).items():
@@ -203,6 +209,9 @@ class ExpertPattern:
                 str(layer): {str(e): w for e, w in sorted(c.items())}
                 for layer, c in sorted(self.merge_weights.items())}
             body["router_sha256"] = router_digest(self.router_overrides) if self.router_overrides else None
+        if self.merges and self.merge_align != "none":
+            body["version"] = 4
+            body["merge_align"] = self.merge_align
         body["checksum"] = _checksum(body)
         return body
 
@@ -233,6 +242,7 @@ class ExpertPattern:
                 meta=dict(d.get("meta") or {}),
                 merges=d.get("merges"), merge_weights=d.get("merge_weights"),
                 merge_router=str(d.get("merge_router") or "average"),
+                merge_align=str(d.get("merge_align") or "none"),
             )
         except PatternError as exc:
             raise PatternError(f"{source}: {exc.message}", hint=exc.hint) from None
