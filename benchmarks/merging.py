@@ -64,7 +64,8 @@ def alignment_table(folders: list[Path]) -> str:
                 for align in ("none", "neurons"):
                     ev, _, s, per = measure(bench, full_demo, "hc-smoe", keep, weights=weights, align=align)
                     shipped = weights == "output" and align == "neurons"
-                    rows.append((f"{folder.name} (`{bench.path.name}`)", keep, weights + (" (shipped)" if shipped else ""), align,
+                    rows.append((f"{folder.name} (`{bench.path.name}`)", keep,
+                                 weights + (" (shipped)" if shipped else ""), align,
                                  f"**{ev:.3f}**" if shipped else f"{ev:.3f}", " / ".join(f"{x:.2f}" for x in per),
                                  f"{s:.1f}"))
                     print(rows[-1], flush=True)
