@@ -20,7 +20,7 @@ code wazenmai/HC-SMoE). Per MoE layer:
    By default (``align="neurons"``, pattern version 4) each member's intermediate
    neurons are first permuted onto the dominant member's (M-SMoE's permutation alignment,
    :func:`moeprune.methods.merge.align_neurons`): averaging experts trained apart neuron by neuron mixes
-   unrelated neurons. Measured on four models (BENCHMARKS.md "HC-SMoE: neuron alignment");
+   unrelated neurons. Measured on four models (BENCHMARKS.md "HC-SMoE: neuron alignment and importance");
    ``align="none"`` is the plain average.
 
 Importance (``weights``): ``output`` (default), EASY-EP's output-aware importance summed over the task's

@@ -45,9 +45,6 @@ def _mean(parts: list[torch.Tensor], weights: list[float] | None = None) -> torc
     return (stack * w).sum(0).to(parts[0].dtype)
 
 
-ALIGN_MODES = ("none", "neurons")
-
-
 def supports_alignment(adapter: MoEAdapter) -> bool:
     """Whether ``adapter``'s experts are per-expert ``[gate; up]`` / ``down`` matrices neurons can be matched in."""
     return (not adapter.fused_experts and not adapter.experts_transposed

@@ -47,6 +47,7 @@ PATTERN_FORMAT = "moeprune.pattern"
 UNGROUPED = {"n_group": 1, "topk_group": 1}  # the only routing override moeprune writes (see select.group_routing)
 PATTERN_VERSION = 4
 MERGE_ROUTER_MODES = ("average", "dominant", "fitted")
+MERGE_ALIGN_MODES = ("none", "neurons")  # merged members' neurons: as stored, or permuted onto the kept expert's
 
 
 class PatternError(InvalidFile):
@@ -124,8 +125,8 @@ class ExpertPattern:
                 if seen & set(members) or any(m < 0 or m >= n for m in members):
                     raise PatternError(f"layer {layer}: merge clusters must be disjoint expert ids in [0, {n})")
                 seen |= set(members)
-        if self.merge_align not in ("none", "neurons"):
-            raise PatternError(f"merge_align {self.merge_align!r} is neither 'none' nor 'neurons'")
+        if self.merge_align not in MERGE_ALIGN_MODES:
+            raise PatternError(f"merge_align {self.merge_align!r} is not one of {', '.join(MERGE_ALIGN_MODES)}")
         if self.merge_router not in MERGE_ROUTER_MODES:
             raise PatternError(f"merge_router {self.merge_router!r} is not one of {', '.join(MERGE_ROUTER_MODES)}")
         for layer, weights in (self.merge_weights or {}).items():
