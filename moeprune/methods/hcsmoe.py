@@ -53,9 +53,10 @@ from tqdm.auto import tqdm
 
 from moeprune.arch import get_adapter, moe_blocks
 from moeprune.errors import IncompatibleError, InvalidArgument
-from moeprune.methods.merge import ALIGN_MODES, supports_alignment
+from moeprune.methods.merge import supports_alignment
 from moeprune.methods.registry import MergingScores, register_scorer
 from moeprune.methods.select import keep_per_layer
+from moeprune.patterns.pattern import MERGE_ALIGN_MODES as ALIGN_MODES
 from moeprune.profiling.profile import RouterProfile, expert_pair_outputs
 
 CHUNK_ELEMENTS = 1 << 23  # elements of one [tokens, E, H] chunk of all-expert outputs
